@@ -1,0 +1,46 @@
+"""The `mergeguard` command-line tool: one thin module per command.
+
+Exit codes: 0 success, 1 a threshold was crossed (eval), 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mergeguard import __version__
+from mergeguard.cli import extract_tv, inspect_cmd, merge
+
+app = typer.Typer(
+    name="mergeguard",
+    help="Secure merged model checkpoints: extract task vectors, merge them, red-team and defend the merge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mergeguard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Secure merged model checkpoints."""
+
+
+extract_tv.register(app)
+merge.register(app)
+inspect_cmd.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,158 @@
+"""`mergeguard merge`: merge fine-tuned checkpoints or task vectors onto a base, streaming.
+
+    mergeguard merge BASE FT1 FT2 FT3 -o merged/ --method ties --lam 0.3 --density 0.2
+    mergeguard merge --config merge.yaml -o merged/
+
+The method flags (--lam, --density, ...) are built from the merge-method registry,
+so each flag's help, default and validation come from the method's one declaration.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mergeguard.checkpoint import open_checkpoint, parse_size
+from mergeguard.cli.options import (
+    AllowMissingOpt,
+    AllowPickleOpt,
+    DtypeOpt,
+    JsonOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RichProgress,
+    err_console,
+    examples,
+    handle_errors,
+    out_console,
+    show_table,
+    write_json,
+)
+from mergeguard.errors import MergeguardError
+from mergeguard.merge import METHODS, merge_checkpoints
+from mergeguard.merge.config import load_config
+from mergeguard.merge.registry import all_params, get_method
+
+EXAMPLES = [
+    "mergeguard merge base/ ft_cars/ ft_dtd/ ft_eurosat/ -o merged/ --method task_arithmetic --lam 0.3",
+    "mergeguard merge base.safetensors tv1.safetensors tv2.safetensors -o merged/ --method ties --density 0.2",
+    "mergeguard merge openai/clip-vit-base-patch32 user/clip-cars@v1 user/clip-dtd -o merged/ --method dare_ties",
+    "mergeguard merge base/ ft1/ ft2/ -o merged/ --method ties --weight 1 --weight 0.5 --normalize sum",
+    "mergeguard merge base/ ft1/ ft2/ -o merged/ --method lata --reference instruct/ --mode mask",
+    "mergeguard merge --config merge.yaml -o merged/",
+]
+
+
+def _method_help() -> str:
+    get_method("task_arithmetic")  # fills the registry
+    return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
+
+
+def merge_command(
+    base: Annotated[str | None, typer.Argument(help="Base (pre-trained) checkpoint: file, folder or Hub id.",
+                                               show_default=False)] = None,
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Fine-tuned checkpoints or task-vector files to merge.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (or .safetensors file).")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Merge method (default task_arithmetic).",
+                                               show_default=False)] = None,
+    weight: Annotated[list[float] | None, typer.Option(
+        "--weight", "-w", help="Per-input weight, repeated once per input in order (default 1 each).")] = None,
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="lata: reference vector (e.g. instruct model or its task vector).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="YAML file with the same names as these flags, plus base and inputs.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for random methods (DARE); default 0.")] = None,
+    shard_size: Annotated[str | None, typer.Option(
+        "--shard-size", help="Shard the output past this many bytes, e.g. 5GB (default: 5GB).")] = None,
+    dtype: DtypeOpt = "auto",
+    allow_missing: AllowMissingOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+    **method_params: Any,
+) -> None:
+    """Merge task vectors onto a base model with a registered method, tensor by tensor."""
+    settings: dict[str, Any] = load_config(config) if config else {}
+    cli = {"base": base, "inputs": inputs or None, "out": out, "method": method, "weight": weight or None,
+           "reference": reference, "seed": seed, "shard_size": shard_size,
+           "dtype": dtype if dtype != "auto" else None}
+    settings.update({k: v for k, v in cli.items() if v is not None})
+    settings.update({k: v for k, v in method_params.items() if v is not None})
+    allow_missing = allow_missing or bool(settings.get("allow_missing"))
+    allow_pickle = allow_pickle or bool(settings.get("allow_pickle"))
+    overwrite = overwrite or bool(settings.get("overwrite"))
+
+    if not settings.get("base"):
+        raise MergeguardError("give a BASE checkpoint (argument or 'base' in --config).")
+    if not settings.get("inputs"):
+        raise MergeguardError("give at least one INPUT to merge (arguments or 'inputs' in --config).")
+    if not settings.get("out"):
+        raise MergeguardError("give an output path with -o/--out.")
+    chosen = get_method(settings.get("method", "task_arithmetic"))
+    params = {p: settings[p] for p in all_params() if p in settings}
+    chosen.resolve(params)  # fail on a bad parameter before opening anything
+
+    base_ckpt = open_checkpoint(settings["base"], allow_pickle=allow_pickle)
+    input_ckpts = [open_checkpoint(s, allow_pickle=allow_pickle) for s in settings["inputs"]]
+    ref_ckpt = open_checkpoint(settings["reference"], allow_pickle=allow_pickle) if settings.get("reference") else None
+    shard = parse_size(settings.get("shard_size", "5GB"))
+
+    with RichProgress(enabled=not quiet) as progress:
+        result = merge_checkpoints(
+            base_ckpt, input_ckpts, chosen, params,
+            out=Path(settings["out"]), weights=settings.get("weight"), seed=int(settings.get("seed", 0)),
+            dtype=settings.get("dtype", "auto"), shard_size=shard, allow_missing=allow_missing,
+            reference=ref_ckpt, overwrite=overwrite, progress=progress,
+        )
+
+    payload = {
+        "out": str(result.out), "method": result.method, "params": result.params,
+        "inputs": [c.spec for c in input_ckpts], "weights": settings.get("weight") or [1.0] * len(input_ckpts),
+        "tensors": result.tensors, "merged": result.merged, "copied_from_base": result.copied,
+        "skipped": result.skipped, "extra_tensors_ignored": result.extra, "seconds": round(result.seconds, 3),
+        **result.report,
+    }
+    write_json(json_out, payload)
+    for spec, n in result.extra.items():
+        err_console.print(f"[yellow]note:[/] {spec} has {n} tensors the base lacks; they were ignored.")
+    if show_table(quiet, json_out):
+        table = Table(title=f"merged with {result.method}", show_header=False)
+        table.add_row("output", str(result.out))
+        table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in result.params.items()) or "-")
+        table.add_row("inputs", str(len(input_ckpts)))
+        table.add_row("tensors", f"{result.tensors} ({result.merged} merged, {result.copied} copied from base)")
+        if result.skipped:
+            table.add_row("skipped", ", ".join(f"{k}: {v}" for k, v in result.skipped.items()))
+        table.add_row("time", f"{result.seconds:.1f} s")
+        out_console.print(table)
+
+
+def _signature() -> inspect.Signature:
+    """merge_command's signature plus one typed option per registered method parameter."""
+    sig = inspect.signature(merge_command, eval_str=True)
+    fixed = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    extra = []
+    for p in all_params().values():
+        owners = [m.name for m in METHODS.values() if p.name in m.param_map]
+        choices = f" ({'|'.join(p.choices)})" if p.choices else ""
+        defaults = sorted({str(m.param_map[p.name].default) for m in METHODS.values() if p.name in m.param_map})
+        help_text = f"{p.help}{choices}. Default {'/'.join(defaults)}. For: {', '.join(owners)}."
+        annotation = Annotated[p.type | None, typer.Option(p.flag, help=help_text, show_default=False)]
+        extra.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    return sig.replace(parameters=fixed + extra)
+
+
+def register(app: typer.Typer) -> None:
+    merge_command.__signature__ = _signature()  # type: ignore[attr-defined]
+    app.command(
+        "merge",
+        help=f"Merge task vectors onto a base model, tensor by tensor. Methods: {_method_help()}.",
+        short_help="Merge task vectors onto a base model (task arithmetic, TIES, DARE, LATA, ...).",
+        epilog=examples(*EXAMPLES),
+    )(handle_errors(merge_command))

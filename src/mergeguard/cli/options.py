@@ -1,0 +1,153 @@
+"""What every command shares: option aliases, error handling, progress bars, JSON and table output.
+
+The library never prints; commands render what it returns through these helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mergeguard.errors import MergeguardError
+
+EXIT_OK = 0
+EXIT_THRESHOLD = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+# -- option aliases, defined once --------------------------------------------------
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output path: a folder, or a file ending in .safetensors.")]
+JsonOpt = Annotated[
+    str | None,
+    typer.Option("--json", metavar="FILE", help="Also write every number as JSON to FILE ('-' for stdout)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no table.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", help="Output dtype: auto (keep each tensor's), float32, float16 or bfloat16."),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (recorded in the output's metadata).")]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Allow .bin/.pt pickle inputs, loaded with torch.load(weights_only=True)."),
+]
+AllowMissingOpt = Annotated[
+    bool,
+    typer.Option("--allow-missing", help="Skip tensors an input lacks instead of stopping."),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when present), cpu, cuda, cuda:1 ...")]
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn user errors into one red sentence and exit 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MergeguardError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted:[/] nothing was written.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+class RichProgress:
+    """A ProgressSink drawn with rich on stderr, one bar per stage."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> RichProgress:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def stage(self, description: str, total: int | None) -> None:
+        if self._progress is None:
+            return
+        if self._task is not None:
+            self._progress.update(self._task, completed=self._progress.tasks[-1].total)
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, steps)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(target: str | None, payload: dict) -> None:
+    """Write `payload` to FILE, or to stdout for '-'; atomically for files."""
+    if target is None:
+        return
+    text = json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(target)
+    tmp = path.parent / f".{path.name}.tmp"
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        raise MergeguardError(f"cannot write {target}: {exc.strerror or exc}.") from exc
+
+
+def show_table(quiet: bool, json_target: str | None) -> bool:
+    """Tables go to stdout unless --quiet, or unless JSON already goes there."""
+    return not quiet and json_target != "-"
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def examples(*lines: str) -> str:
+    """An 'Examples' block for a command's help (shown verbatim)."""
+    body = "\n".join(f"  $ {line}" for line in lines)
+    return f"\b\nExamples:\n{body}"

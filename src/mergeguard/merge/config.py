@@ -1,0 +1,68 @@
+"""The merge YAML file: the same names as the `merge` flags, plus `base` and `inputs`.
+
+```yaml
+method: ties
+base: openai/clip-vit-base-patch32      # or a local file / folder
+inputs:
+  - finetuned/cars                      # weight 1
+  - {path: finetuned/dtd, weight: 0.5}
+lam: 0.3
+density: 0.2
+normalize: mean                         # or sum
+trim_scope: tensor                      # or vector
+seed: 0
+dtype: auto
+shard_size: 5GB
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergeguard.errors import MergeguardError
+from mergeguard.merge.registry import all_params
+
+ENGINE_KEYS = {"method", "base", "inputs", "reference", "seed", "dtype", "shard_size", "out",
+               "allow_missing", "allow_pickle", "weight", "overwrite"}
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a merge YAML file into flag-named settings; `inputs` becomes paths plus `weight`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise MergeguardError(f"cannot read the config {path}: {exc.strerror or exc}.") from exc
+    except yaml.YAMLError as exc:
+        raise MergeguardError(f"the config {path} is not valid YAML: {exc}.") from exc
+    if not isinstance(raw, dict):
+        raise MergeguardError(f"the config {path} must be a mapping of settings.")
+    settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    known = ENGINE_KEYS | set(all_params())
+    for key in settings:
+        if key not in known:
+            raise MergeguardError(
+                f"unknown setting {key!r} in {path}; known: {', '.join(sorted(known))}."
+            )
+    inputs = settings.get("inputs")
+    if inputs is not None:
+        if not isinstance(inputs, list):
+            raise MergeguardError(f"'inputs' in {path} must be a list of paths or {{path, weight}}.")
+        paths, weights = [], []
+        for item in inputs:
+            if isinstance(item, dict) and "path" in item:
+                paths.append(str(item["path"]))
+                weights.append(float(item.get("weight", 1.0)))
+            elif isinstance(item, str):
+                paths.append(item)
+                weights.append(1.0)
+            else:
+                raise MergeguardError(f"each input in {path} must be a path or {{path, weight}}, got {item!r}.")
+        settings["inputs"] = paths
+        if "weight" not in settings:
+            settings["weight"] = weights
+    return settings

@@ -1,0 +1,227 @@
+"""The streaming merge engine: one tensor name at a time, for any checkpoint `checkpoint/` yields.
+
+For each float tensor of the base it reads that tensor from the base and from every
+input, turns fine-tuned weights into deltas (task vectors are used as they are),
+calls the method's per-tensor function and writes `base + merged delta`. Memory
+stays near (inputs + 1) x the largest tensor. Methods that need whole-vector
+statistics (TIES over the whole vector, LATA's layer cosines) get extra streaming
+passes first. Non-float tensors (integer buffers) are copied from the base.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeguard.checkpoint import Checkpoint, CheckpointWriter, PlannedTensor
+from mergeguard.checkpoint.provenance import build_metadata, command_line, input_record, model_card
+from mergeguard.errors import MergeguardError
+from mergeguard.merge.registry import MergeMethod, TensorContext, get_method
+from mergeguard.progress import NullProgress, ProgressSink
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """'auto'/None -> None (keep each tensor's dtype), else a float dtype."""
+    if name in (None, "auto"):
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MergeguardError(
+            f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}."
+        ) from None
+
+
+def check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
+    """One sentence naming the tensor and input when a float tensor holds NaN or Inf."""
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise MergeguardError(f"tensor {name!r} of {source} contains NaN or Inf values.")
+
+
+@dataclass
+class InputPlan:
+    """Which inputs take part in each float tensor of the base, after checking every header."""
+
+    present: dict[str, list[int]]  # float tensor name -> indices of the inputs that have it
+    copied: list[str]  # non-float tensors copied from the base
+    skipped: dict[str, int] = field(default_factory=dict)  # input label -> tensors skipped
+    extra: dict[str, int] = field(default_factory=dict)  # input label -> tensors the base lacks
+
+
+def check_inputs(base: Checkpoint, inputs: Sequence[Checkpoint], *, allow_missing: bool = False,
+                 reference: Checkpoint | None = None) -> InputPlan:
+    """Check every input's headers against the base; say which tensor is wrong, in one sentence."""
+    if len(base) == 0:
+        raise MergeguardError(f"the base {base.spec} holds no tensors.")
+    for ckpt in [*inputs, *([reference] if reference else [])]:
+        if ckpt.kind == "lora_adapter":
+            raise MergeguardError(
+                f"{ckpt.spec} is a LoRA adapter; turn it into a task vector first with "
+                f"`mergeguard extract-tv BASE {ckpt.spec} -o tv.safetensors`."
+            )
+    present: dict[str, list[int]] = {}
+    copied: list[str] = []
+    skipped: dict[str, int] = {}
+    for name, info in base.infos.items():
+        if not info.is_float:
+            copied.append(name)
+            continue
+        present[name] = []
+        for i, ckpt in enumerate([*inputs, *([reference] if reference else [])]):
+            role = "the reference" if i == len(inputs) else f"input {ckpt.spec}"
+            if name not in ckpt:
+                if ckpt.is_partial or allow_missing:
+                    skipped[ckpt.spec] = skipped.get(ckpt.spec, 0) + (not ckpt.is_partial)
+                    continue
+                n_missing = sum(1 for k, v in base.infos.items() if v.is_float and k not in ckpt)
+                more = f" (and {n_missing - 1} more)" if n_missing > 1 else ""
+                raise MergeguardError(
+                    f"{role} lacks tensor {name!r}{more}; pass --allow-missing to merge without them."
+                )
+            other = ckpt.info(name)
+            if other.shape != info.shape:
+                raise MergeguardError(
+                    f"tensor {name!r} has shape {list(other.shape)} in {role} but "
+                    f"{list(info.shape)} in the base {base.spec}."
+                )
+            if ckpt.is_task_vector:
+                if not other.is_float:
+                    raise MergeguardError(f"tensor {name!r} of task vector {ckpt.spec} is not a float tensor.")
+            elif other.dtype != info.dtype:
+                raise MergeguardError(
+                    f"tensor {name!r} is {str(other.dtype).removeprefix('torch.')} in {role} but "
+                    f"{str(info.dtype).removeprefix('torch.')} in the base {base.spec}; "
+                    "convert one of them first."
+                )
+            if i < len(inputs):
+                present[name].append(i)
+    extra = {c.spec: n for c in inputs if (n := sum(1 for k in c.infos if k not in base))}
+    return InputPlan(present, copied, {k: v for k, v in skipped.items() if v}, extra)
+
+
+def delta_of(ckpt: Checkpoint, name: str, base32: torch.Tensor) -> torch.Tensor:
+    """The float32 delta of `ckpt` for tensor `name`: itself for a task vector, else minus the base."""
+    t = ckpt.get(name)
+    check_finite(t, name, ckpt.spec)
+    return t.float() if ckpt.is_task_vector else t.float() - base32
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    method: str
+    params: dict[str, Any]
+    tensors: int
+    merged: int
+    copied: int
+    skipped: dict[str, int]
+    extra: dict[str, int]
+    seconds: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def merge_checkpoints(
+    base: Checkpoint,
+    inputs: Sequence[Checkpoint],
+    method: str | MergeMethod,
+    params: dict[str, Any] | None = None,
+    *,
+    out: str | Path,
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    dtype: str | None = "auto",
+    shard_size: int | None = None,
+    allow_missing: bool = False,
+    reference: Checkpoint | None = None,
+    overwrite: bool = False,
+    progress: ProgressSink | None = None,
+) -> MergeResult:
+    """Merge `inputs` (fine-tuned checkpoints or task vectors) onto `base` with `method`, streaming."""
+    start = time.perf_counter()
+    progress = progress or NullProgress()
+    method = get_method(method) if isinstance(method, str) else method
+    params = method.resolve(params or {})
+    if not inputs:
+        raise MergeguardError("give at least one input to merge.")
+    weights = [1.0] * len(inputs) if weights is None or len(weights) == 0 else [float(w) for w in weights]
+    if len(weights) != len(inputs):
+        raise MergeguardError(f"--weight was given {len(weights)} times for {len(inputs)} inputs.")
+    if method.needs_reference and reference is None:
+        raise MergeguardError(f"{method.name} needs a reference vector: pass --reference PATH.")
+    if reference is not None and not method.needs_reference:
+        raise MergeguardError(f"{method.name} takes no --reference.")
+    if method.name == "average" and sum(weights) == 0:
+        raise MergeguardError("average needs weights that do not sum to zero.")
+    out_dtype = parse_dtype(dtype)
+
+    plan = check_inputs(base, inputs, allow_missing=allow_missing, reference=reference)
+    weight_t = torch.tensor(weights, dtype=torch.float32)
+
+    def passes() -> Iterator[tuple[str, list[torch.Tensor], list[int], torch.Tensor | None]]:
+        progress.stage("analysing task vectors", len(plan.present))
+        for name, idx in plan.present.items():
+            base32 = base.get(name).float()
+            deltas = [delta_of(inputs[i], name, base32) for i in idx]
+            ref = delta_of(reference, name, base32) if reference is not None and name in reference else None
+            yield name, deltas, idx, ref
+            progress.advance()
+
+    state = method.prepare(passes, len(inputs), params) if method.prepare else None
+
+    provenance = {
+        "command": command_line(),
+        "method": method.name,
+        "params": params,
+        "seed": seed,
+        "dtype": dtype or "auto",
+        "inputs": [input_record(base, "base")]
+        + [{**input_record(c, "input"), "weight": w} for c, w in zip(inputs, weights)]
+        + ([input_record(reference, "reference")] if reference is not None else []),
+    }
+    metadata = build_metadata("model", provenance, inherit_from=base)
+    layout = [
+        PlannedTensor(name, out_dtype if (out_dtype and info.is_float) else info.dtype, info.shape)
+        for name, info in base.infos.items()
+    ]
+    with CheckpointWriter(out, layout, metadata, shard_size=shard_size, overwrite=overwrite) as writer:
+        progress.stage(f"merging ({method.name})", len(layout))
+        for planned in layout:
+            name = planned.name
+            tensor = base.get(name)
+            check_finite(tensor, name, f"the base {base.spec}")
+            idx = plan.present.get(name)
+            if idx:  # a float tensor with at least one input delta
+                base32 = tensor.float()
+                deltas = [delta_of(inputs[i], name, base32) for i in idx]
+                ctx = TensorContext(name=name, inputs=idx, seed=seed, state=state)
+                merged = method.fn(deltas, weight_t[idx], ctx, **params)
+                tensor = base32.add_(merged)
+            writer.write(name, tensor.to(planned.dtype))
+            progress.advance()
+        writer.extra_files["README.md"] = model_card(f"Merged model ({method.name})", provenance)
+        writer.commit()
+
+    report = {}
+    if state and "cosines" in state:
+        report["layer_cosines"] = {inputs[i].spec: c for i, c in state["cosines"].items()}
+    if state and "thresholds" in state:
+        report["trim_thresholds"] = {inputs[i].spec: t for i, t in enumerate(state["thresholds"])}
+    return MergeResult(
+        out=Path(out),
+        method=method.name,
+        params=params,
+        tensors=len(layout),
+        merged=sum(1 for v in plan.present.values() if v),
+        copied=len(plan.copied),
+        skipped=plan.skipped,
+        extra=plan.extra,
+        seconds=time.perf_counter() - start,
+        report=report,
+    )

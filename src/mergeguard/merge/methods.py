@@ -1,0 +1,291 @@
+"""The merge methods: small pure functions over one tensor name's task-vector deltas.
+
+Each returns the merged *delta* (the engine adds it to the base). Deltas arrive in
+float32, one per input that has the tensor, with the per-input weights alongside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import defaultdict
+
+import torch
+
+from mergeguard.merge.registry import Param, Passes, TensorContext, register
+
+# -- parameter declarations shared by several methods ------------------------------
+LAM = Param("lam", float, 0.3, "scale applied to the merged task vector (lambda)", low=0.0)
+
+
+def density(default: float, what: str = "fraction of each task vector's entries kept") -> Param:
+    return Param("density", float, default, what, low=0.0, low_open=True, high=1.0)
+
+
+NORMALIZE = Param(
+    "normalize", str, "mean",
+    "how agreeing entries combine: 'mean' divides by their summed weights (TIES paper's disjoint "
+    "mean, mergekit normalize: true), 'sum' adds them (mergekit normalize: false)",
+    choices=("mean", "sum"),
+)
+TRIM_SCOPE = Param(
+    "trim_scope", str, "tensor",
+    "where the magnitude threshold is computed: per 'tensor' (mergekit, PEFT) or over the whole "
+    "task 'vector' (TIES paper, FusionBench; two extra streaming passes)",
+    choices=("tensor", "vector"),
+)
+GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of largest-magnitude entries dropped",
+              low=0.0, high=1.0)
+MODE = Param("mode", str, "weighted",
+             "lata: 'mask' keeps the least reference-aligned layers, 'weighted' scales each layer by "
+             "(1 - cosine) normalised to mean 1", choices=("mask", "weighted"))
+KEEP = Param("keep", float, 0.5, "lata mask mode: fraction of layers kept (lowest cosine first)",
+             low=0.0, low_open=True, high=1.0)
+
+
+# -- building blocks --------------------------------------------------------------
+def _column(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return weights.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def weighted_sum(deltas: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ w_i δ_i."""
+    out = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights.tolist()):
+        out.add_(d, alpha=w)
+    return out
+
+
+def magnitude_threshold(delta: torch.Tensor, keep_fraction: float) -> float:
+    """The |value| at or above which the top `int(keep_fraction * numel)` entries lie (inf: none)."""
+    n = delta.numel()
+    k = int(keep_fraction * n)
+    if k <= 0:
+        return math.inf
+    if k >= n:
+        return 0.0
+    return torch.kthvalue(delta.abs().reshape(-1), n - k + 1).values.item()
+
+
+def magnitude_trim(delta: torch.Tensor, keep_fraction: float, threshold: float | None = None) -> torch.Tensor:
+    """Keep the largest-magnitude entries (top `keep_fraction`, or those >= a given threshold)."""
+    if threshold is None:
+        if keep_fraction >= 1:
+            return delta
+        threshold = magnitude_threshold(delta, keep_fraction)
+    return delta * (delta.abs() >= threshold)
+
+
+def dare_seed(seed: int, name: str, index: int) -> int:
+    """The RNG seed of DARE's drop mask for input `index` on tensor `name`: stable across runs."""
+    digest = hashlib.blake2b(f"{seed}|{name}|{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def dare_drop(delta: torch.Tensor, keep_fraction: float, seed: int) -> torch.Tensor:
+    """Drop each entry with probability 1 - keep_fraction and rescale the survivors by 1/keep_fraction."""
+    if keep_fraction >= 1:
+        return delta
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.bernoulli(torch.full_like(delta, keep_fraction), generator=gen)
+    return delta * mask / keep_fraction
+
+
+def sign_consensus(deltas: list[torch.Tensor], weights: torch.Tensor, normalize: str) -> torch.Tensor:
+    """TIES' elect + disjoint merge: keep entries whose sign agrees with the sign of the weighted sum."""
+    stack = torch.stack(deltas)
+    w = _column(weights, stack)
+    weighted = stack * w
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = weighted.sign() == elected
+    merged = (weighted * agree).sum(0)
+    if normalize == "mean":
+        divisor = (w * agree).sum(0)
+        merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return merged
+
+
+# -- whole-vector magnitude thresholds (two streaming passes, exact) ----------------
+def _abs_bits(delta: torch.Tensor) -> torch.Tensor:
+    """|delta| as float32 bit patterns: for non-negative floats, integer order is value order."""
+    return delta.abs().float().reshape(-1).view(torch.int32)
+
+
+def _select_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """In a histogram over ascending bins, the bin holding the k-th largest item and how many
+    items of that bin are still needed to reach k."""
+    from_top = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    above = int(from_top[j - 1]) if j > 0 else 0
+    return len(hist) - 1 - j, k - above
+
+
+def vector_thresholds(passes: Passes, n_inputs: int, keep_fraction: float) -> list[float]:
+    """Per input, the exact magnitude of its `int(keep_fraction * numel)`-th largest entry over the
+    whole task vector, found by a radix select on float32 bits in two streaming passes."""
+    hi = torch.zeros(n_inputs, 1 << 15, dtype=torch.int64)
+    for _, deltas, idx, _ in passes():
+        for d, i in zip(deltas, idx):
+            hi[i] += torch.bincount(_abs_bits(d) >> 16, minlength=1 << 15)
+    ks = [int(keep_fraction * int(hi[i].sum())) for i in range(n_inputs)]
+    picks = [_select_from_top(hi[i], k) if k > 0 else (-1, 0) for i, k in enumerate(ks)]
+
+    lo = torch.zeros(n_inputs, 1 << 16, dtype=torch.int64)
+    for _, deltas, idx, _ in passes():
+        for d, i in zip(deltas, idx):
+            if picks[i][0] < 0:
+                continue
+            bits = _abs_bits(d)
+            bits = bits[(bits >> 16) == picks[i][0]]
+            if bits.numel():
+                lo[i] += torch.bincount(bits & 0xFFFF, minlength=1 << 16)
+    out = []
+    for i, (bin_hi, need) in enumerate(picks):
+        if bin_hi < 0:
+            out.append(math.inf)
+            continue
+        bin_lo, _ = _select_from_top(lo[i], need)
+        bits = torch.tensor([(bin_hi << 16) | bin_lo], dtype=torch.int32)
+        out.append(bits.view(torch.float32).item())
+    return out
+
+
+def _prepare_trim(passes: Passes, n_inputs: int, params: dict) -> dict | None:
+    if params.get("trim_scope") != "vector":
+        return None
+    return {"thresholds": vector_thresholds(passes, n_inputs, params["density"])}
+
+
+def _trimmed(deltas: list[torch.Tensor], ctx: TensorContext, density_: float) -> list[torch.Tensor]:
+    if ctx.state and "thresholds" in ctx.state:
+        return [magnitude_trim(d, density_, ctx.state["thresholds"][i]) for d, i in zip(deltas, ctx.inputs)]
+    return [magnitude_trim(d, density_) for d in deltas]
+
+
+# -- the methods -------------------------------------------------------------------
+@register("task_arithmetic", LAM, help="θ0 + λ Σ w_i τ_i (Ilharco et al.)")
+def task_arithmetic(deltas, weights, ctx, *, lam):
+    return weighted_sum(deltas, weights).mul_(lam)
+
+
+@register("average", help="weighted average of the fine-tuned models: θ0 + Σ w_i τ_i / Σ w_i")
+def average(deltas, weights, ctx):
+    return weighted_sum(deltas, weights).div_(float(weights.sum()))
+
+
+@register(
+    "ties", LAM, density(0.2), NORMALIZE, TRIM_SCOPE,
+    help="TIES: trim to the top-density magnitudes, elect a sign, disjoint merge (Yadav et al.)",
+    prepare=_prepare_trim,
+)
+def ties(deltas, weights, ctx, *, lam, density, normalize, trim_scope):
+    return sign_consensus(_trimmed(deltas, ctx, density), weights, normalize).mul_(lam)
+
+
+@register(
+    "magnitude_prune", LAM, density(0.2), TRIM_SCOPE,
+    help="keep each task vector's top-density magnitudes, then task arithmetic",
+    prepare=_prepare_trim,
+)
+def magnitude_prune(deltas, weights, ctx, *, lam, density, trim_scope):
+    return weighted_sum(_trimmed(deltas, ctx, density), weights).mul_(lam)
+
+
+def _dare(deltas, ctx, density_):
+    return [dare_drop(d, density_, dare_seed(ctx.seed, ctx.name, i)) for d, i in zip(deltas, ctx.inputs)]
+
+
+@register("dare_linear", LAM, density(0.5, "fraction of entries kept by DARE's random drop"),
+          help="DARE: random drop with rescale, then task arithmetic (Yu et al.); seeded by --seed")
+def dare_linear(deltas, weights, ctx, *, lam, density):
+    return weighted_sum(_dare(deltas, ctx, density), weights).mul_(lam)
+
+
+@register("dare_ties", LAM, density(0.5, "fraction of entries kept by DARE's random drop"), NORMALIZE,
+          help="DARE drop and rescale, then TIES sign election and disjoint merge; seeded by --seed")
+def dare_ties(deltas, weights, ctx, *, lam, density, normalize):
+    return sign_consensus(_dare(deltas, ctx, density), weights, normalize).mul_(lam)
+
+
+def breadcrumbs_mask(delta: torch.Tensor, density_: float, gamma: float) -> torch.Tensor:
+    """Keep the middle magnitude band: drop the top `gamma` fraction and the smallest entries,
+    so that `density` of the entries remain (fewer top entries dropped if both don't fit)."""
+    n = delta.numel()
+    n_top = int(gamma * n)
+    n_bottom = n - int(density_ * n) - n_top
+    if n_bottom < 0:
+        n_top += n_bottom
+        n_bottom = 0
+    mag = delta.abs().reshape(-1)
+    if n_bottom >= n:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    keep = torch.ones_like(mag, dtype=torch.bool)
+    if n_bottom > 0:
+        keep &= mag >= torch.kthvalue(mag, n_bottom + 1).values
+    if n_top > 0:
+        keep &= mag < torch.kthvalue(mag, n - n_top + 1).values
+    return keep.view_as(delta)
+
+
+@register("breadcrumbs", LAM, density(0.9, "fraction of entries kept after dropping both tails"), GAMMA,
+          help="model breadcrumbs: drop the largest gamma and the smallest entries, then task arithmetic")
+def breadcrumbs(deltas, weights, ctx, *, lam, density, gamma):
+    kept = [d * breadcrumbs_mask(d, density, gamma) for d in deltas]
+    return weighted_sum(kept, weights).mul_(lam)
+
+
+# -- LATA: layer-aware task arithmetic --------------------------------------------
+_LAYER = re.compile(r"^(.*?(?:resblocks|layers|layer|blocks|h)\.\d+)\.")
+
+
+def layer_of(name: str) -> str | None:
+    """The transformer layer a tensor belongs to (`...resblocks.3`), or None for the rest."""
+    m = _LAYER.match(name)
+    return m.group(1) if m else None
+
+
+def _prepare_lata(passes: Passes, n_inputs: int, params: dict) -> dict:
+    dot: dict = defaultdict(float)
+    sq: dict = defaultdict(float)
+    ref_sq: dict = defaultdict(float)
+    for name, deltas, idx, ref in passes():
+        layer = layer_of(name)
+        if layer is None or ref is None:
+            continue
+        ref_sq[layer] += float(ref.pow(2).sum())
+        for d, i in zip(deltas, idx):
+            dot[i, layer] += float((d * ref).sum())
+            sq[i, layer] += float(d.pow(2).sum())
+    layers = sorted(ref_sq)
+    cosines: dict[int, dict[str, float]] = {}
+    weights: dict[tuple[int, str], float] = {}
+    for i in range(n_inputs):
+        cos = {
+            layer: dot[i, layer] / math.sqrt(sq[i, layer] * ref_sq[layer])
+            if sq[i, layer] > 0 and ref_sq[layer] > 0 else 0.0
+            for layer in layers
+        }
+        cosines[i] = cos
+        if params["mode"] == "mask":
+            n_keep = max(1, math.ceil(params["keep"] * len(layers)))
+            kept = set(sorted(layers, key=lambda layer: cos[layer])[:n_keep])
+            for layer in layers:
+                weights[i, layer] = 1.0 if layer in kept else 0.0
+        else:
+            raw = {layer: max(0.0, 1.0 - c) for layer, c in cos.items()}
+            mean = sum(raw.values()) / len(raw) if raw else 1.0
+            for layer in layers:
+                weights[i, layer] = raw[layer] / mean if mean > 0 else 1.0
+    return {"cosines": cosines, "layer_weights": weights}
+
+
+@register("lata", LAM, MODE, KEEP, prepare=_prepare_lata, needs_reference=True,
+          help="layer-aware task arithmetic: down-weight layers aligned with a reference vector "
+               "(--reference), keep the task-specific ones")
+def lata(deltas, weights, ctx, *, lam, mode, keep):
+    layer = layer_of(ctx.name)
+    if layer is not None and ctx.state is not None:
+        scale = [ctx.state["layer_weights"].get((i, layer), 1.0) for i in ctx.inputs]
+        weights = weights * torch.tensor(scale, dtype=weights.dtype)
+    return weighted_sum(deltas, weights).mul_(lam)

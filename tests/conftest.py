@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny checkpoints built in a temporary folder, offline, on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def tiny_state(seed: int = 0, layers: int = 2, width: int = 16) -> dict[str, torch.Tensor]:
+    """A small transformer-like state dict: float weights per layer, a bias, an int buffer."""
+    g = torch.Generator().manual_seed(seed)
+    state = {"embed.weight": torch.randn(10, width, generator=g)}
+    for i in range(layers):
+        state[f"blocks.resblocks.{i}.attn.weight"] = torch.randn(width, width, generator=g)
+        state[f"blocks.resblocks.{i}.mlp.weight"] = torch.randn(2 * width, width, generator=g)
+        state[f"blocks.resblocks.{i}.mlp.bias"] = torch.randn(2 * width, generator=g)
+    state["head.weight"] = torch.randn(4, width, generator=g)
+    state["position_ids"] = torch.arange(7)
+    return state
+
+
+def perturb(state: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """A 'fine-tuned' copy: every float tensor moved by seeded noise, int buffers unchanged."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    return {
+        k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in state.items()
+    }
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep digests and caches out of the user's home."""
+    monkeypatch.setenv("MERGEGUARD_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def family(tmp_path: Path):
+    """A base and three fine-tuned checkpoints as .safetensors files, with their tensors."""
+    base = tiny_state(0)
+    fts = [perturb(base, i) for i in range(3)]
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for i, ft in enumerate(fts):
+        p = tmp_path / f"ft{i}.safetensors"
+        save_file(ft, p)
+        paths.append(p)
+    return {"dir": tmp_path, "base_path": tmp_path / "base.safetensors", "paths": paths, "base": base, "fts": fts}
