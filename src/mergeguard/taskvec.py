@@ -25,6 +25,7 @@ from mergeguard.progress import NullProgress, ProgressSink
 
 PEFT_PREFIX = "base_model.model."
 _CHUNK = 1 << 22
+MHA_OUT_PROJ = ".base_layer.out_proj"
 
 
 @dataclass
@@ -95,7 +96,7 @@ def lora_modules(adapter: Checkpoint, base: Checkpoint) -> list[LoraModule]:
             b_key = prefix + b_suffix
             if b_key not in adapter:
                 raise MergeguardError(f"{adapter.spec} has {key} but no {b_key}.")
-            module = prefix.removeprefix(PEFT_PREFIX)
+            module = re.sub(r"\.base_layer(?=\.|$)", "", prefix.removeprefix(PEFT_PREFIX))
             base_key = _match_base_key(module, base)
             if base_key is None:
                 raise MergeguardError(
@@ -106,6 +107,10 @@ def lora_modules(adapter: Checkpoint, base: Checkpoint) -> list[LoraModule]:
             r = a_info.shape[0]  # the rank, whatever rank_pattern says, is the tensor's
             alpha = _pattern_value(cfg.get("alpha_pattern"), module, default_alpha)
             scale = alpha / math.sqrt(r) if rslora else alpha / r
+            if prefix.endswith(MHA_OUT_PROJ):
+                # PEFT's MultiheadAttention layer adds the out_proj update twice, in its forward as in
+                # merge_and_unload (peft 0.21): the adapter was trained under that function, so keep it.
+                scale *= 2
             if kind == "linear" and len(a_info.shape) == 4:
                 kind = "conv"
             modules.append(LoraModule(module, base_key, key, b_key, scale, kind,

@@ -1,0 +1,175 @@
+"""The command line as a user meets it: outputs, JSON, config files, and one sentence per bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mergeguard.checkpoint import CheckpointWriter
+from mergeguard.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(result):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert "Traceback" not in result.output
+    assert sum(line.startswith("error:") for line in lines) == 1, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("command", ["extract-tv", "merge", "inspect"])
+def test_help_shows_examples(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "Examples" in result.output and f"mergeguard {command}" in result.output
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("mergeguard ")
+
+
+def test_merge_with_flags_equals_merge_with_config(family, tmp_path):
+    base, paths = family["base_path"], family["paths"]
+    r1 = invoke("merge", base, *paths, "-o", tmp_path / "flags", "--method", "ties", "--density", "0.4",
+                "--normalize", "sum", "--weight", "1", "--weight", "0.5", "--weight", "2", "-q")
+    assert r1.exit_code == 0, r1.output
+    (tmp_path / "merge.yaml").write_text(
+        f"method: ties\nbase: {base}\ndensity: 0.4\nnormalize: sum\ninputs:\n"
+        f"  - {paths[0]}\n  - {{path: {paths[1]}, weight: 0.5}}\n  - {{path: {paths[2]}, weight: 2}}\n"
+    )
+    r2 = invoke("merge", "--config", tmp_path / "merge.yaml", "-o", tmp_path / "config", "-q")
+    assert r2.exit_code == 0, r2.output
+    a = load_file(tmp_path / "flags" / "model.safetensors")
+    b = load_file(tmp_path / "config" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merge_json_to_stdout(family, tmp_path):
+    result = invoke("merge", family["base_path"], *family["paths"], "-o", tmp_path / "m", "--json", "-", "-q")
+    assert result.exit_code == 0
+    payload = json.loads(result.stdout)
+    assert payload["method"] == "task_arithmetic" and payload["params"] == {"lam": 0.3}
+    assert payload["tensors"] == len(family["base"]) and payload["copied_from_base"] == 1
+
+
+def test_inspect_flags_amplified_vector(family, tmp_path):
+    b, f = family["base"], family["fts"][0]
+    save_file({k: b[k] + 4 * (f[k] - b[k]) if b[k].is_floating_point() else b[k] for k in b},
+              tmp_path / "amp.safetensors")
+    result = invoke("inspect", "--base", family["base_path"], *family["paths"], tmp_path / "amp.safetensors",
+                    "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["task_vectors"]["outliers"] == [str(tmp_path / "amp.safetensors")]
+    assert "outlier" in result.output
+
+
+def test_inputs_are_never_modified(family, tmp_path):
+    files = [family["base_path"], *family["paths"]]
+    before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
+    assert invoke("merge", *files, "-o", tmp_path / "m", "--method", "dare_ties", "-q").exit_code == 0
+    assert invoke("extract-tv", files[0], files[1], "-o", tmp_path / "tv.safetensors", "-q").exit_code == 0
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in files] == before
+
+
+# -- bad input: one sentence, exit 2, nothing written ------------------------------
+def test_missing_file(family, tmp_path):
+    out = _one_error_line(invoke("merge", family["base_path"], tmp_path / "nope.safetensors", "-o", tmp_path / "m"))
+    assert "does not exist" in out and not (tmp_path / "m").exists()
+
+
+def test_truncated_input(family, tmp_path):
+    raw = family["paths"][0].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    out = _one_error_line(invoke("merge", family["base_path"], tmp_path / "cut.safetensors", "-o", tmp_path / "m"))
+    assert "truncated" in out and not (tmp_path / "m").exists()
+
+
+def test_shape_mismatch(family, tmp_path):
+    save_file(dict(family["fts"][0], **{"head.weight": torch.zeros(3, 3)}), tmp_path / "bad.safetensors")
+    out = _one_error_line(invoke("extract-tv", family["base_path"], tmp_path / "bad.safetensors", "-o",
+                                 tmp_path / "tv.safetensors"))
+    assert "'head.weight'" in out and not (tmp_path / "tv.safetensors").exists()
+
+
+def test_nan_input(family, tmp_path):
+    ft = dict(family["fts"][0])
+    ft["embed.weight"] = ft["embed.weight"].clone()
+    ft["embed.weight"][0, 0] = float("nan")
+    save_file(ft, tmp_path / "nan.safetensors")
+    out = _one_error_line(invoke("merge", family["base_path"], tmp_path / "nan.safetensors", "-o", tmp_path / "m"))
+    assert "'embed.weight'" in out and "NaN" in out and not (tmp_path / "m").exists()
+
+
+def test_missing_keys_error_then_allowed(family, tmp_path):
+    save_file({k: v for k, v in family["fts"][0].items() if k != "embed.weight"}, tmp_path / "p.safetensors")
+    out = _one_error_line(invoke("merge", family["base_path"], tmp_path / "p.safetensors", "-o", tmp_path / "m"))
+    assert "--allow-missing" in out
+    ok = invoke("merge", family["base_path"], tmp_path / "p.safetensors", "-o", tmp_path / "m", "--allow-missing",
+                "-q")
+    assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "frankenmerge"], "unknown merge method"),
+        (["--method", "ties", "--density", "0"], "--density for ties must be in (0.0, 1.0]"),
+        (["--method", "ties", "--density", "1.5"], "--density for ties must be in (0.0, 1.0]"),
+        (["--method", "task_arithmetic", "--density", "0.5"], "--density is not a parameter of task_arithmetic"),
+        (["--method", "ties", "--normalize", "median"], "must be one of mean, sum"),
+        (["--shard-size", "lots"], "--shard-size"),
+    ],
+)
+def test_bad_method_or_parameter(family, tmp_path, args, message):
+    out = _one_error_line(invoke("merge", family["base_path"], *family["paths"], "-o", tmp_path / "m", *args))
+    assert message in out and not (tmp_path / "m").exists()
+
+
+def test_unknown_config_key(family, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"base: {family['base_path']}\ninputs: [{family['paths'][0]}]\nlambda: 0.3\n")
+    assert "unknown setting 'lambda'" in _one_error_line(invoke("merge", "-c", tmp_path / "c.yaml", "-o",
+                                                                  tmp_path / "m"))
+
+
+def test_pickle_needs_the_flag(family, tmp_path):
+    torch.save(family["fts"][0], tmp_path / "ft.bin")
+    out = _one_error_line(invoke("merge", family["base_path"], tmp_path / "ft.bin", "-o", tmp_path / "m"))
+    assert "--allow-pickle" in out
+    ok = invoke("merge", family["base_path"], tmp_path / "ft.bin", "-o", tmp_path / "m", "--allow-pickle", "-q")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_existing_output_needs_overwrite(family, tmp_path):
+    args = ["merge", family["base_path"], *family["paths"], "-o", tmp_path / "m", "-q"]
+    assert invoke(*args).exit_code == 0
+    assert "--overwrite" in _one_error_line(invoke(*args))
+    assert invoke(*args, "--overwrite").exit_code == 0
+
+
+def test_ctrl_c_leaves_no_output(family, tmp_path, monkeypatch):
+    real_write = CheckpointWriter.write
+    calls = {"n": 0}
+
+    def interrupted(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_write(self, name, tensor)
+
+    monkeypatch.setattr(CheckpointWriter, "write", interrupted)
+    result = invoke("merge", family["base_path"], *family["paths"], "-o", tmp_path / "m", "--shard-size", "2000")
+    assert result.exit_code == 130
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".m", "m"))]
