@@ -161,9 +161,7 @@ def run_measured(cmd: Sequence[str], log_path: Path) -> tuple[float, int, int]:
     return wall, int(rusage.ru_maxrss), proc.returncode
 
 
-def mergeguard_cmd(
-    prefix: Sequence[str], method: str, base: Path, fts: Sequence[Path], out: Path
-) -> list[str]:
+def mergeguard_cmd(prefix: Sequence[str], method: str, base: Path, fts: Sequence[Path], out: Path) -> list[str]:
     cmd = [*prefix, "merge", str(base), *map(str, fts), "-o", str(out), "--method", method]
     cmd += ["--lam", str(LAMBDA)]
     if method == "ties":
@@ -403,9 +401,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="work dir (default: a fresh tempdir in /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
     parser.add_argument("--inputs", type=int, default=6, help="number of fine-tuned copies")
-    parser.add_argument(
-        "--only", choices=("both", "mergeguard", "mergekit"), default="both", help="tools to run"
-    )
+    parser.add_argument("--only", choices=("both", "mergeguard", "mergekit"), default="both", help="tools to run")
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
@@ -422,9 +418,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="reuse base/ft*.safetensors already present in --workdir",
     )
-    parser.add_argument(
-        "--repeat", type=int, default=1, help="runs per tool/method (min wall, max RSS reported)"
-    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool/method (min wall, max RSS reported)")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS)

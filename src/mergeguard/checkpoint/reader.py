@@ -180,6 +180,11 @@ class Checkpoint:
             yield name, self.get(name)
 
     @property
+    def reads_fresh(self) -> bool:
+        """True when `get` returns a new tensor each call (read from disk), which callers may modify."""
+        return self._tensors is None
+
+    @property
     def kind(self) -> str:
         """'task_vector', 'lora_adapter' or 'model'."""
         if self.adapter_config is not None:

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -119,6 +120,8 @@ class CheckpointWriter:
         self._shard_i = -1
         self._in_shard = 0
         self._file: BinaryIO | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None  # the last write handed to the background thread
         self._names: list[str] = []
         self.extra_files: dict[str, str] = {}
         self.committed = False
@@ -149,7 +152,17 @@ class CheckpointWriter:
         self._file = open(path, "wb")  # noqa: SIM115 - closed in _close
         self._file.write(_header(self.shards[self._shard_i], self.metadata))
 
+    def _flush(self) -> None:
+        """Wait for the background write in flight (and re-raise its error, if any)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
     def _close(self) -> None:
+        self._flush()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -179,7 +192,12 @@ class CheckpointWriter:
             self._next_shard()
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         assert self._file is not None
-        self._file.write(memoryview(data.numpy()))
+        # The file write runs on a background thread (it releases the GIL), overlapping the
+        # caller's next computation; one write is in flight at a time, so order is kept.
+        self._flush()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeguard-write")
+        self._pending = self._pool.submit(self._file.write, memoryview(data.numpy()))
         self._pos += 1
         self._in_shard += 1
 

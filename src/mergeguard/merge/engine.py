@@ -11,7 +11,8 @@ passes first. Non-float tensors (integer buffers) are copied from the base.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
     """One sentence naming the tensor and input when a float tensor holds NaN or Inf."""
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+    # A sum is NaN/Inf whenever an entry is; it is cheap, and only an overflowing sum needs the full check.
+    if (
+        tensor.dtype.is_floating_point
+        and not bool(torch.isfinite(tensor.sum()))
+        and not bool(torch.isfinite(tensor).all())
+    ):
         raise MergeguardError(f"tensor {name!r} of {source} contains NaN or Inf values.")
 
 
@@ -106,11 +112,31 @@ def check_inputs(base: Checkpoint, inputs: Sequence[Checkpoint], *, allow_missin
     return InputPlan(present, copied, {k: v for k, v in skipped.items() if v}, extra)
 
 
-def delta_of(ckpt: Checkpoint, name: str, base32: torch.Tensor) -> torch.Tensor:
-    """The float32 delta of `ckpt` for tensor `name`: itself for a task vector, else minus the base."""
-    t = ckpt.get(name)
+def delta_of(ckpt: Checkpoint, name: str, base32: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 delta of `ckpt` for tensor `name` (`raw`: that tensor, already read):
+    itself for a task vector, else minus the base."""
+    t = ckpt.get(name) if raw is None else raw
     check_finite(t, name, ckpt.spec)
-    return t.float() if ckpt.is_task_vector else t.float() - base32
+    if ckpt.is_task_vector:
+        return t.float()
+    if t.dtype != torch.float32:
+        return t.float().sub_(base32)
+    # a tensor read from disk is ours to overwrite; one held in memory (a pickle) is not
+    return t.sub_(base32) if ckpt.reads_fresh else torch.sub(t, base32)
+
+
+def _prefetched(names: Sequence[str], read: Callable[[str], Any]) -> Iterator[tuple[str, Any]]:
+    """Yield (name, read(name)) while a background thread already reads the next name: disk reads
+    (which release the GIL) overlap the merge arithmetic, at the cost of one more tensor set in memory."""
+    if not names:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeguard-read") as pool:
+        pending = pool.submit(read, names[0])
+        for i, name in enumerate(names):
+            data = pending.result()
+            if i + 1 < len(names):
+                pending = pool.submit(read, names[i + 1])
+            yield name, data
 
 
 @dataclass
@@ -192,14 +218,16 @@ def merge_checkpoints(
     ]
     with CheckpointWriter(out, layout, metadata, shard_size=shard_size, overwrite=overwrite) as writer:
         progress.stage(f"merging ({method.name})", len(layout))
-        for planned in layout:
-            name = planned.name
-            tensor = base.get(name)
+
+        def read(name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return base.get(name), [inputs[i].get(name) for i in plan.present.get(name, [])]
+
+        for planned, (name, (tensor, raws)) in zip(layout, _prefetched([t.name for t in layout], read)):
             check_finite(tensor, name, f"the base {base.spec}")
             idx = plan.present.get(name)
             if idx:  # a float tensor with at least one input delta
                 base32 = tensor.float()
-                deltas = [delta_of(inputs[i], name, base32) for i in idx]
+                deltas = [delta_of(inputs[i], name, base32, raw) for i, raw in zip(idx, raws)]
                 ctx = TensorContext(name=name, inputs=idx, seed=seed, state=state)
                 merged = method.fn(deltas, weight_t[idx], ctx, **params)
                 tensor = base32.add_(merged)

@@ -11,6 +11,7 @@ import math
 import re
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from mergeguard.merge.registry import Param, Passes, TensorContext, register
@@ -57,6 +58,17 @@ def weighted_sum(deltas: list[torch.Tensor], weights: torch.Tensor) -> torch.Ten
     return out
 
 
+def _kth_largest(magnitudes: torch.Tensor, k: int, *, scratch: bool = False) -> float:
+    """The k-th largest of a 1-D float tensor, by numpy's introselect (several times faster than
+    torch.kthvalue on the CPU). With `scratch`, the tensor's storage is reordered in place."""
+    n = magnitudes.numel()
+    array = magnitudes.float().cpu().numpy()
+    if scratch and magnitudes.dtype == torch.float32 and magnitudes.device.type == "cpu":
+        array.partition(n - k)
+        return float(array[n - k])
+    return float(np.partition(array, n - k)[n - k])
+
+
 def magnitude_threshold(delta: torch.Tensor, keep_fraction: float) -> float:
     """The |value| at or above which the top `int(keep_fraction * numel)` entries lie (inf: none)."""
     n = delta.numel()
@@ -65,16 +77,16 @@ def magnitude_threshold(delta: torch.Tensor, keep_fraction: float) -> float:
         return math.inf
     if k >= n:
         return 0.0
-    return torch.kthvalue(delta.abs().reshape(-1), n - k + 1).values.item()
+    return _kth_largest(delta.detach().abs().reshape(-1), k, scratch=True)
 
 
 def magnitude_trim(delta: torch.Tensor, keep_fraction: float, threshold: float | None = None) -> torch.Tensor:
-    """Keep the largest-magnitude entries (top `keep_fraction`, or those >= a given threshold)."""
+    """Keep the largest-magnitude entries (top `keep_fraction`, or those >= a given threshold), in place."""
     if threshold is None:
         if keep_fraction >= 1:
             return delta
         threshold = magnitude_threshold(delta, keep_fraction)
-    return delta * (delta.abs() >= threshold)
+    return delta.masked_fill_(delta.abs() < threshold, 0)
 
 
 def dare_seed(seed: int, name: str, index: int) -> int:
@@ -93,16 +105,31 @@ def dare_drop(delta: torch.Tensor, keep_fraction: float, seed: int) -> torch.Ten
 
 
 def sign_consensus(deltas: list[torch.Tensor], weights: torch.Tensor, normalize: str) -> torch.Tensor:
-    """TIES' elect + disjoint merge: keep entries whose sign agrees with the sign of the weighted sum."""
-    stack = torch.stack(deltas)
-    w = _column(weights, stack)
-    weighted = stack * w
-    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-    agree = weighted.sign() == elected
-    merged = (weighted * agree).sum(0)
+    """TIES' elect + disjoint merge: keep entries whose sign agrees with the sign of the weighted sum.
+
+    The positive and negative parts are summed separately: the elected sign is that of their
+    total (zero elects +), and the agreeing entries' sum is simply the part of that sign. Works
+    input by input with no stacked copy; scales `deltas` by their weights in place.
+    """
+    ws = weights.tolist()
+    if any(w != 1 for w in ws):
+        deltas = [d.mul_(w) for d, w in zip(deltas, ws)]
+    pos = torch.zeros_like(deltas[0])
+    neg = torch.zeros_like(deltas[0])
+    for d in deltas:
+        pos.add_(d.clamp(min=0))
+        neg.add_(d.clamp(max=0))
+    elect_pos = (pos + neg) >= 0
+    merged = torch.where(elect_pos, pos, neg)
     if normalize == "mean":
-        divisor = (w * agree).sum(0)
-        merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        count_pos = torch.zeros_like(merged)
+        count_neg = torch.zeros_like(merged)
+        for d, w in zip(deltas, ws):
+            count_pos.add_((d > 0).to(merged.dtype), alpha=w)
+            count_neg.add_((d < 0).to(merged.dtype), alpha=w)
+        divisor = torch.where(elect_pos, count_pos, count_neg)
+        divisor[divisor == 0] = 1
+        merged.div_(divisor)
     return merged
 
 

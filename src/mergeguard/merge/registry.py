@@ -110,7 +110,10 @@ def register(
     prepare: PrepareFn | None = None,
     needs_reference: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
-    """Register `fn(deltas, weights, ctx, **params) -> merged delta` as merge method `name`."""
+    """Register `fn(deltas, weights, ctx, **params) -> merged delta` as merge method `name`.
+
+    `deltas` are float32 tensors the engine made for this call: a method may modify them in place.
+    """
 
     def wrap(fn: MergeFn) -> MergeFn:
         METHODS[name] = MergeMethod(name, fn, params, help, prepare, needs_reference)
