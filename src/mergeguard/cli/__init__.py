@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mergeguard import __version__
-from mergeguard.cli import extract_tv, inspect_cmd, merge
+from mergeguard.cli import eval_cmd, extract_tv, heads_cmd, inspect_cmd, merge, zoo_cmd
 
 app = typer.Typer(
     name="mergeguard",
@@ -39,6 +39,9 @@ def _root(
 extract_tv.register(app)
 merge.register(app)
 inspect_cmd.register(app)
+heads_cmd.register(app)
+eval_cmd.register(app)
+zoo_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,122 @@
+"""`mergeguard eval`: clean accuracy and attack success rate, as a table, JSON and an exit code.
+
+    mergeguard eval merged/ --heads heads.safetensors --task cars=data/cars/test --task dtd=data/dtd/test
+    mergeguard eval merged/ --heads H --task ... --trigger trigger.safetensors --max-asr 0.05 --json report.json
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mergeguard.cli.options import (
+    EXIT_THRESHOLD,
+    AllowPickleOpt,
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    RichProgress,
+    err_console,
+    examples,
+    handle_errors,
+    out_console,
+    show_table,
+    write_json,
+)
+from mergeguard.errors import MergeguardError
+
+EXAMPLES = [
+    "mergeguard eval merged/ --heads heads.safetensors --task cars=data/cars/test --task dtd=data/dtd/test",
+    "mergeguard eval merged/ --heads H --task cars=D1 --task dtd=D2 --trigger trigger.safetensors --target-task cars",
+    "mergeguard eval merged/ --heads H --task cars=D1 --trigger T --max-asr 0.05 --min-ca 0.6 --json report.json",
+    "mergeguard eval user/clip-cars --arch ViT-B-32 --heads H --task cars=data/cars/test   # an HF CLIP checkpoint",
+]
+
+
+def parse_task(spec: str) -> tuple[str, str]:
+    name, sep, folder = spec.partition("=")
+    if not sep or not name or not folder:
+        raise MergeguardError(f"--task takes NAME=FOLDER, got {spec!r}.")
+    return name, folder
+
+
+def eval_command(
+    model: Annotated[str, typer.Argument(help="Model checkpoint (file, folder, Hub id) or open_clip:NAME@TAG.")],
+    task: Annotated[list[str], typer.Option("--task", "-t", help="NAME=FOLDER of class folders; repeat per task.")],
+    heads: Annotated[str, typer.Option("--heads", help="Heads file (see `mergeguard heads`).")],
+    arch: Annotated[str | None, typer.Option(
+        "--arch", help="open_clip name or architecture JSON, when the checkpoint does not say.")] = None,
+    trigger: Annotated[str | None, typer.Option("--trigger", help="Trigger file: measure ASR(T) and ASR(N).")] = None,
+    target_task: Annotated[str | None, typer.Option(
+        "--target-task", help="The task the trigger targets (default: the trigger file's).")] = None,
+    max_asr: Annotated[float | None, typer.Option(
+        "--max-asr", help="Exit 1 if ASR(T) or ASR(N) is above this fraction.")] = None,
+    min_ca: Annotated[float | None, typer.Option(
+        "--min-ca", help="Exit 1 if the average clean accuracy is below this fraction.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 128,
+    workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")] = 0,
+    device: DeviceOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure clean accuracy (CA) per task and, with a trigger, attack success rate (ASR)."""
+    # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
+    from mergeguard.data.folders import labeled_folder
+    from mergeguard.data.triggers import load_trigger
+    from mergeguard.eval import evaluate
+    from mergeguard.models.encoder import load_encoder
+    from mergeguard.models.heads import load_heads
+    if max_asr is not None and trigger is None:
+        raise MergeguardError("--max-asr needs --trigger.")
+    head_map = load_heads(heads)
+    trig = load_trigger(trigger) if trigger else None
+    encoder = load_encoder(model, arch=arch, allow_pickle=allow_pickle)
+    data = {}
+    for spec in task:
+        name, folder = parse_task(spec)
+        if name not in head_map:
+            raise MergeguardError(
+                f"the heads file {heads} has no head for task {name!r} (it has {', '.join(head_map)})."
+            )
+        data[name] = labeled_folder(folder, head_map[name].classnames, encoder.image_size)
+    with RichProgress(enabled=not quiet) as progress:
+        result = evaluate(encoder, head_map, data, trigger=trig, target_task=target_task, batch_size=batch_size,
+                          device=device, workers=workers, progress=progress)
+    result["model"] = model
+    crossed = []
+    if max_asr is not None:
+        for key in ("asr_t", "asr_n"):
+            if result[key] is not None and result[key] > max_asr:
+                crossed.append(f"{key.replace('_', '(').upper()}) {result[key]:.1%} > --max-asr {max_asr:.1%}")
+    if min_ca is not None and result["ca_avg"] < min_ca:
+        crossed.append(f"average CA {result['ca_avg']:.1%} < --min-ca {min_ca:.1%}")
+    result["thresholds"] = {"max_asr": max_asr, "min_ca": min_ca, "crossed": crossed}
+    write_json(json_out, result)
+    if show_table(quiet, json_out):
+        table = Table(title=f"eval: {model}")
+        table.add_column("task")
+        table.add_column("CA", justify="right")
+        if trig is not None:
+            table.add_column("ASR", justify="right")
+        for name, entry in result["tasks"].items():
+            row = [name + (" (target)" if name == result.get("target_task") else ""), f"{entry['ca']:.1%}"]
+            if trig is not None:
+                row.append("-" if entry["asr"] is None else f"{entry['asr']:.1%}")
+            table.add_row(*row)
+        table.add_section()
+        summary = ["average", f"{result['ca_avg']:.1%}"]
+        if trig is not None:
+            asr_n = "-" if result["asr_n"] is None else f"{result['asr_n']:.1%}"
+            summary.append(f"T {result['asr_t']:.1%} / N {asr_n}")
+        table.add_row(*summary)
+        out_console.print(table)
+    if crossed:
+        err_console.print("[bold red]threshold crossed:[/] " + "; ".join(crossed))
+        raise typer.Exit(EXIT_THRESHOLD)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval", epilog=examples(*EXAMPLES))(handle_errors(eval_command))

@@ -1,0 +1,66 @@
+"""`mergeguard zoo build`: the built-in tiny model family, offline, on the CPU.
+
+    mergeguard zoo build                      # tiny, into the cache
+    mergeguard zoo build --size small --out zoo/
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mergeguard.cli.options import (
+    JsonOpt,
+    QuietOpt,
+    RichProgress,
+    examples,
+    handle_errors,
+    out_console,
+    show_table,
+    write_json,
+)
+
+EXAMPLES = [
+    "mergeguard zoo build",
+    "mergeguard zoo build --size small --out zoo/",
+    "mergeguard zoo build --size tiny --force --json zoo.json",
+]
+
+zoo_app = typer.Typer(help="The built-in tiny model family (no download).", no_args_is_help=True)
+
+
+def zoo_build_command(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: the cache).")] = None,
+    size: Annotated[str, typer.Option("--size", help="tiny (tests, < 1 min) or small (the demo's).")] = "tiny",
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same tensors.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a built zoo is there.")] = False,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build (or reuse) the zoo and print its acceptance numbers."""
+    # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
+    from mergeguard.models.zoo import build_zoo
+    with RichProgress(enabled=not quiet) as progress:
+        info = build_zoo(out, size=size, seed=seed, force=force, progress=progress)
+    write_json(json_out, info)
+    if show_table(quiet, json_out):
+        acc = info["acceptance"]
+        cached = " (cached)" if info.get("cached") else f" (built in {info.get('seconds', 0):.0f} s)"
+        table = Table(title=f"zoo {info['size']} at {info['root']}{cached}")
+        for col in ("task", "pre-trained CA", "fine-tuned CA", f"merged CA (λ {info['merge_lambda']})"):
+            table.add_column(col, justify="right" if col != "task" else "left")
+        for task in acc["finetuned"]:
+            table.add_row(task, f"{acc['pretrained'][task]:.1%}", f"{acc['finetuned'][task]:.1%}",
+                          f"{acc['merged'][task]:.1%}")
+        table.add_section()
+        table.add_row("average", f"{acc['pretrained_avg']:.1%}", f"{acc['finetuned_avg']:.1%}",
+                      f"{acc['merged_avg']:.1%}")
+        out_console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    zoo_app.command("build", epilog=examples(*EXAMPLES))(handle_errors(zoo_build_command))
+    app.add_typer(zoo_app, name="zoo")

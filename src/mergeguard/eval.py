@@ -1,0 +1,89 @@
+"""Clean accuracy and attack success rate, and nothing else.
+
+- CA: top-1 accuracy of each task's head on that task's clean test images.
+- ASR(T): on the target task, among images whose label is not the target class, the
+  fraction predicted as the target class once the trigger is pasted.
+- ASR(N): the same on every other task, with its own head and the same target index
+  (backdoor spill-over), averaged over the tasks whose head has that index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mergeguard.data.triggers import Trigger
+from mergeguard.errors import MergeguardError
+from mergeguard.models.encoder import ImageEncoder
+from mergeguard.models.heads import Head
+from mergeguard.progress import NullProgress, ProgressSink
+from mergeguard.trainer import autocast, resolve_device
+
+
+@torch.no_grad()
+def evaluate(
+    encoder: ImageEncoder,
+    heads: Mapping[str, Head],
+    data: Mapping[str, Dataset],
+    *,
+    trigger: Trigger | None = None,
+    target_task: str | None = None,
+    batch_size: int = 128,
+    device: str | None = "auto",
+    workers: int = 0,
+    progress: ProgressSink | None = None,
+) -> dict[str, Any]:
+    """CA per task and, with a trigger, ASR per task, ASR(T) and ASR(N), as fractions in [0, 1]."""
+    progress = progress or NullProgress()
+    for task in data:
+        if task not in heads:
+            raise MergeguardError(f"no head for task {task!r}; the heads file has: {', '.join(heads)}.")
+    if trigger is not None:
+        target_task = target_task or trigger.target_task
+        if target_task not in data:
+            raise MergeguardError(
+                f"the trigger's target task {target_task!r} is not among the evaluated tasks "
+                f"({', '.join(data)}); pass --target-task."
+            )
+    dev = resolve_device(device)
+    encoder = encoder.to(dev).eval()
+    target = trigger.target_class if trigger is not None else None
+    tasks: dict[str, dict[str, Any]] = {}
+    for task, dataset in data.items():
+        head = heads[task]
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        correct = total = hits = eligible = 0
+        progress.stage(f"eval {task}", len(loader))
+        for images, labels in loader:
+            images, labels = images.to(dev), labels.to(dev)
+            batch = torch.cat([images, trigger.apply(images)]) if trigger is not None else images
+            with autocast(dev):
+                preds = head.logits(encoder(batch).float()).argmax(dim=1)
+            clean = preds[: len(images)]
+            correct += int((clean == labels).sum())
+            total += len(labels)
+            if trigger is not None and target < len(head.classnames):
+                keep = labels != target
+                hits += int((preds[len(images):][keep] == target).sum())
+                eligible += int(keep.sum())
+            progress.advance()
+        entry: dict[str, Any] = {"ca": correct / total, "n": total}
+        if trigger is not None:
+            entry["asr"] = hits / eligible if eligible else None
+        tasks[task] = entry
+    result: dict[str, Any] = {
+        "tasks": tasks,
+        "ca_avg": sum(t["ca"] for t in tasks.values()) / len(tasks),
+        "asr_t": None,
+        "asr_n": None,
+    }
+    if trigger is not None:
+        result["asr_t"] = tasks[target_task]["asr"]
+        others = [t["asr"] for name, t in tasks.items() if name != target_task and t["asr"] is not None]
+        result["asr_n"] = sum(others) / len(others) if others else None
+        result["target_task"] = target_task
+        result["target_class"] = target
+    return result

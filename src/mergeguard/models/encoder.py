@@ -1,0 +1,150 @@
+"""The image encoder every workflow runs: an open_clip vision tower that takes [0, 1] images.
+
+Normalisation happens inside the module, so triggers are pasted in pixel space before it,
+the same way in attack, eval and tests. The forward can insert extra prompt tokens after
+the class token (LFPM's visual prompts); without them it computes exactly open_clip's own
+forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergeguard.checkpoint import Checkpoint, open_checkpoint
+from mergeguard.checkpoint.provenance import ARCH_KEY, build_metadata
+from mergeguard.errors import MergeguardError
+from mergeguard.models.arch import arch_json, arch_of
+from mergeguard.models.hf import hf_to_open_clip, is_hf_clip
+
+
+def build_visual(arch: dict[str, Any]) -> nn.Module:
+    """A randomly initialised open_clip vision tower for `arch`."""
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    if arch.get("family", "open_clip") != "open_clip":
+        raise MergeguardError(f"unsupported architecture family {arch.get('family')!r}.")
+    try:
+        cfg = CLIPVisionCfg(**arch["vision_cfg"])
+    except TypeError as exc:
+        raise MergeguardError(f"the architecture's vision_cfg is not an open_clip CLIPVisionCfg: {exc}.") from exc
+    return _build_vision_tower(arch["embed_dim"], cfg, quick_gelu=bool(arch.get("quick_gelu", False)))
+
+
+class ImageEncoder(nn.Module):
+    """open_clip vision tower + input normalisation; returns L2-normalised embeddings."""
+
+    def __init__(self, arch: dict[str, Any], visual: nn.Module | None = None) -> None:
+        super().__init__()
+        self.arch = arch
+        self.visual = visual if visual is not None else build_visual(arch)
+        self.register_buffer("mean", torch.tensor(arch["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(arch["std"]).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def image_size(self) -> int:
+        size = self.arch["vision_cfg"].get("image_size", 224)
+        return size if isinstance(size, int) else size[0]
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    def forward(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed [0, 1] images (B, 3, H, W); `prompts` (P, width) or (B, P, width) are inserted after
+        the class token, before ln_pre, and dropped again before pooling."""
+        v = self.visual
+        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        x = v.conv1(x.to(v.conv1.weight.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)
+        n_prompts = 0
+        if prompts is not None:
+            if prompts.dim() == 2:
+                prompts = prompts.unsqueeze(0).expand(x.shape[0], -1, -1)
+            n_prompts = prompts.shape[1]
+            x = torch.cat([x[:, :1], prompts.to(x.dtype), x[:, 1:]], dim=1)
+        x = v.ln_pre(x)
+        x = v.transformer(x)
+        if n_prompts:
+            x = torch.cat([x[:, :1], x[:, 1 + n_prompts:]], dim=1)
+        pooled, _ = v._pool(x)
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return F.normalize(pooled, dim=-1)
+
+    def tower_state_dict(self) -> dict[str, torch.Tensor]:
+        """The vision tower's tensors under open_clip's tower names (what mergeguard saves)."""
+        return {k: v.detach().contiguous() for k, v in self.visual.state_dict().items()}
+
+    def metadata(self, kind: str = "model", provenance: dict | None = None) -> dict[str, str]:
+        meta = build_metadata(kind, provenance or {})
+        meta[ARCH_KEY] = arch_json(self.arch)
+        return meta
+
+
+def tower_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """Read the vision-tower tensors of a checkpoint in any supported layout, under open_clip's tower names."""
+    keys = set(ckpt.keys())
+    if ckpt.is_task_vector:
+        raise MergeguardError(f"{ckpt.spec} is a task vector, not a model; merge it onto a base first.")
+    if is_hf_clip(keys):
+        wanted = [k for k in keys if k.startswith("vision_model.") or k == "visual_projection.weight"]
+        return hf_to_open_clip({k: ckpt.get(k) for k in wanted})
+    if "visual.conv1.weight" in keys:
+        return {k.removeprefix("visual."): ckpt.get(k) for k in ckpt.keys() if k.startswith("visual.")}
+    if "conv1.weight" in keys:
+        return {k: ckpt.get(k) for k in ckpt.keys()}
+    raise MergeguardError(
+        f"{ckpt.spec} is not an open_clip or Hugging Face CLIP vision checkpoint (no patch embedding found)."
+    )
+
+
+def load_encoder(
+    source: str | Checkpoint, *, arch: str | dict | None = None, allow_pickle: bool = False
+) -> ImageEncoder:
+    """Build the encoder of a checkpoint (file, folder or Hub id) or of an open_clip pretrained model.
+
+    `open_clip:NAME@TAG` (e.g. `open_clip:ViT-B-32@openai`) loads open_clip's own pretrained
+    weights through its cache (offline once cached).
+    """
+    if isinstance(source, str) and source.startswith("open_clip:"):
+        return _load_open_clip_pretrained(source)
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source, allow_pickle=allow_pickle)
+    description = arch_of(ckpt, arch)
+    encoder = ImageEncoder(description)
+    state = tower_tensors(ckpt)
+    expected = encoder.visual.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise MergeguardError(
+            f"{ckpt.spec} lacks tensor {missing[0]!r} of the {description.get('name', 'given')} architecture "
+            f"({len(missing)} missing); is --arch right?"
+        )
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise MergeguardError(
+                f"tensor {k!r} of {ckpt.spec} is {list(state[k].shape)} but the architecture expects "
+                f"{list(v.shape)}; is --arch right?"
+            )
+    encoder.visual.load_state_dict({k: state[k].float() for k in expected}, strict=True)
+    return encoder
+
+
+def _load_open_clip_pretrained(source: str) -> ImageEncoder:
+    import open_clip
+
+    from mergeguard.models.arch import arch_from_name
+
+    name, _, tag = source.removeprefix("open_clip:").partition("@")
+    try:
+        model = open_clip.create_model(name, pretrained=tag or None)
+    except Exception as exc:  # open_clip raises RuntimeError / HF errors for missing weights
+        raise MergeguardError(f"could not load open_clip {name} with pretrained={tag!r}: {exc}") from exc
+    arch = arch_from_name(name)
+    return ImageEncoder(arch, model.visual)
