@@ -49,3 +49,11 @@ def family(tmp_path: Path):
         save_file(ft, p)
         paths.append(p)
     return {"dir": tmp_path, "base_path": tmp_path / "base.safetensors", "paths": paths, "base": base, "fts": fts}
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The tiny zoo, built once per test session (about a minute on 2 cores)."""
+    from mergeguard.models.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", seed=0)

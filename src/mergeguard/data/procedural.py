@@ -48,7 +48,7 @@ class Style:
 
     noise: float = 0.03
     contrast: float = 1.0  # 1: objects in their full colour; less: blended toward the background
-    radius: tuple[float, float] = (0.14, 0.19)
+    radius: tuple[float, float] = (0.15, 0.2)
 
 
 CLEAN = Style()

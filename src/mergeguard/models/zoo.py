@@ -64,15 +64,16 @@ class ZooSize:
 
 SIZES: dict[str, ZooSize] = {
     "tiny": ZooSize(image_size=32, patch_size=8, width=64, layers=3, embed_dim=64,
-                    pretrain_images=6144, pretrain_steps=500, pretrain_lr=2e-3, fine_fraction=0.0,
-                    finetune_steps=200, finetune_lr=1e-3, batch_size=64,
-                    train_per_task=768, test_per_task=256, shadow_images=512),
+                    pretrain_images=4096, pretrain_steps=500, pretrain_lr=2e-3, fine_fraction=0.0,
+                    finetune_steps=250, finetune_lr=5e-4, batch_size=64,
+                    train_per_task=1024, test_per_task=256, shadow_images=512),
     "small": ZooSize(image_size=32, patch_size=8, width=96, layers=4, embed_dim=64,
-                     pretrain_images=12288, pretrain_steps=800, pretrain_lr=2e-3, fine_fraction=0.0,
-                     finetune_steps=250, finetune_lr=5e-4, batch_size=64,
-                     train_per_task=1024, test_per_task=512, shadow_images=1024),
+                     pretrain_images=12288, pretrain_steps=1000, pretrain_lr=2e-3, fine_fraction=0.0,
+                     finetune_steps=400, finetune_lr=5e-4, batch_size=64,
+                     train_per_task=1536, test_per_task=512, shadow_images=1024),
 }
 LOGIT_SCALE = 100.0
+ACCEPT_FINETUNED = 0.9  # each clean fine-tune's CA on its own task
 FINETUNE_SCALE = 10.0
 MERGE_LAMBDA = 0.3
 

@@ -1,0 +1,61 @@
+"""The tiny zoo: layout, determinism, acceptance numbers, and that every command reads it as real data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from mergeguard.cli import app
+from mergeguard.models import zoo
+
+
+def test_layout(tiny_zoo):
+    root = Path(tiny_zoo["root"])
+    assert (root / "base" / "model.safetensors").exists() and (root / "heads.safetensors").exists()
+    for task, classes in tiny_zoo["tasks"].items():
+        assert (root / "finetuned" / task / "model.safetensors").exists()
+        for split in ("train", "test"):
+            assert sorted(p.name for p in (root / "data" / task / split).iterdir()) == sorted(classes)
+    assert len(list((root / "shadow").glob("*.png"))) == zoo.SIZES["tiny"].shadow_images
+    assert json.loads((root / "zoo.json").read_text())["acceptance"] == tiny_zoo["acceptance"]
+
+
+def test_acceptance_numbers(tiny_zoo):
+    """Fine-tunes learn their task, the pre-trained model is clearly worse, and a task-arithmetic
+    merge (λ 0.3) of the clean fine-tunes keeps a good part of the gain."""
+    acc = tiny_zoo["acceptance"]
+    for task, ca in acc["finetuned"].items():
+        assert ca >= zoo.ACCEPT_FINETUNED, (task, ca)
+    assert acc["pretrained_avg"] <= acc["finetuned_avg"] - 0.25
+    assert acc["merged_avg"] >= acc["pretrained_avg"] + 0.1
+
+
+def test_eval_on_the_written_folders_matches_the_recorded_numbers(tiny_zoo, tmp_path):
+    root = Path(tiny_zoo["root"])
+    task = "colour"
+    result = CliRunner().invoke(app, [
+        "eval", str(root / "finetuned" / task), "--heads", str(root / "heads.safetensors"),
+        "--task", f"{task}={root / 'data' / task / 'test'}", "--device", "cpu", "--json", str(tmp_path / "r.json"),
+        "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tasks"][task]["ca"] == tiny_zoo["acceptance"]["finetuned"][task]
+
+
+def test_same_seed_same_tensors():
+    spec = dataclasses.replace(zoo.SIZES["tiny"], pretrain_images=64, pretrain_steps=3)
+    a = zoo.pretrain(spec, seed=5, progress=None).tower_state_dict()
+    b = zoo.pretrain(spec, seed=5, progress=None).tower_state_dict()
+    c = zoo.pretrain(spec, seed=6, progress=None).tower_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_zoo_build_reuses_a_built_zoo(tiny_zoo):
+    result = CliRunner().invoke(app, ["zoo", "build", "--out", tiny_zoo["root"], "--json", "-", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["cached"] is True

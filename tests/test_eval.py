@@ -1,0 +1,112 @@
+"""eval: CA and ASR against a hand count, through the library and the CLI (exit codes 0 / 1 / 2)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
+
+from mergeguard.checkpoint import CheckpointWriter, PlannedTensor
+from mergeguard.cli import app
+from mergeguard.data.triggers import patch_trigger
+from mergeguard.eval import evaluate
+from mergeguard.models.encoder import ImageEncoder
+from mergeguard.models.heads import Head, save_heads
+
+ARCH = {"family": "open_clip", "name": "t", "embed_dim": 16, "quick_gelu": False, "mean": [0.5] * 3,
+        "std": [0.25] * 3, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                          "head_width": 16}}
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    encoder = ImageEncoder(ARCH).eval()
+    heads = {"a": Head("a", torch.nn.functional.normalize(torch.randn(3, 16), dim=-1), ["x", "y", "z"], 50.0),
+             "b": Head("b", torch.nn.functional.normalize(torch.randn(2, 16), dim=-1), ["p", "q"], 50.0)}
+    # 8-bit images, so the PNG copies on disk are the same tensors
+    data = {t: (torch.randint(0, 256, (12, 3, 16, 16)).float() / 255, torch.arange(12) % len(h.classnames))
+            for t, h in heads.items()}
+    return encoder, heads, data
+
+
+def _hand_count(encoder, heads, data, trigger, target_task):
+    out = {}
+    with torch.no_grad():
+        for t, (x, y) in data.items():
+            pred = (encoder(x) @ heads[t].weight.T).argmax(1)
+            ca = (pred == y).float().mean().item()
+            asr = None
+            if trigger is not None and trigger.target_class < len(heads[t].classnames):
+                keep = y != trigger.target_class
+                pt = (encoder(trigger.apply(x)) @ heads[t].weight.T).argmax(1)
+                asr = (pt[keep] == trigger.target_class).float().mean().item()
+            out[t] = (ca, asr)
+    return out
+
+
+def test_ca_and_asr_equal_a_hand_count(setup):
+    encoder, heads, data = setup
+    trigger = patch_trigger(16, 0.25, target_class=1, target_task="a", seed=2)
+    result = evaluate(encoder, heads, {t: TensorDataset(*d) for t, d in data.items()}, trigger=trigger,
+                      batch_size=5, device="cpu")
+    expected = _hand_count(encoder, heads, data, trigger, "a")
+    for t, (ca, asr) in expected.items():
+        assert result["tasks"][t]["ca"] == pytest.approx(ca)
+        assert result["tasks"][t]["asr"] == pytest.approx(asr)
+    assert result["asr_t"] == pytest.approx(expected["a"][1])
+    assert result["asr_n"] == pytest.approx(expected["b"][1])
+    assert result["ca_avg"] == pytest.approx((expected["a"][0] + expected["b"][0]) / 2)
+
+
+def test_target_index_beyond_a_head_gives_no_asr(setup):
+    encoder, heads, data = setup
+    trigger = patch_trigger(16, 0.25, target_class=2, target_task="a")
+    result = evaluate(encoder, heads, {t: TensorDataset(*d) for t, d in data.items()}, trigger=trigger,
+                      device="cpu")
+    assert result["tasks"]["b"]["asr"] is None and result["asr_n"] is None
+
+
+def _write_folder(root, x, y, classnames):
+    for i in range(len(x)):
+        folder = root / classnames[int(y[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        array = (x[i] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(np.ascontiguousarray(array)).save(folder / f"{i}.png")
+
+
+def test_cli_eval_json_and_exit_codes(setup, tmp_path):
+    encoder, heads, data = setup
+    tensors = encoder.tower_state_dict()
+    with CheckpointWriter(tmp_path / "m.safetensors", [PlannedTensor(k, v.dtype, tuple(v.shape))
+                                                       for k, v in tensors.items()], encoder.metadata()) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+        w.commit()
+    save_heads(heads, tmp_path / "h.safetensors")
+    trigger = patch_trigger(16, 0.25, target_class=1, target_task="a", seed=2)
+    trigger.save(tmp_path / "t.safetensors")
+    for t, (x, y) in data.items():
+        _write_folder(tmp_path / "data" / t, x, y, heads[t].classnames)
+    base = ["eval", str(tmp_path / "m.safetensors"), "--heads", str(tmp_path / "h.safetensors"),
+            "--task", f"a={tmp_path / 'data' / 'a'}", "--task", f"b={tmp_path / 'data' / 'b'}",
+            "--trigger", str(tmp_path / "t.safetensors"), "--device", "cpu", "-q"]
+    runner = CliRunner()
+    ok = runner.invoke(app, [*base, "--json", str(tmp_path / "r.json")])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    expected = _hand_count(encoder, heads, data, trigger, "a")
+    assert report["tasks"]["a"]["ca"] == pytest.approx(expected["a"][0])
+    assert report["asr_t"] == pytest.approx(expected["a"][1])
+    assert set(report) >= {"tasks", "ca_avg", "asr_t", "asr_n"}
+    crossed = runner.invoke(app, [*base, "--max-asr", str(max(0.0, report["asr_t"] - 0.01))])
+    assert crossed.exit_code == 1 and "threshold crossed" in crossed.output
+    assert runner.invoke(app, [*base, "--max-asr", "1.0", "--min-ca", "0.0"]).exit_code == 0
+    assert runner.invoke(app, [*base, "--min-ca", "1.01"]).exit_code == 1
+    bad = runner.invoke(app, [*base[:4], "--task", "c=/nonexistent", "-q"])
+    assert bad.exit_code == 2 and "no head for task 'c'" in bad.output
