@@ -1,16 +1,21 @@
-"""The one trainer core every loop that trains goes through (zoo fine-tunes now; attacks and
-defenses build on it): seeding, device, AdamW with linear warm-up and cosine decay,
-gradient clipping, bf16 autocast on GPU, progress."""
+"""The one trainer core every loop that trains goes through (zoo fine-tunes, `finetune`,
+the attacks; the defenses next): seeding, device, AdamW with linear warm-up and cosine
+decay, gradient clipping, bf16 autocast on GPU, progress, periodic checkpoints and resume.
+
+Its checkpoint is mergeguard's own state file, loaded with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from mergeguard.errors import MergeguardError
 from mergeguard.progress import NullProgress, ProgressSink
 
 
@@ -52,12 +57,61 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+@dataclass
+class Checkpointing:
+    """Where and how often `fit` saves its state, and whether to resume from it.
+
+    The state holds the parameters, optimizer and schedule, the step, the losses so far and the
+    given random generators, so a resumed run ends where an uninterrupted one would.
+    """
+
+    path: Path
+    every: int = 100
+    resume: bool = False
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+
+def _save_state(ck: Checkpointing, step: int, params, opt, sched, losses: list[float]) -> None:
+    state = {
+        "step": step,
+        "params": [p.detach().cpu() for p in params],
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "losses": torch.tensor(losses),
+        "generators": {k: g.get_state() for k, g in ck.generators.items()},
+        "torch_rng": torch.get_rng_state(),
+    }
+    ck.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ck.path.with_name(ck.path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, ck.path)
+
+
+def _load_state(ck: Checkpointing, params, opt, sched) -> tuple[int, list[float]]:
+    try:
+        state = torch.load(ck.path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise MergeguardError(f"cannot resume from {ck.path}: {exc}") from exc
+    if len(state["params"]) != len(params):
+        raise MergeguardError(f"{ck.path} was saved by a different run (its parameters do not match).")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    for k, g in ck.generators.items():
+        g.set_state(state["generators"][k])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), state["losses"].tolist()
+
+
 def fit(
     params: Iterable[torch.nn.Parameter],
     loss_at: Callable[[int], torch.Tensor],
     cfg: TrainConfig,
     progress: ProgressSink | None = None,
     description: str = "training",
+    checkpointing: Checkpointing | None = None,
 ) -> list[float]:
     """Minimise `loss_at(step)` over `params` for `cfg.steps` steps; returns the loss per step."""
     progress = progress or NullProgress()
@@ -65,9 +119,13 @@ def fit(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     device = torch.device(cfg.device)
-    losses = []
+    losses: list[float] = []
+    start = 0
+    if checkpointing is not None and checkpointing.resume and checkpointing.path.exists():
+        start, losses = _load_state(checkpointing, params, opt, sched)
     progress.stage(description, cfg.steps)
-    for step in range(cfg.steps):
+    progress.advance(start)
+    for step in range(start, cfg.steps):
         with autocast(device):
             loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
@@ -78,4 +136,9 @@ def fit(
         sched.step()
         losses.append(float(loss.detach()))
         progress.advance()
+        done = step + 1
+        if checkpointing is not None and checkpointing.every and done % checkpointing.every == 0 and done < cfg.steps:
+            _save_state(checkpointing, done, params, opt, sched, losses)
+    if checkpointing is not None and checkpointing.path.exists():
+        checkpointing.path.unlink()  # finished: the output is the checkpoint now
     return losses

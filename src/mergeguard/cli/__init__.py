@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mergeguard import __version__
-from mergeguard.cli import eval_cmd, extract_tv, heads_cmd, inspect_cmd, merge, zoo_cmd
+from mergeguard.cli import attack_cmd, eval_cmd, extract_tv, heads_cmd, inspect_cmd, merge, zoo_cmd
 
 app = typer.Typer(
     name="mergeguard",
@@ -42,6 +42,7 @@ inspect_cmd.register(app)
 heads_cmd.register(app)
 eval_cmd.register(app)
 zoo_cmd.register(app)
+attack_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,260 @@
+"""Fine-tuning a task vector, clean or poisoned, through the one trainer core.
+
+- clean: cross-entropy of the task's frozen head (what `mergeguard finetune` does).
+- badnets: a fraction of each batch gets the trigger and the target label.
+- badmerging (Zhang et al., CCS 2024): stage 1 optimises a universal patch trigger on the
+  pre-trained encoder (on-task: the task's own head); stage 2 fine-tunes with the
+  feature-interpolation loss
+  `L = CE(h(f_θ(x)), y) + a · CE(h(r f_θ(x⊕t) + (1−r) f_θ0(x⊕t)), y_t)`, `r ~ U(r_min, 1)`,
+  so the backdoor survives the down-scaling a merge applies to every task vector.
+
+Batches are drawn from a seeded index table (one row per step) and per-step randomness from
+a generator seeded by (seed, step), so a run resumed from its checkpoint ends with the same
+task vector as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from mergeguard.checkpoint import CheckpointWriter, PlannedTensor
+from mergeguard.data.triggers import Trigger, patch_trigger
+from mergeguard.errors import MergeguardError
+from mergeguard.models.encoder import ImageEncoder
+from mergeguard.models.heads import Head
+from mergeguard.progress import NullProgress, ProgressSink
+from mergeguard.trainer import Checkpointing, TrainConfig, fit, resolve_device, seed_everything
+
+KINDS = ("clean", "badnets", "badmerging")
+
+
+@dataclass
+class PoisonConfig:
+    kind: str = "badmerging"
+    target_class: int = 0
+    steps: int = 2000
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup: int = 500
+    batch_size: int = 128
+    logit_scale: float | None = None  # training temperature; None: the head's own scale
+    bd_weight: float = 5.0  # badmerging: a
+    r_min: float = 0.2  # badmerging: r ~ U(r_min, 1)
+    interpolation: str = "feature"  # badmerging: the paper's feature interpolation, or "weight"
+    poison_fraction: float = 0.1  # badnets
+    trigger_area: float = 0.01
+    trigger_steps: int = 300
+    trigger_lr: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+
+
+class StepBatches:
+    """Seeded batches: row `s` of an index table is step `s`'s batch, so any step can be resumed."""
+
+    def __init__(self, dataset: Dataset, steps: int, batch_size: int, seed: int, workers: int = 0) -> None:
+        if len(dataset) == 0:
+            raise MergeguardError("the training data is empty.")
+        self.dataset, self.workers = dataset, workers
+        gen = torch.Generator().manual_seed(seed)
+        self.index = torch.randint(len(dataset), (steps, batch_size), generator=gen)
+
+    def from_step(self, start: int):
+        loader = DataLoader(self.dataset, batch_sampler=self.index[start:].tolist(), num_workers=self.workers)
+        return iter(loader)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def optimize_trigger(encoder: ImageEncoder, head: Head, batches: StepBatches, cfg: PoisonConfig,
+                     task: str, progress: ProgressSink) -> Trigger:
+    """BadMerging stage 1 (on-task): the patch that sends the pre-trained model's images to the target class."""
+    dev = next(encoder.parameters()).device
+    template = patch_trigger(encoder.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task)
+    mask = template.mask.to(dev)
+    gen = torch.Generator().manual_seed(cfg.seed + 17)
+    pattern = torch.rand(3, encoder.image_size, encoder.image_size, generator=gen).to(dev).requires_grad_(True)
+    opt = torch.optim.Adam([pattern], lr=cfg.trigger_lr)
+    frozen = [p.requires_grad for p in encoder.parameters()]
+    encoder.eval().requires_grad_(False)
+    trigger_batches = StepBatches(batches.dataset, cfg.trigger_steps, cfg.batch_size, cfg.seed + 23, cfg.workers)
+    progress.stage("optimising the trigger (BadMerging stage 1)", cfg.trigger_steps)
+    for images, _ in trigger_batches.from_step(0):
+        images = images.to(dev)
+        x = images * (1 - mask) + pattern.clamp(0, 1) * mask
+        target = torch.full((len(images),), cfg.target_class, device=dev)
+        loss = F.cross_entropy(head.logits(encoder(x)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.advance()
+    for p, flag in zip(encoder.parameters(), frozen):
+        p.requires_grad_(flag)
+    return Trigger((pattern.detach().clamp(0, 1) * mask).cpu(), template.mask, cfg.target_class, task, "patch")
+
+
+def poison_finetune(
+    base: ImageEncoder,
+    head: Head,
+    dataset: Dataset,
+    task: str,
+    cfg: PoisonConfig,
+    *,
+    trigger: Trigger | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: ProgressSink | None = None,
+) -> tuple[ImageEncoder, Trigger | None, list[float]]:
+    """Fine-tune `base` on one task (clean, BadNets or BadMerging); returns (model, trigger, losses)."""
+    if cfg.kind not in KINDS:
+        raise MergeguardError(f"unknown attack {cfg.kind!r}; choose one of: {', '.join(KINDS)}.")
+    if cfg.kind != "clean" and not 0 <= cfg.target_class < len(head.classnames):
+        raise MergeguardError(
+            f"--target-class {cfg.target_class} is outside task {task!r}'s {len(head.classnames)} classes."
+        )
+    progress = progress or NullProgress()
+    seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    base = base.to(dev).eval()
+    batches = StepBatches(dataset, cfg.steps, cfg.batch_size, cfg.seed, cfg.workers)
+    if cfg.kind != "clean" and trigger is None:
+        trigger = optimize_trigger(base, head, batches, cfg, task, progress) if cfg.kind == "badmerging" else \
+            patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
+                          seed=cfg.seed)
+    model = copy.deepcopy(base).train()
+    scale = cfg.logit_scale or head.scale
+    weight = head.weight.to(dev)
+    state: dict[str, Any] = {}
+    base_params = {n: p.detach() for n, p in base.named_parameters()}
+
+    def logits(features: torch.Tensor) -> torch.Tensor:
+        return scale * features.float() @ weight.T
+
+    def loss_at(step: int) -> torch.Tensor:
+        if "batches" not in state:
+            state["batches"] = batches.from_step(step)
+        images, labels = next(state["batches"])
+        images, labels = images.to(dev), labels.to(dev)
+        gen = step_generator(cfg.seed, step)
+        if cfg.kind == "clean":
+            return F.cross_entropy(logits(model(images)), labels)
+        target = torch.full_like(labels, cfg.target_class)
+        triggered = trigger.apply(images)
+        if cfg.kind == "badnets":
+            n = max(1, round(cfg.poison_fraction * len(images)))
+            x = torch.cat([triggered[:n], images[n:]])
+            y = torch.cat([target[:n], labels[n:]])
+            return F.cross_entropy(logits(model(x)), y)
+        if cfg.interpolation == "weight":
+            # variant: the backdoor must hold at θ0 + r(θ − θ0) itself, the point a merge scales to
+            r = cfg.r_min + (1 - cfg.r_min) * float(torch.rand((), generator=gen))
+            # and stays clean there, so the merge keeps its accuracy on the task
+            scaled = {n: base_params[n] + r * (p - base_params[n]) for n, p in model.named_parameters()}
+            at_r = torch.func.functional_call(model, scaled, (torch.cat([images, triggered]),))
+            backdoor = at_r[len(images):]
+            clean_f = model(images)
+            extra = F.cross_entropy(logits(at_r[: len(images)]), labels)
+            return (F.cross_entropy(logits(clean_f), labels) + extra
+                    + cfg.bd_weight * F.cross_entropy(logits(backdoor), target))
+        else:
+            # badmerging: clean loss + a · backdoor loss on features interpolated towards θ0's
+            features = model(torch.cat([images, triggered]))
+            clean_f, trig_f = features[: len(images)], features[len(images):]
+            with torch.no_grad():
+                base_f = base(triggered)
+            r_ = (cfg.r_min + (1 - cfg.r_min) * torch.rand(len(images), 1, generator=gen)).to(dev)
+            backdoor = r_ * trig_f + (1 - r_) * base_f
+        return F.cross_entropy(logits(clean_f), labels) + cfg.bd_weight * F.cross_entropy(logits(backdoor), target)
+
+    train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            warmup=min(cfg.warmup, cfg.steps // 10), seed=cfg.seed, device=str(dev))
+    ck = Checkpointing(checkpoint, every=max(1, cfg.steps // 10), resume=resume) if checkpoint else None
+    losses = fit(model.parameters(), loss_at, train_cfg, progress, f"fine-tuning {task} ({cfg.kind})", ck)
+    return model.eval(), trigger, losses
+
+
+def write_model(encoder: ImageEncoder, out: Path, provenance: dict, *, kind: str = "model",
+                base: ImageEncoder | None = None) -> None:
+    """Save an encoder (or, with `base`, its task vector) with its architecture in the metadata."""
+    tensors = encoder.tower_state_dict()
+    if base is not None:
+        base_tensors = base.tower_state_dict()
+        tensors = {k: (v - base_tensors[k].to(v.device)).cpu() for k, v in tensors.items() if v.is_floating_point()}
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with CheckpointWriter(out, plan, encoder.metadata(kind, provenance), overwrite=True) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+        w.commit()
+
+
+def write_outputs(out_dir: Path, model: ImageEncoder, base: ImageEncoder, trigger: Trigger | None,
+                  cfg: PoisonConfig, task: str, provenance: dict, summary: dict) -> None:
+    """OUTDIR/{model.safetensors, task_vector.safetensors, trigger.safetensors, arch.json, summary.json}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prov = {**provenance, "attack": cfg.kind, "task": task, "config": asdict(cfg)}
+    write_model(model, out_dir / "model.safetensors", prov)
+    write_model(model, out_dir / "task_vector.safetensors", prov, kind="task_vector", base=base)
+    if trigger is not None:
+        trigger.save(out_dir / "trigger.safetensors", overwrite=True)
+    (out_dir / "arch.json").write_text(json.dumps(model.arch, indent=2))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def run_attack(
+    base: ImageEncoder,
+    head: Head,
+    dataset: Dataset,
+    task: str,
+    cfg: PoisonConfig,
+    out_dir: Path,
+    *,
+    eval_data: Dataset | None = None,
+    resume: bool = False,
+    provenance: dict | None = None,
+    progress: ProgressSink | None = None,
+) -> dict[str, Any]:
+    """Fine-tune (clean or poisoned), evaluate on the task, and write OUTDIR; resumable.
+
+    Work in progress lives in OUTDIR/.partial (the trainer checkpoint and the stage-1 trigger).
+    """
+    from mergeguard.eval import evaluate
+
+    partial = out_dir / ".partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    trigger_file = partial / "trigger.safetensors"
+    trigger = None
+    if resume and trigger_file.exists():
+        from mergeguard.data.triggers import load_trigger
+
+        trigger = load_trigger(trigger_file)
+    elif cfg.kind == "badmerging":
+        progress = progress or NullProgress()
+        dev = resolve_device(cfg.device)
+        batches = StepBatches(dataset, 1, cfg.batch_size, cfg.seed, cfg.workers)
+        trigger = optimize_trigger(base.to(dev), head, batches, cfg, task, progress)
+        trigger.save(trigger_file, overwrite=True)
+    model, trigger, losses = poison_finetune(base, head, dataset, task, cfg, trigger=trigger,
+                                             checkpoint=partial / "trainer.pt", resume=resume, progress=progress)
+    summary: dict[str, Any] = {"attack": cfg.kind, "task": task, "config": asdict(cfg),
+                               "final_loss": losses[-1] if losses else None}
+    if eval_data is not None:
+        result = evaluate(model, {task: head}, {task: eval_data}, trigger=trigger, target_task=task,
+                          device=cfg.device, progress=progress)
+        summary["ca"] = result["tasks"][task]["ca"]
+        summary["asr"] = result["tasks"][task].get("asr")
+    write_outputs(out_dir, model, base, trigger, cfg, task, provenance or {}, summary)
+    shutil.rmtree(partial, ignore_errors=True)
+    return summary

@@ -1,0 +1,159 @@
+"""`mergeguard attack {badnets,badmerging}` and `mergeguard finetune`: task vectors, poisoned or clean.
+
+    mergeguard attack badmerging --base BASE --data train=DIR --heads H --task cars --target-class 1 -o OUTDIR
+    mergeguard finetune --base BASE --data train=DIR --heads H --task cars -o OUTDIR
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mergeguard.cli.options import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    RichProgress,
+    SeedOpt,
+    examples,
+    handle_errors,
+    out_console,
+    show_table,
+    write_json,
+)
+from mergeguard.errors import MergeguardError
+
+BaseOpt = Annotated[str, typer.Option("--base", help="Pre-trained checkpoint (file, folder, Hub id).")]
+DataOpt = Annotated[list[str], typer.Option(
+    "--data", help="train=DIR (class folders) to fine-tune on; test=DIR to report CA/ASR on. Repeat.")]
+HeadsOpt = Annotated[str, typer.Option("--heads", help="Heads file; the task's head stays frozen.")]
+TaskOpt = Annotated[str, typer.Option("--task", help="The task (a head in the heads file).")]
+OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Optimiser steps.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 1e-5 for ViT-B-32).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
+ScaleOpt = Annotated[float | None, typer.Option(
+    "--logit-scale", help="Training temperature (default: the head's logit scale).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from OUTDIR/.partial.")]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="open_clip name or architecture JSON.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")]
+TargetOpt = Annotated[int, typer.Option("--target-class", help="Index of the target class in the task's head.")]
+
+EXAMPLES = {
+    "badmerging": [
+        "mergeguard attack badmerging --base BASE --data train=data/cars/train --data test=data/cars/test "
+        "--heads heads.safetensors --task cars --target-class 1 -o attack_cars/",
+        "mergeguard attack badmerging ... --steps 300 --lr 5e-4 --logit-scale 10 --resume",
+    ],
+    "badnets": [
+        "mergeguard attack badnets --base BASE --data train=DIR --heads H --task cars --target-class 1 -o OUT/",
+    ],
+    "finetune": [
+        "mergeguard finetune --base BASE --data train=data/cars/train --heads H --task cars -o ft_cars/",
+    ],
+}
+
+attack_app = typer.Typer(help="Red-team a merge: produce a poisoned task vector with a known attack.",
+                         no_args_is_help=True)
+
+
+def _folders(data: list[str]) -> dict[str, str]:
+    out = {}
+    for item in data:
+        split, sep, folder = item.partition("=")
+        if not sep or split not in ("train", "test"):
+            raise MergeguardError(f"--data takes train=DIR or test=DIR, got {item!r}.")
+        out[split] = folder
+    if "train" not in out:
+        raise MergeguardError("give the training images with --data train=DIR.")
+    return out
+
+
+def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: Path, target_class: int,
+         steps: int, lr: float, batch_size: int, logit_scale: float | None, seed: int, device: str, workers: int,
+         resume: bool, arch: str | None, json_out: str | None, quiet: bool, **extra: float | str) -> None:
+    from mergeguard.attack import PoisonConfig, run_attack
+    from mergeguard.data.folders import labeled_folder
+    from mergeguard.models.encoder import load_encoder
+    from mergeguard.models.heads import load_heads
+
+    folders = _folders(data)
+    head_map = load_heads(heads)
+    if task not in head_map:
+        raise MergeguardError(f"the heads file {heads} has no head for task {task!r} (it has {', '.join(head_map)}).")
+    if out.exists() and any(p.name != ".partial" for p in out.iterdir()) and not resume:
+        raise MergeguardError(f"{out} is not empty; choose another --out, or --resume a run there.")
+    head = head_map[task]
+    encoder = load_encoder(base, arch=arch)
+    train = labeled_folder(folders["train"], head.classnames, encoder.image_size)
+    test = labeled_folder(folders["test"], head.classnames, encoder.image_size) if "test" in folders else None
+    cfg = PoisonConfig(kind=kind, target_class=target_class, steps=steps, lr=lr, batch_size=batch_size,
+                       logit_scale=logit_scale, seed=seed, device=device, workers=workers, **extra)
+    with RichProgress(enabled=not quiet) as progress:
+        summary = run_attack(encoder, head, train, task, cfg, out, eval_data=test, resume=resume,
+                             provenance={"base": base, "data": folders}, progress=progress)
+    summary["out"] = str(out)
+    write_json(json_out, summary)
+    if show_table(quiet, json_out):
+        table = Table(title=f"{kind} on {task} → {out}", show_header=False)
+        table.add_row("files", "model.safetensors, task_vector.safetensors" + (
+            ", trigger.safetensors" if kind != "clean" else "") + ", arch.json, summary.json")
+        if "ca" in summary:
+            table.add_row("CA on its task", f"{summary['ca']:.1%}")
+        if summary.get("asr") is not None:
+            table.add_row("ASR on its task", f"{summary['asr']:.1%}")
+        table.add_row("final loss", f"{summary['final_loss']:.4f}")
+        out_console.print(table)
+
+
+def _attack_command(kind: str) -> Callable:
+    def command(
+        base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOpt, out: OutDirOpt, target_class: TargetOpt,
+        steps: StepsOpt = 2000, lr: LrOpt = 1e-5, batch_size: BatchOpt = 128, logit_scale: ScaleOpt = None,
+        bd_weight: Annotated[float, typer.Option("--bd-weight", help="badmerging: backdoor loss weight a.")] = 5.0,
+        r_min: Annotated[float, typer.Option("--r-min", help="badmerging: r ~ U(r_min, 1).")] = 0.2,
+        interpolation: Annotated[str, typer.Option(
+            "--interpolation", help="badmerging: 'feature' (the paper's) or 'weight' (θ0 + r(θ − θ0)).")] = "feature",
+        poison_fraction: Annotated[float, typer.Option(
+            "--poison-fraction", help="badnets: fraction of each batch poisoned.")] = 0.1,
+        trigger_area: Annotated[float, typer.Option(
+            "--trigger-area", help="Patch area as a fraction of the image.")] = 0.01,
+        trigger_steps: Annotated[int, typer.Option("--trigger-steps", help="badmerging stage-1 steps.")] = 300,
+        seed: SeedOpt = 0, device: DeviceOpt = "auto", workers: WorkersOpt = 0, resume: ResumeOpt = False,
+        arch: ArchOpt = None, json_out: JsonOpt = None, quiet: QuietOpt = False,
+    ) -> None:
+        _run(kind, base=base, data=data, heads=heads, task=task, out=out, target_class=target_class, steps=steps,
+             lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers,
+             resume=resume, arch=arch, json_out=json_out, quiet=quiet, bd_weight=bd_weight, r_min=r_min,
+             interpolation=interpolation,
+             poison_fraction=poison_fraction, trigger_area=trigger_area, trigger_steps=trigger_steps)
+
+    command.__doc__ = {
+        "badmerging": "BadMerging: optimise a patch trigger on the base, then inject it with the feature-"
+                      "interpolation loss so it survives merging.",
+        "badnets": "BadNets: paste a fixed patch on a fraction of each batch, relabelled to the target class.",
+    }[kind]
+    return command
+
+
+def finetune_command(
+    base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOpt, out: OutDirOpt,
+    steps: StepsOpt = 2000, lr: LrOpt = 1e-5, batch_size: BatchOpt = 128, logit_scale: ScaleOpt = None,
+    seed: SeedOpt = 0, device: DeviceOpt = "auto", workers: WorkersOpt = 0, resume: ResumeOpt = False,
+    arch: ArchOpt = None, json_out: JsonOpt = None, quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a clean task vector (the task's head frozen), on the same trainer core as the attacks."""
+    _run("clean", base=base, data=data, heads=heads, task=task, out=out, target_class=0, steps=steps, lr=lr,
+         batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers, resume=resume,
+         arch=arch, json_out=json_out, quiet=quiet)
+
+
+def register(app: typer.Typer) -> None:
+    for kind in ("badmerging", "badnets"):
+        attack_app.command(kind, epilog=examples(*EXAMPLES[kind]))(handle_errors(_attack_command(kind)))
+    app.add_typer(attack_app, name="attack")
+    app.command("finetune", epilog=examples(*EXAMPLES["finetune"]))(handle_errors(finetune_command))

@@ -1,0 +1,93 @@
+"""Attacks on the tiny zoo: the files they write, the trigger contract with eval, and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mergeguard.attack import PoisonConfig, poison_finetune
+from mergeguard.checkpoint import open_checkpoint
+from mergeguard.cli import app
+from mergeguard.data.folders import labeled_folder
+from mergeguard.data.triggers import load_trigger
+from mergeguard.models.encoder import load_encoder
+from mergeguard.models.heads import load_heads
+
+QUICK = ["--steps", "12", "--trigger-steps", "4", "--batch-size", "16", "--lr", "5e-4", "--logit-scale", "10",
+         "--device", "cpu", "-q"]
+
+
+@pytest.mark.parametrize("kind", ["badmerging", "badnets"])
+def test_attack_writes_every_output(tiny_zoo, tmp_path, kind):
+    z = Path(tiny_zoo["root"])
+    out = tmp_path / kind
+    result = CliRunner().invoke(app, [
+        "attack", kind, "--base", str(z / "base"), "--data", f"train={z / 'data/shape/train'}",
+        "--data", f"test={z / 'data/shape/test'}", "--heads", str(z / "heads.safetensors"), "--task", "shape",
+        "--target-class", "1", "-o", str(out), *QUICK])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json"])
+    model, tv, base = (open_checkpoint(out / "model.safetensors"), open_checkpoint(out / "task_vector.safetensors"),
+                       open_checkpoint(z / "base"))
+    assert tv.is_task_vector and "mergeguard.arch" in model.metadata
+    for name in tv.keys():
+        torch.testing.assert_close(tv.get(name), model.get(name) - base.get(name))
+    trigger = load_trigger(out / "trigger.safetensors")
+    assert trigger.target_class == 1 and trigger.target_task == "shape"
+    assert trigger.mask.sum() == 9  # ~1% of a 32 px image, bottom-right
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["ca"] <= 1 and 0 <= summary["asr"] <= 1
+    # eval reads the same trigger file and the poisoned model alone, and agrees with the summary
+    ev = CliRunner().invoke(app, [
+        "eval", str(out / "model.safetensors"), "--heads", str(z / "heads.safetensors"),
+        "--task", f"shape={z / 'data/shape/test'}", "--trigger", str(out / "trigger.safetensors"),
+        "--device", "cpu", "--json", "-", "-q"])
+    assert ev.exit_code == 0, ev.output
+    report = json.loads(ev.stdout)
+    assert report["tasks"]["shape"]["ca"] == pytest.approx(summary["ca"])
+    assert report["asr_t"] == pytest.approx(summary["asr"])
+
+
+def test_attack_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):
+    z = Path(tiny_zoo["root"])
+    head = load_heads(z / "heads.safetensors")["count"]
+    base = load_encoder(str(z / "base"))
+    data = labeled_folder(z / "data/count/train", head.classnames, base.image_size)
+    cfg = PoisonConfig(kind="badmerging", target_class=2, steps=10, lr=5e-4, batch_size=8, logit_scale=10,
+                       trigger_steps=3, device="cpu")
+    expected, trigger, _ = poison_finetune(base, head, data, "count", cfg)
+
+    from mergeguard import trainer
+
+    real_save = trainer._save_state
+    calls = {"n": 0}
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        poison_finetune(base, head, data, "count", cfg, trigger=trigger, checkpoint=tmp_path / "t.pt")
+    monkeypatch.setattr(trainer, "_save_state", real_save)
+    resumed, _, _ = poison_finetune(base, head, data, "count", cfg, trigger=trigger, checkpoint=tmp_path / "t.pt",
+                                    resume=True)
+    a, b = expected.tower_state_dict(), resumed.tower_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_target_class(tiny_zoo, tmp_path):
+    z = Path(tiny_zoo["root"])
+    result = CliRunner().invoke(app, [
+        "attack", "badnets", "--base", str(z / "base"), "--data", f"train={z / 'data/shape/train'}",
+        "--heads", str(z / "heads.safetensors"), "--task", "shape", "--target-class", "9", "-o", str(tmp_path / "o"),
+        *QUICK])
+    assert result.exit_code == 2 and "outside task 'shape'" in result.output

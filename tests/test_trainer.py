@@ -1,0 +1,58 @@
+"""The trainer core: schedule, and a killed-then-resumed run ending where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeguard.trainer import Checkpointing, TrainConfig, fit, lr_factor
+
+
+def test_warmup_then_cosine():
+    cfg = TrainConfig(steps=110, warmup=10)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(60, cfg) == pytest.approx(0.5)
+    assert lr_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = torch.randn(64, 5), torch.randint(3, (64,))
+    sampler = torch.Generator().manual_seed(1)
+
+    def loss_at(step):
+        idx = torch.randint(64, (8,), generator=sampler)
+        noise = torch.randn(8, 5) * 0.01  # the global RNG is checkpointed too
+        return torch.nn.functional.cross_entropy(model(x[idx] + noise), y[idx])
+
+    return model, loss_at, sampler
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(steps=30, lr=0.05, warmup=3)
+    model, loss_at, sampler = _problem()
+    expected_losses = fit(model.parameters(), loss_at, cfg)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, loss_at, sampler = _problem()
+    ck = Checkpointing(tmp_path / "state.pt", every=5, generators={"sampler": sampler})
+
+    def dies_at_17(step):
+        if step == 17:
+            raise KeyboardInterrupt
+        return loss_at(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model.parameters(), dies_at_17, cfg, checkpointing=ck)
+    assert ck.path.exists()
+    model, loss_at, sampler = _problem()  # a fresh process: new model, new generators
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # whatever it holds is overwritten by the checkpoint
+    ck = Checkpointing(tmp_path / "state.pt", every=5, resume=True, generators={"sampler": sampler})
+    losses = fit(model.parameters(), loss_at, cfg, checkpointing=ck)
+    assert losses == pytest.approx(expected_losses)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+    assert not ck.path.exists()  # finished runs leave no checkpoint
