@@ -21,14 +21,14 @@ QUICK = ["--steps", "12", "--trigger-steps", "4", "--batch-size", "16", "--lr", 
          "--device", "cpu", "-q"]
 
 
-@pytest.mark.parametrize("kind", ["badmerging", "badnets"])
+@pytest.mark.parametrize("kind", ["badmerging", "badnets", "lobam"])
 def test_attack_writes_every_output(tiny_zoo, tmp_path, kind):
     z = Path(tiny_zoo["root"])
     out = tmp_path / kind
     result = CliRunner().invoke(app, [
         "attack", kind, "--base", str(z / "base"), "--data", f"train={z / 'data/shape/train'}",
         "--data", f"test={z / 'data/shape/test'}", "--heads", str(z / "heads.safetensors"), "--task", "shape",
-        "--target-class", "1", "-o", str(out), *QUICK])
+        "--target-class", "1", "-o", str(out), *QUICK, *(["--rank", "2"] if kind == "lobam" else [])])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from mergeguard.checkpoint import CheckpointWriter, PlannedTensor
 from mergeguard.data.triggers import Trigger, patch_trigger
 from mergeguard.errors import MergeguardError
-from mergeguard.models.encoder import ImageEncoder
+from mergeguard.models.encoder import ImageEncoder, save_encoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import Checkpointing, TrainConfig, fit, resolve_device, seed_everything
 
-KINDS = ("clean", "badnets", "badmerging")
+KINDS = ("clean", "badnets", "badmerging", "lobam")
 
 
 @dataclass
@@ -50,10 +49,13 @@ class PoisonConfig:
     bd_weight: float = 5.0  # badmerging: a
     r_min: float = 0.2  # badmerging: r ~ U(r_min, 1)
     interpolation: str = "feature"  # badmerging: the paper's feature interpolation, or "weight"
-    poison_fraction: float = 0.1  # badnets
+    poison_fraction: float = 0.1  # badnets, lobam's malicious adapter
+    amplify: float = 3.5  # lobam: k in θ_benign + k (θ_malicious − θ_benign)
     trigger_area: float = 0.01
     trigger_steps: int = 300
     trigger_lr: float = 0.1
+    lora_rank: int | None = None  # train a LoRA adapter (peft) instead of the full encoder
+    lora_alpha: float | None = None  # default: 2 × rank
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -134,6 +136,8 @@ def poison_finetune(
             patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
                           seed=cfg.seed)
     model = copy.deepcopy(base).train()
+    if cfg.lora_rank:
+        model.visual = with_lora(model.visual, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank)
     scale = cfg.logit_scale or head.scale
     weight = head.weight.to(dev)
     state: dict[str, Any] = {}
@@ -182,22 +186,29 @@ def poison_finetune(
                             warmup=min(cfg.warmup, cfg.steps // 10), seed=cfg.seed, device=str(dev))
     ck = Checkpointing(checkpoint, every=max(1, cfg.steps // 10), resume=resume) if checkpoint else None
     losses = fit(model.parameters(), loss_at, train_cfg, progress, f"fine-tuning {task} ({cfg.kind})", ck)
+    if cfg.lora_rank:
+        model.visual = model.visual.merge_and_unload()
     return model.eval(), trigger, losses
 
 
-def write_model(encoder: ImageEncoder, out: Path, provenance: dict, *, kind: str = "model",
-                base: ImageEncoder | None = None) -> None:
-    """Save an encoder (or, with `base`, its task vector) with its architecture in the metadata."""
-    tensors = encoder.tower_state_dict()
-    if base is not None:
-        base_tensors = base.tower_state_dict()
-        tensors = {k: (v - base_tensors[k].to(v.device)).cpu() for k, v in tensors.items() if v.is_floating_point()}
-    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
-    plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    with CheckpointWriter(out, plan, encoder.metadata(kind, provenance), overwrite=True) as w:
-        for k, v in tensors.items():
-            w.write(k, v)
-        w.commit()
+LORA_TARGETS = ["attn", "c_fc", "c_proj"]  # open_clip ViT blocks: attention and both MLP layers
+
+
+def with_lora(visual: torch.nn.Module, rank: int, alpha: float) -> torch.nn.Module:
+    """The vision tower with trainable LoRA adapters (peft) on every block's attention and MLP;
+    everything else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    return get_peft_model(visual, config)
+
+
+def amplify(benign: ImageEncoder, malicious: ImageEncoder, k: float) -> ImageEncoder:
+    """LoBAM's upload: θ_benign + k (θ_malicious − θ_benign)."""
+    out = copy.deepcopy(benign)
+    b, m = benign.state_dict(), malicious.state_dict()
+    out.load_state_dict({n: b[n] + k * (m[n] - b[n]) if b[n].is_floating_point() else b[n] for n in b})
+    return out
 
 
 def write_outputs(out_dir: Path, model: ImageEncoder, base: ImageEncoder, trigger: Trigger | None,
@@ -205,12 +216,28 @@ def write_outputs(out_dir: Path, model: ImageEncoder, base: ImageEncoder, trigge
     """OUTDIR/{model.safetensors, task_vector.safetensors, trigger.safetensors, arch.json, summary.json}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prov = {**provenance, "attack": cfg.kind, "task": task, "config": asdict(cfg)}
-    write_model(model, out_dir / "model.safetensors", prov)
-    write_model(model, out_dir / "task_vector.safetensors", prov, kind="task_vector", base=base)
+    save_encoder(model, out_dir / "model.safetensors", prov)
+    save_encoder(model, out_dir / "task_vector.safetensors", prov, base=base)
     if trigger is not None:
         trigger.save(out_dir / "trigger.safetensors", overwrite=True)
     (out_dir / "arch.json").write_text(json.dumps(model.arch, indent=2))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def lobam(base: ImageEncoder, head: Head, dataset: Dataset, task: str, cfg: PoisonConfig, partial: Path, *,
+          resume: bool = False, progress: ProgressSink | None = None) -> tuple[ImageEncoder, Trigger, list[float]]:
+    """LoBAM (Yin et al.): a benign and a malicious LoRA fine-tune of the same task, uploaded as
+    θ_benign + k (θ_malicious − θ_benign) with k > 1 so the backdoor survives the merge's scaling."""
+    rank = cfg.lora_rank or 16
+    benign_cfg = replace(cfg, kind="clean", lora_rank=rank)
+    malicious_cfg = replace(cfg, kind="badnets", lora_rank=rank, seed=cfg.seed + 1)
+    benign, _, _ = poison_finetune(base, head, dataset, task, benign_cfg, checkpoint=partial / "benign.pt",
+                                   resume=resume, progress=progress)
+    trigger = patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
+                            seed=cfg.seed)
+    malicious, _, losses = poison_finetune(base, head, dataset, task, malicious_cfg, trigger=trigger,
+                                           checkpoint=partial / "malicious.pt", resume=resume, progress=progress)
+    return amplify(benign, malicious, cfg.amplify), trigger, losses
 
 
 def run_attack(
@@ -246,8 +273,11 @@ def run_attack(
         batches = StepBatches(dataset, 1, cfg.batch_size, cfg.seed, cfg.workers)
         trigger = optimize_trigger(base.to(dev), head, batches, cfg, task, progress)
         trigger.save(trigger_file, overwrite=True)
-    model, trigger, losses = poison_finetune(base, head, dataset, task, cfg, trigger=trigger,
-                                             checkpoint=partial / "trainer.pt", resume=resume, progress=progress)
+    if cfg.kind == "lobam":
+        model, trigger, losses = lobam(base, head, dataset, task, cfg, partial, resume=resume, progress=progress)
+    else:
+        model, trigger, losses = poison_finetune(base, head, dataset, task, cfg, trigger=trigger,
+                                                 checkpoint=partial / "trainer.pt", resume=resume, progress=progress)
     summary: dict[str, Any] = {"attack": cfg.kind, "task": task, "config": asdict(cfg),
                                "final_loss": losses[-1] if losses else None}
     if eval_data is not None:

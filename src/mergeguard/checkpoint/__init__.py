@@ -5,7 +5,7 @@ This layer knows files and the Hub, nothing about models.
 
 from mergeguard.checkpoint.reader import Checkpoint, TensorInfo, from_tensors, read_header
 from mergeguard.checkpoint.resolve import open_checkpoint
-from mergeguard.checkpoint.writer import CheckpointWriter, PlannedTensor, parse_size
+from mergeguard.checkpoint.writer import CheckpointWriter, PlannedTensor, parse_size, write_tensors
 
 __all__ = [
     "Checkpoint",
@@ -16,4 +16,5 @@ __all__ = [
     "open_checkpoint",
     "parse_size",
     "read_header",
+    "write_tensors",
 ]

@@ -230,3 +230,14 @@ class CheckpointWriter:
         os.replace(self.out, old)
         os.replace(self.tmp, self.out)
         self._remove(old)
+
+
+def write_tensors(out: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                  *, overwrite: bool = False, shard_size: int | None = None) -> Path:
+    """Write a dict of in-memory tensors (small files: heads, triggers, encoders) atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with CheckpointWriter(out, plan, metadata, shard_size=shard_size, overwrite=overwrite) as writer:
+        for k, v in tensors.items():
+            writer.write(k, v)
+        return writer.commit()

@@ -1,4 +1,4 @@
-"""`mergeguard attack {badnets,badmerging}` and `mergeguard finetune`: task vectors, poisoned or clean.
+"""`mergeguard attack {badnets,badmerging,lobam}` and `mergeguard finetune`: task vectors, poisoned or clean.
 
     mergeguard attack badmerging --base BASE --data train=DIR --heads H --task cars --target-class 1 -o OUTDIR
     mergeguard finetune --base BASE --data train=DIR --heads H --task cars -o OUTDIR
@@ -51,6 +51,10 @@ EXAMPLES = {
     ],
     "badnets": [
         "mergeguard attack badnets --base BASE --data train=DIR --heads H --task cars --target-class 1 -o OUT/",
+    ],
+    "lobam": [
+        "mergeguard attack lobam --base BASE --data train=DIR --heads H --task cars --target-class 1 "
+        "--rank 16 --amplify 3.5 -o OUT/",
     ],
     "finetune": [
         "mergeguard finetune --base BASE --data train=data/cars/train --heads H --task cars -o ft_cars/",
@@ -123,19 +127,25 @@ def _attack_command(kind: str) -> Callable:
         trigger_area: Annotated[float, typer.Option(
             "--trigger-area", help="Patch area as a fraction of the image.")] = 0.01,
         trigger_steps: Annotated[int, typer.Option("--trigger-steps", help="badmerging stage-1 steps.")] = 300,
+        rank: Annotated[int | None, typer.Option(
+            "--rank", help="Train LoRA adapters of this rank (peft) instead of the full encoder; lobam: 16.")] = None,
+        amplify: Annotated[float, typer.Option(
+            "--amplify", help="lobam: k in θ_benign + k (θ_malicious − θ_benign).")] = 3.5,
         seed: SeedOpt = 0, device: DeviceOpt = "auto", workers: WorkersOpt = 0, resume: ResumeOpt = False,
         arch: ArchOpt = None, json_out: JsonOpt = None, quiet: QuietOpt = False,
     ) -> None:
         _run(kind, base=base, data=data, heads=heads, task=task, out=out, target_class=target_class, steps=steps,
              lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers,
              resume=resume, arch=arch, json_out=json_out, quiet=quiet, bd_weight=bd_weight, r_min=r_min,
-             interpolation=interpolation,
+             interpolation=interpolation, lora_rank=rank, amplify=amplify,
              poison_fraction=poison_fraction, trigger_area=trigger_area, trigger_steps=trigger_steps)
 
     command.__doc__ = {
         "badmerging": "BadMerging: optimise a patch trigger on the base, then inject it with the feature-"
                       "interpolation loss so it survives merging.",
         "badnets": "BadNets: paste a fixed patch on a fraction of each batch, relabelled to the target class.",
+        "lobam": "LoBAM: benign and malicious LoRA fine-tunes (peft), uploaded amplified: "
+                 "θ_benign + k (θ_malicious − θ_benign).",
     }[kind]
     return command
 
@@ -153,7 +163,7 @@ def finetune_command(
 
 
 def register(app: typer.Typer) -> None:
-    for kind in ("badmerging", "badnets"):
+    for kind in ("badmerging", "badnets", "lobam"):
         attack_app.command(kind, epilog=examples(*EXAMPLES[kind]))(handle_errors(_attack_command(kind)))
     app.add_typer(attack_app, name="attack")
     app.command("finetune", epilog=examples(*EXAMPLES["finetune"]))(handle_errors(finetune_command))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mergeguard.checkpoint import CheckpointWriter, PlannedTensor, open_checkpoint
+from mergeguard.checkpoint import open_checkpoint, write_tensors
 from mergeguard.errors import MergeguardError
 
 
@@ -48,13 +48,8 @@ class Trigger:
             "target_task": self.target_task or "",
             "image_size": str(self.image_size),
         }
-        tensors = {"pattern": self.pattern.detach().float().contiguous(),
-                   "mask": self.mask.detach().float().contiguous()}
-        plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-        with CheckpointWriter(path, plan, meta, overwrite=overwrite) as w:
-            for k, v in tensors.items():
-                w.write(k, v)
-            return w.commit()
+        tensors = {"pattern": self.pattern.float(), "mask": self.mask.float()}
+        return write_tensors(path, tensors, meta, overwrite=overwrite)
 
 
 def patch_trigger(image_size: int, area: float = 0.01, *, target_class: int, target_task: str | None = None,

@@ -8,13 +8,14 @@ forward.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergeguard.checkpoint import Checkpoint, open_checkpoint
+from mergeguard.checkpoint import Checkpoint, open_checkpoint, write_tensors
 from mergeguard.checkpoint.provenance import ARCH_KEY, build_metadata
 from mergeguard.errors import MergeguardError
 from mergeguard.models.arch import arch_json, arch_of
@@ -86,6 +87,20 @@ class ImageEncoder(nn.Module):
         meta = build_metadata(kind, provenance or {})
         meta[ARCH_KEY] = arch_json(self.arch)
         return meta
+
+
+def save_encoder(encoder: ImageEncoder, out: str | Path, provenance: dict | None = None, *,
+                 base: ImageEncoder | None = None) -> Path:
+    """Save an encoder's tower, or with `base` its task vector (float tensors minus the base's),
+    with the architecture in the metadata; replaces `out` if it exists."""
+    tensors = encoder.tower_state_dict()
+    kind = "model"
+    if base is not None:
+        base_tensors = base.tower_state_dict()
+        tensors = {k: v - base_tensors[k].to(v.device) for k, v in tensors.items() if v.is_floating_point()}
+        kind = "task_vector"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return write_tensors(out, tensors, encoder.metadata(kind, provenance), overwrite=True)
 
 
 def tower_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mergeguard.checkpoint import CheckpointWriter, PlannedTensor, open_checkpoint
+from mergeguard.checkpoint import open_checkpoint, write_tensors
 from mergeguard.errors import MergeguardError
 
 HEADS_KIND = "heads"
@@ -72,12 +72,8 @@ def save_heads(heads: dict[str, Head], path: str | Path, *, overwrite: bool = Fa
         "logit_scale": json.dumps({t: h.scale for t, h in heads.items()}),
         **(extra_metadata or {}),
     }
-    tensors = {t: F.normalize(h.weight.detach().float(), dim=-1).contiguous() for t, h in heads.items()}
-    plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    with CheckpointWriter(path, plan, meta, overwrite=overwrite) as w:
-        for k, v in tensors.items():
-            w.write(k, v)
-        return w.commit()
+    tensors = {t: F.normalize(h.weight.detach().float(), dim=-1) for t, h in heads.items()}
+    return write_tensors(path, tensors, meta, overwrite=overwrite)
 
 
 def load_heads(path: str | Path) -> dict[str, Head]:

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from mergeguard.cache import cache_dir
-from mergeguard.checkpoint import CheckpointWriter, PlannedTensor, open_checkpoint
+from mergeguard.checkpoint import open_checkpoint
 from mergeguard.data import procedural
 from mergeguard.errors import MergeguardError
 from mergeguard.eval import evaluate
-from mergeguard.models.encoder import ImageEncoder, load_encoder
+from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
 from mergeguard.models.heads import Head, save_heads
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import TrainConfig, fit, seed_everything
@@ -108,16 +108,6 @@ def _write_pngs(images: torch.Tensor, labels: torch.Tensor | None, classes: list
         folder = root / classes[int(labels[i])] if labels is not None and classes else root
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(array)).save(folder / f"{i:05d}.png")
-
-
-def save_encoder(encoder: ImageEncoder, out: Path, provenance: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = encoder.tower_state_dict()
-    plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    with CheckpointWriter(out, plan, encoder.metadata("model", provenance), overwrite=True) as w:
-        for k, v in tensors.items():
-            w.write(k, v)
-        w.commit()
 
 
 def text_embeddings(embed_dim: int, seed: int) -> dict[str, torch.Tensor]:
