@@ -117,3 +117,19 @@ def test_stats_match_plain_torch_and_flag_an_amplified_vector(family, tmp_path):
 def test_stats_need_a_base_for_models(family):
     with pytest.raises(MergeguardError, match="pass --base"):
         task_vector_stats([open_checkpoint(p) for p in family["paths"]])
+
+
+def test_fan_in_fan_out_flag_on_a_linear_layer_follows_peft(tmp_path):
+    """PEFT ignores fan_in_fan_out on nn.Linear; so must we (the base's shape says the orientation)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6))
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file(base_state, tmp_path / "base.safetensors")
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["0"], fan_in_fan_out=True,
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload().state_dict()
+    extract_task_vector(open_checkpoint(tmp_path / "base.safetensors"), open_checkpoint(tmp_path / "adapter"),
+                        tmp_path / "tv.safetensors")
+    tv = load_file(tmp_path / "tv.safetensors")
+    torch.testing.assert_close(base_state["0.weight"] + tv["0.weight"], merged["0.weight"], rtol=1e-5, atol=1e-6)

@@ -138,8 +138,12 @@ def lora_delta(adapter: Checkpoint, m: LoraModule, shape: tuple[int, ...]) -> to
     if m.kind == "embedding":
         delta = (b @ a).T
     else:
-        delta = b.flatten(1) @ a.flatten(1)
-        if m.fan_in_fan_out:
+        delta = b.flatten(1) @ a.flatten(1)  # (out, in); a conv kernel is reshaped below
+        square = delta.shape[0] == delta.shape[1]
+        # PEFT transposes only for fan-in-fan-out layers (GPT-2's Conv1D): the base's shape says which,
+        # and the config's flag decides only for square matrices, where the shape cannot
+        if (m.kind == "linear" and tuple(delta.shape) != tuple(shape) and tuple(delta.T.shape) == tuple(shape)) or (
+                square and m.fan_in_fan_out):
             delta = delta.T
     if delta.numel() != math.prod(shape):
         raise MergeguardError(

@@ -129,3 +129,22 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_nonsense():
     with pytest.raises(MergeguardError, match="shard-size"):
         parse_size("five gigs")
+
+
+def _raw_file(path, header: dict, data: bytes):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_header_checks_match_the_safetensors_library(tmp_path):
+    _raw_file(tmp_path / "gap.safetensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8)
+    with pytest.raises(MergeguardError, match="gap"):
+        open_checkpoint(tmp_path / "gap.safetensors")
+    _raw_file(tmp_path / "meta.safetensors", {"__metadata__": ["x"], "a": {"dtype": "F32", "shape": [1],
+                                                                          "data_offsets": [0, 4]}}, b"\0" * 4)
+    with pytest.raises(MergeguardError, match="__metadata__"):
+        open_checkpoint(tmp_path / "meta.safetensors")
+    _raw_file(tmp_path / "neg.safetensors", {"a": {"dtype": "F32", "shape": [-1, -1], "data_offsets": [0, 4]}},
+              b"\0" * 4)
+    with pytest.raises(MergeguardError, match="corrupt"):
+        open_checkpoint(tmp_path / "neg.safetensors")

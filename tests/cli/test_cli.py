@@ -173,3 +173,64 @@ def test_ctrl_c_leaves_no_output(family, tmp_path, monkeypatch):
     result = invoke("merge", family["base_path"], *family["paths"], "-o", tmp_path / "m", "--shard-size", "2000")
     assert result.exit_code == 130
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".m", "m"))]
+
+
+# -- regressions from review ---------------------------------------------------------
+def test_overwrite_never_deletes_files_mergeguard_did_not_write(family, tmp_path):
+    out = _one_error_line(invoke("merge", family["base_path"], family["paths"][0], "-o", family["dir"],
+                                 "--overwrite"))
+    assert "did not write" in out
+    assert family["base_path"].exists() and family["paths"][0].exists()
+
+
+def test_output_under_a_file_is_one_sentence(family, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = _one_error_line(invoke("merge", family["base_path"], family["paths"][0], "-o", tmp_path / "afile" / "o"))
+    assert "afile" in out
+
+
+def test_json_into_a_missing_folder_fails_before_any_work(family, tmp_path):
+    result = invoke("merge", family["base_path"], family["paths"][0], "-o", tmp_path / "m", "--json",
+                    tmp_path / "nope" / "r.json")
+    assert result.exit_code == 2 and not (tmp_path / "m").exists()
+
+
+def test_yaml_types_and_weights(family, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"base: {family['base_path']}\ninputs: [{family['paths'][0]}]\nweight: 0.5\n")
+    assert "'weight'" in _one_error_line(invoke("merge", "-c", tmp_path / "c.yaml", "-o", tmp_path / "m"))
+    (tmp_path / "d.yaml").write_text(f"base: {family['base_path']}\ninputs: [{{path: {family['paths'][0]}, "
+                                     "weight: 0.0}]\nmethod: task_arithmetic\nlam: 1.0\n")
+    # inputs given on the command line take their own weights (1), not the YAML's
+    ok = invoke("merge", "-c", tmp_path / "d.yaml", family["paths"][1], "-o", tmp_path / "m", "-q")
+    assert ok.exit_code == 0, ok.output
+    torch.testing.assert_close(load_file(tmp_path / "m" / "model.safetensors")["head.weight"],
+                               family["fts"][1]["head.weight"])
+
+
+def test_non_finite_weight_and_task_vector_base(family, tmp_path):
+    assert "finite" in _one_error_line(invoke("merge", family["base_path"], family["paths"][0], "-o",
+                                              tmp_path / "m", "--weight", "nan"))
+    assert invoke("extract-tv", family["base_path"], family["paths"][0], "-o", tmp_path / "tv.safetensors",
+                  "-q").exit_code == 0
+    assert "not a model" in _one_error_line(invoke("merge", tmp_path / "tv.safetensors", family["paths"][0],
+                                                   "-o", tmp_path / "m"))
+
+
+def test_mistyped_local_path_is_not_sent_to_the_hub(family, tmp_path):
+    out = _one_error_line(invoke("merge", family["base_path"], f"{family['dir']}/ft9.safetensors", "-o",
+                                 tmp_path / "m"))
+    assert "does not exist" in out
+
+
+def test_pickle_base_held_in_memory_is_not_changed_by_a_merge(family, tmp_path):
+    from mergeguard.checkpoint import open_checkpoint
+    from mergeguard.merge import merge_checkpoints
+
+    torch.save(family["base"], tmp_path / "base.pt")
+    base = open_checkpoint(tmp_path / "base.pt", allow_pickle=True)
+    ft = open_checkpoint(family["paths"][0])
+    merge_checkpoints(base, [ft], "task_arithmetic", {"lam": 0.5}, out=tmp_path / "a.safetensors")
+    merge_checkpoints(base, [ft], "task_arithmetic", {"lam": 0.5}, out=tmp_path / "b.safetensors")
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(base.get("head.weight"), family["base"]["head.weight"])

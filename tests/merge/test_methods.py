@@ -221,3 +221,11 @@ def test_unknown_parameter_and_method():
         get_method("frankenmerge")
     with pytest.raises(MergeguardError, match="one of mean, sum"):
         get_method("ties").resolve({"normalize": "median"})
+
+
+def test_layer_names():
+    assert layer_of("visual.transformer.resblocks.3.mlp.c_fc.weight") == "visual.transformer.resblocks.3"
+    assert layer_of("model.layers.12.self_attn.q_proj.weight") == "model.layers.12"
+    assert layer_of("h.0.attn.c_attn.weight") == "h.0"
+    assert layer_of("visual.conv1.patch.0.weight") is None  # 'patch' is no layer keyword
+    assert layer_of("ln_post.weight") is None

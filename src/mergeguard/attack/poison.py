@@ -31,7 +31,7 @@ from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import ImageEncoder, save_encoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import NullProgress, ProgressSink
-from mergeguard.trainer import Checkpointing, TrainConfig, fit, resolve_device, seed_everything
+from mergeguard.trainer import Checkpointing, TrainConfig, fit, init_distributed, resolve_device, seed_everything
 
 KINDS = ("clean", "badnets", "badmerging", "lobam")
 
@@ -71,9 +71,15 @@ class StepBatches:
         gen = torch.Generator().manual_seed(seed)
         self.index = torch.randint(len(dataset), (steps, batch_size), generator=gen)
 
-    def from_step(self, start: int):
-        loader = DataLoader(self.dataset, batch_sampler=self.index[start:].tolist(), num_workers=self.workers)
+    def from_step(self, start: int, rank: int = 0, world: int = 1):
+        """Batches from step `start` on; under data parallelism, this rank's contiguous share of each."""
+        rows = [row.tensor_split(world)[rank].tolist() for row in self.index[start:]]
+        loader = DataLoader(self.dataset, batch_sampler=rows, num_workers=self.workers)
         return iter(loader)
+
+    def offset(self, rank: int, world: int) -> int:
+        """Where this rank's share starts inside each step's batch."""
+        return sum(len(chunk) for chunk in self.index[0].tensor_split(world)[:rank])
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -146,26 +152,34 @@ def poison_finetune(
     def logits(features: torch.Tensor) -> torch.Tensor:
         return scale * features.float() @ weight.T
 
+    rank, world = init_distributed()
+    if cfg.batch_size % world:
+        raise MergeguardError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes.")
+    first = batches.offset(rank, world)  # this rank's share of each step's batch starts here
+
     def loss_at(step: int) -> torch.Tensor:
         if "batches" not in state:
-            state["batches"] = batches.from_step(step)
+            state["batches"] = batches.from_step(step, rank, world)
         images, labels = next(state["batches"])
         images, labels = images.to(dev), labels.to(dev)
         gen = step_generator(cfg.seed, step)
+        # per-sample randomness is drawn for the whole batch, then sliced: any process count agrees
+        r_all = cfg.r_min + (1 - cfg.r_min) * torch.rand(cfg.batch_size, 1, generator=gen)
+        r_step = cfg.r_min + (1 - cfg.r_min) * float(torch.rand((), generator=gen))
         if cfg.kind == "clean":
             return F.cross_entropy(logits(model(images)), labels)
         target = torch.full_like(labels, cfg.target_class)
         triggered = trigger.apply(images)
         if cfg.kind == "badnets":
-            n = max(1, round(cfg.poison_fraction * len(images)))
-            x = torch.cat([triggered[:n], images[n:]])
-            y = torch.cat([target[:n], labels[n:]])
+            n_poison = max(1, round(cfg.poison_fraction * cfg.batch_size))
+            poisoned = (torch.arange(len(images), device=dev) + first) < n_poison
+            x = torch.where(poisoned.view(-1, 1, 1, 1), triggered, images)
+            y = torch.where(poisoned, target, labels)
             return F.cross_entropy(logits(model(x)), y)
         if cfg.interpolation == "weight":
             # variant: the backdoor must hold at θ0 + r(θ − θ0) itself, the point a merge scales to
-            r = cfg.r_min + (1 - cfg.r_min) * float(torch.rand((), generator=gen))
             # and stays clean there, so the merge keeps its accuracy on the task
-            scaled = {n: base_params[n] + r * (p - base_params[n]) for n, p in model.named_parameters()}
+            scaled = {n: base_params[n] + r_step * (p - base_params[n]) for n, p in model.named_parameters()}
             at_r = torch.func.functional_call(model, scaled, (torch.cat([images, triggered]),))
             backdoor = at_r[len(images):]
             clean_f = model(images)
@@ -178,8 +192,8 @@ def poison_finetune(
             clean_f, trig_f = features[: len(images)], features[len(images):]
             with torch.no_grad():
                 base_f = base(triggered)
-            r_ = (cfg.r_min + (1 - cfg.r_min) * torch.rand(len(images), 1, generator=gen)).to(dev)
-            backdoor = r_ * trig_f + (1 - r_) * base_f
+            r = r_all[first:first + len(images)].to(dev)
+            backdoor = r * trig_f + (1 - r) * base_f
         return F.cross_entropy(logits(clean_f), labels) + cfg.bd_weight * F.cross_entropy(logits(backdoor), target)
 
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -285,6 +299,8 @@ def run_attack(
                           device=cfg.device, progress=progress)
         summary["ca"] = result["tasks"][task]["ca"]
         summary["asr"] = result["tasks"][task].get("asr")
-    write_outputs(out_dir, model, base, trigger, cfg, task, provenance or {}, summary)
-    shutil.rmtree(partial, ignore_errors=True)
+    rank, _ = init_distributed()
+    if rank == 0:  # under torchrun every process holds the same model; one writes it
+        write_outputs(out_dir, model, base, trigger, cfg, task, provenance or {}, summary)
+        shutil.rmtree(partial, ignore_errors=True)
     return summary

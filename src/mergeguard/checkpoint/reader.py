@@ -88,13 +88,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise MergeguardError(f"{path} is corrupt: its safetensors header is not valid JSON.") from exc
 
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MergeguardError(f"{path} is corrupt: its __metadata__ is not a mapping of strings.")
     data_start = 8 + header_len
     data_len = size - data_start
     entries = []
     for name, spec in header.items():
         try:
             dtype = DTYPES[spec["dtype"]]
-            shape = tuple(int(s) for s in spec["shape"])
+            if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in spec["shape"]):
+                raise ValueError("bad shape")
+            shape = tuple(spec["shape"])
             begin, end = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise MergeguardError(
@@ -113,6 +117,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             )
         entries.append((begin, name, dtype, shape, end - begin))
     entries.sort(key=lambda e: e[0])
+    position = 0
+    for begin, name, _, _, nbytes in entries:  # tensors must tile the data region, as safetensors requires
+        if begin != position:
+            raise MergeguardError(f"{path} is corrupt: tensor {name!r} overlaps another or leaves a gap.")
+        position = begin + nbytes
     infos = {
         name: TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
         for begin, name, dtype, shape, nbytes in entries

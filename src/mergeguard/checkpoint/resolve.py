@@ -33,7 +33,9 @@ def open_checkpoint(spec: str | Path, *, allow_pickle: bool = False) -> Checkpoi
     if path.exists():
         return _open_local(spec, path, allow_pickle=allow_pickle, provenance={"path": str(path.resolve())})
     hub = parse_hub_id(spec)
-    if hub is None or spec.startswith(("./", "../", "/", "~")):
+    looks_local = spec.startswith(("./", "../", "/", "~")) or spec.endswith((".safetensors", *PICKLE_SUFFIXES)) \
+        or Path(spec.split("/")[0]).exists()
+    if hub is None or looks_local:
         raise MergeguardError(f"{spec} does not exist (neither a file nor a folder).")
     repo_id, revision = hub
     folder, commit = _hub_snapshot(spec, repo_id, revision, allow_pickle)
@@ -179,4 +181,6 @@ def _open_pickle(spec: str, path: Path, *, allow_pickle: bool, provenance: dict)
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise MergeguardError(f"{path} does not hold a state dict of tensors.")
-    return from_tensors(spec, obj, provenance=provenance)
+    ckpt = from_tensors(spec, obj, provenance=provenance)
+    ckpt.files = [path]  # digested for the provenance like any file
+    return ckpt

@@ -58,6 +58,14 @@ class PlannedTensor:
         return n
 
 
+_OURS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|README\.md|\..*")
+
+
+def _ours(name: str) -> bool:
+    """Files a mergeguard output folder holds (the only ones --overwrite may replace)."""
+    return bool(_OURS.fullmatch(name))
+
+
 def _shards(plan: Sequence[PlannedTensor], shard_size: int | None) -> list[list[PlannedTensor]]:
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
@@ -113,6 +121,16 @@ class CheckpointWriter:
             )
         if self.out.exists() and not overwrite:
             raise MergeguardError(f"{self.out} already exists; pass --overwrite to replace it.")
+        if self.out.exists() and self.single_file and self.out.is_dir():
+            raise MergeguardError(f"{self.out} is a folder; give a file path ending in .safetensors.")
+        if self.out.is_dir():
+            foreign = [p.name for p in self.out.iterdir() if not _ours(p.name)]
+            if foreign:
+                raise MergeguardError(
+                    f"{self.out} holds files mergeguard did not write (e.g. {foreign[0]}); refusing to replace it."
+                )
+        if self.out.exists() and not self.single_file and not self.out.is_dir():
+            raise MergeguardError(f"{self.out} is a file; give a folder, or a path ending in .safetensors.")
         if not self.out.parent.exists():
             raise MergeguardError(f"the output folder {self.out.parent} does not exist.")
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
@@ -136,8 +154,14 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
-            self._close()
-            self._remove(self.tmp)
+            try:
+                self._close()
+            except Exception:
+                if exc_type is None:
+                    raise
+                # the error already on its way out is the one to report
+            finally:
+                self._remove(self.tmp)
 
     def _shard_name(self, i: int) -> str:
         if len(self.shards) == 1:

@@ -82,6 +82,8 @@ def merge_command(
     cli = {"base": base, "inputs": inputs or None, "out": out, "method": method, "weight": weight or None,
            "reference": reference, "seed": seed, "shard_size": shard_size,
            "dtype": dtype if dtype != "auto" else None}
+    if inputs and not weight:
+        settings.pop("weight", None)  # weights in the YAML belong to the YAML's inputs
     settings.update({k: v for k, v in cli.items() if v is not None})
     settings.update({k: v for k, v in method_params.items() if v is not None})
     allow_missing = allow_missing or bool(settings.get("allow_missing"))

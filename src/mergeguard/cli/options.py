@@ -29,9 +29,17 @@ err_console = Console(stderr=True)
 
 # -- option aliases, defined once --------------------------------------------------
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output path: a folder, or a file ending in .safetensors.")]
+def _check_json_target(value: str | None) -> str | None:
+    """Fail before any work when the JSON report could not be written."""
+    if value not in (None, "-") and not Path(value).expanduser().parent.is_dir():
+        raise typer.BadParameter(f"the folder of {value} does not exist.")
+    return value
+
+
 JsonOpt = Annotated[
     str | None,
-    typer.Option("--json", metavar="FILE", help="Also write every number as JSON to FILE ('-' for stdout)."),
+    typer.Option("--json", metavar="FILE", callback=_check_json_target,
+                 help="Also write every number as JSON to FILE ('-' for stdout)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no table.")]
 DtypeOpt = Annotated[
@@ -64,6 +72,10 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted:[/] nothing was written.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as exc:  # disk full, permissions, a file where a folder should be ...
+            where = f" {exc.filename}" if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] cannot use{where}: {exc.strerror or exc}.", highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
 
@@ -131,6 +143,7 @@ def write_json(target: str | None, payload: dict) -> None:
         tmp.write_text(text)
         tmp.replace(path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise MergeguardError(f"cannot write {target}: {exc.strerror or exc}.") from exc
 
 

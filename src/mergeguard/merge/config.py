@@ -48,6 +48,17 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise MergeguardError(
                 f"unknown setting {key!r} in {path}; known: {', '.join(sorted(known))}."
             )
+    for key, kinds, what in (("method", (str,), "a method name"), ("seed", (int,), "an integer"),
+                             ("shard_size", (str, int), "a size such as 5GB"), ("dtype", (str,), "a dtype name"),
+                             ("base", (str,), "a path or Hub id"), ("reference", (str,), "a path or Hub id")):
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise MergeguardError(f"'{key}' in {path} must be {what}, got {value!r}.")
+    if "weight" in settings and not (
+        isinstance(settings["weight"], list)
+        and all(isinstance(w, int | float) and not isinstance(w, bool) for w in settings["weight"])
+    ):
+        raise MergeguardError(f"'weight' in {path} must be a list of numbers, one per input.")
     inputs = settings.get("inputs")
     if inputs is not None:
         if not isinstance(inputs, list):
@@ -55,8 +66,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
         paths, weights = [], []
         for item in inputs:
             if isinstance(item, dict) and "path" in item:
+                weight = item.get("weight", 1.0)
+                if isinstance(weight, bool) or not isinstance(weight, int | float):
+                    raise MergeguardError(f"the weight of input {item['path']} in {path} must be a number.")
                 paths.append(str(item["path"]))
-                weights.append(float(item.get("weight", 1.0)))
+                weights.append(float(weight))
             elif isinstance(item, str):
                 paths.append(item)
                 weights.append(1.0)

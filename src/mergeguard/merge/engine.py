@@ -10,6 +10,7 @@ passes first. Non-float tensors (integer buffers) are copied from the base.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,8 @@ def check_inputs(base: Checkpoint, inputs: Sequence[Checkpoint], *, allow_missin
     """Check every input's headers against the base; say which tensor is wrong, in one sentence."""
     if len(base) == 0:
         raise MergeguardError(f"the base {base.spec} holds no tensors.")
+    if base.kind != "model":
+        raise MergeguardError(f"the base {base.spec} is a {base.kind.replace('_', ' ')}, not a model checkpoint.")
     for ckpt in [*inputs, *([reference] if reference else [])]:
         if ckpt.kind == "lora_adapter":
             raise MergeguardError(
@@ -118,7 +121,7 @@ def delta_of(ckpt: Checkpoint, name: str, base32: torch.Tensor, raw: torch.Tenso
     t = ckpt.get(name) if raw is None else raw
     check_finite(t, name, ckpt.spec)
     if ckpt.is_task_vector:
-        return t.float()
+        return t.float() if ckpt.reads_fresh or t.dtype != torch.float32 else t.clone()
     if t.dtype != torch.float32:
         return t.float().sub_(base32)
     # a tensor read from disk is ours to overwrite; one held in memory (a pickle) is not
@@ -177,6 +180,8 @@ def merge_checkpoints(
     if not inputs:
         raise MergeguardError("give at least one input to merge.")
     weights = [1.0] * len(inputs) if weights is None or len(weights) == 0 else [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeguardError("every --weight must be a finite number.")
     if len(weights) != len(inputs):
         raise MergeguardError(f"--weight was given {len(weights)} times for {len(inputs)} inputs.")
     if method.needs_reference and reference is None:
@@ -226,7 +231,8 @@ def merge_checkpoints(
             check_finite(tensor, name, f"the base {base.spec}")
             idx = plan.present.get(name)
             if idx:  # a float tensor with at least one input delta
-                base32 = tensor.float()
+                # the sum is formed in place: copy a tensor held in memory (a pickle) rather than change it
+                base32 = tensor.float() if base.reads_fresh or tensor.dtype != torch.float32 else tensor.clone()
                 deltas = [delta_of(inputs[i], name, base32, raw) for i, raw in zip(idx, raws)]
                 ctx = TensorContext(name=name, inputs=idx, seed=seed, state=state)
                 merged = method.fn(deltas, weight_t[idx], ctx, **params)

@@ -263,7 +263,7 @@ def breadcrumbs(deltas, weights, ctx, *, lam, density, gamma):
 
 
 # -- LATA: layer-aware task arithmetic --------------------------------------------
-_LAYER = re.compile(r"^(.*?(?:resblocks|layers|layer|blocks|h)\.\d+)\.")
+_LAYER = re.compile(r"^(.*?(?:^|\.)(?:resblocks|layers|layer|blocks|h)\.\d+)\.")
 
 
 def layer_of(name: str) -> str | None:
