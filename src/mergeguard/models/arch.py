@@ -30,7 +30,7 @@ def arch_from_name(name: str, *, quick_gelu: bool | None = None) -> dict[str, An
     """The description of an open_clip model by name (e.g. ViT-B-32)."""
     import open_clip
 
-    cfg = open_clip.get_model_config(name)
+    cfg = _hub_model_config(name) if name.startswith("hf-hub:") else open_clip.get_model_config(name)
     if cfg is None or "vision_cfg" not in cfg:
         raise MergeguardError(
             f"unknown open_clip architecture {name!r}; see open_clip.list_models(), or pass an arch JSON file."
@@ -45,6 +45,18 @@ def arch_from_name(name: str, *, quick_gelu: bool | None = None) -> dict[str, An
         "mean": OPENAI_MEAN,
         "std": OPENAI_STD,
     }
+
+
+def _hub_model_config(name: str) -> dict[str, Any] | None:
+    """The model config of an open_clip model on the Hub (`hf-hub:org/repo`), through the Hub cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        path = hf_hub_download(name.removeprefix("hf-hub:"), "open_clip_config.json")
+        return json.loads(Path(path).read_text())["model_cfg"]
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, KeyError, ValueError) as exc:
+        raise MergeguardError(f"cannot read the open_clip config of {name} from the Hub or its cache: {exc}") from exc
 
 
 def arch_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
