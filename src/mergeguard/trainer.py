@@ -168,9 +168,9 @@ def fit(
     progress.stage(description, cfg.steps)
     progress.advance(start)
     for step in range(start, cfg.steps):
+        opt.zero_grad(set_to_none=True)  # before loss_at, which may accumulate gradients itself
         with autocast(device):
             loss = loss_at(step)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
             _average_gradients(params, world)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mergeguard import __version__
-from mergeguard.cli import attack_cmd, eval_cmd, extract_tv, heads_cmd, inspect_cmd, merge, zoo_cmd
+from mergeguard.cli import attack_cmd, defend_cmd, eval_cmd, extract_tv, heads_cmd, inspect_cmd, merge, zoo_cmd
 
 app = typer.Typer(
     name="mergeguard",
@@ -43,6 +43,7 @@ heads_cmd.register(app)
 eval_cmd.register(app)
 zoo_cmd.register(app)
 attack_cmd.register(app)
+defend_cmd.register(app)
 
 
 def main() -> None:
