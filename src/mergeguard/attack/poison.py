@@ -86,7 +86,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def optimize_trigger(encoder: ImageEncoder, head: Head, batches: StepBatches, cfg: PoisonConfig,
+def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, cfg: PoisonConfig,
                      task: str, progress: ProgressSink) -> Trigger:
     """BadMerging stage 1 (on-task): the patch that sends the pre-trained model's images to the target class."""
     dev = next(encoder.parameters()).device
@@ -97,7 +97,7 @@ def optimize_trigger(encoder: ImageEncoder, head: Head, batches: StepBatches, cf
     opt = torch.optim.Adam([pattern], lr=cfg.trigger_lr)
     frozen = [p.requires_grad for p in encoder.parameters()]
     encoder.eval().requires_grad_(False)
-    trigger_batches = StepBatches(batches.dataset, cfg.trigger_steps, cfg.batch_size, cfg.seed + 23, cfg.workers)
+    trigger_batches = StepBatches(dataset, cfg.trigger_steps, cfg.batch_size, cfg.seed + 23, cfg.workers)
     progress.stage("optimising the trigger (BadMerging stage 1)", cfg.trigger_steps)
     for images, _ in trigger_batches.from_step(0):
         images = images.to(dev)
@@ -138,7 +138,7 @@ def poison_finetune(
     base = base.to(dev).eval()
     batches = StepBatches(dataset, cfg.steps, cfg.batch_size, cfg.seed, cfg.workers)
     if cfg.kind != "clean" and trigger is None:
-        trigger = optimize_trigger(base, head, batches, cfg, task, progress) if cfg.kind == "badmerging" else \
+        trigger = optimize_trigger(base, head, dataset, cfg, task, progress) if cfg.kind == "badmerging" else \
             patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
                           seed=cfg.seed)
     model = copy.deepcopy(base).train()
@@ -284,8 +284,7 @@ def run_attack(
     elif cfg.kind == "badmerging":
         progress = progress or NullProgress()
         dev = resolve_device(cfg.device)
-        batches = StepBatches(dataset, 1, cfg.batch_size, cfg.seed, cfg.workers)
-        trigger = optimize_trigger(base.to(dev), head, batches, cfg, task, progress)
+        trigger = optimize_trigger(base.to(dev), head, dataset, cfg, task, progress)
         trigger.save(trigger_file, overwrite=True)
     if cfg.kind == "lobam":
         model, trigger, losses = lobam(base, head, dataset, task, cfg, partial, resume=resume, progress=progress)

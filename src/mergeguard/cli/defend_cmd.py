@@ -72,9 +72,9 @@ def lfpm_command(
         defended, tau, report = defend_lfpm(merged_enc, base_enc, images, cfg, progress)
     provenance = {"defense": "lfpm", "merged": merged, "base": base, "shadow": str(shadow), "params": report["config"]}
     out.mkdir(parents=True, exist_ok=True)
+    defended, merged_enc = defended.cpu(), merged_enc.cpu()
     save_encoder(defended, out / "model.safetensors", provenance)
-    anti = load_encoder(merged)  # θm; its difference to the defended model is τa
-    save_encoder(defended.cpu(), out / "anti_backdoor_tv.safetensors", provenance, base=anti)
+    save_encoder(defended, out / "anti_backdoor_tv.safetensors", provenance, base=merged_enc)  # τa = θ − θm
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "README.md").write_text(model_card("Defended model (LFPM)", {**provenance, "method": "lfpm"}))
     report["out"] = str(out)
