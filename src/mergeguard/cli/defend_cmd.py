@@ -48,6 +48,7 @@ def lfpm_command(
     patch_fraction: Annotated[float, typer.Option(
         "--patch-fraction", help="Side of the mined patch as a fraction of the image side.")] = 0.1,
     patch_lr: Annotated[float, typer.Option("--patch-lr", help="Sign-ascent step of the mined patch.")] = 0.1,
+    mine_steps: Annotated[int, typer.Option("--mine-steps", help="Patch ascent steps per training step.")] = 1,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")] = 0,
@@ -67,7 +68,8 @@ def lfpm_command(
     base_enc = load_encoder(base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
     cfg = LFPMConfig(epochs=epochs, batch_size=batch_size, lr=lr, path_points=path_points, beta=beta, rank=rank,
-                     patch_fraction=patch_fraction, patch_lr=patch_lr, seed=seed, device=device, workers=workers)
+                     patch_fraction=patch_fraction, patch_lr=patch_lr, mine_steps=mine_steps, seed=seed, device=device,
+                     workers=workers)
     with RichProgress(enabled=not quiet) as progress:
         defended, tau, report = defend_lfpm(merged_enc, base_enc, images, cfg, progress)
     provenance = {"defense": "lfpm", "merged": merged, "base": base, "shadow": str(shadow), "params": report["config"]}

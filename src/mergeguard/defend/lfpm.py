@@ -39,7 +39,8 @@ class LFPMConfig:
     beta: float = 1.0  # weight of clean-feature preservation
     rank: int = 0  # adversarial subspace rank; 0: the whole feature space
     patch_fraction: float = 0.1  # side of the mined patch, as a fraction of the image side
-    patch_lr: float = 0.1  # sign-ascent step of the patch per training step
+    patch_lr: float = 0.1  # sign-ascent step of the patch
+    mine_steps: int = 1  # ascent steps on the patch per training step
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -99,18 +100,21 @@ def defend_lfpm(
         return functional_call(merged, params, (x,))
 
     def mine(x: torch.Tensor) -> torch.Tensor:
-        """One sign-ascent step of the patch on the current θ(1)'s excess reaction; returns x⊕Π."""
+        """`mine_steps` sign-ascent steps of the patch on the current θ(1)'s excess reaction; returns x⊕Π."""
         nonlocal patch
-        pos_gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
-        p = patch.clone().requires_grad_(True)
-        xp = _paste(x, p, pos_gen)
+        params = {n: theta_m[n] + tau[n].detach() for n in theta_m}
         with torch.no_grad():
-            params = {n: theta_m[n] + tau[n].detach() for n in theta_m}
             clean_now = functional_call(merged, params, (x,))
-            base_reaction = base(xp) - base(x)
-        excess = (functional_call(merged, params, (xp,)) - clean_now) - base_reaction
-        (grad,) = torch.autograd.grad(excess.pow(2).sum(1).mean(), p)
-        patch = (patch + cfg.patch_lr * grad.sign()).clamp(0, 1)
+            base_clean = base(x)
+        for _ in range(cfg.mine_steps):
+            pos_gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
+            p = patch.clone().requires_grad_(True)
+            xp = _paste(x, p, pos_gen)
+            with torch.no_grad():
+                base_reaction = base(xp) - base_clean
+            excess = (functional_call(merged, params, (xp,)) - clean_now) - base_reaction
+            (grad,) = torch.autograd.grad(excess.pow(2).sum(1).mean(), p)
+            patch = (patch + cfg.patch_lr * grad.sign()).clamp(0, 1)
         pos_gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
         return _paste(x, patch, pos_gen)
 
