@@ -92,6 +92,63 @@ def lfpm_command(
         out_console.print(table)
 
 
+def ibvs_command(
+    merged: Annotated[str, typer.Option("--merged", help="The (possibly backdoored) merged model.")],
+    base: Annotated[str, typer.Option("--base", help="The pre-trained model the merge started from.")],
+    data: Annotated[str, typer.Option("--data", help="train=DIR: labeled images of a task the defender has.")],
+    heads: Annotated[str, typer.Option("--heads", help="Heads file.")],
+    task: Annotated[str, typer.Option("--task", help="The defender's task (a head in the heads file).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    lam: Annotated[float, typer.Option("--lam", help="λ in Δθm − λ (Vb − Vc).")] = 2.0,
+    steps: Annotated[int, typer.Option("--steps", help="Steps of each of the two fine-tunes.")] = 2000,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 128,
+    logit_scale: Annotated[float | None, typer.Option("--logit-scale", help="Training temperature.")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files in a non-empty OUT.")] = False,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """IBVS: subtract λ × (the defender's own backdoored minus clean task vector) from the merge."""
+    from mergeguard.attack import PoisonConfig
+    from mergeguard.checkpoint.provenance import model_card
+    from mergeguard.data.folders import labeled_folder
+    from mergeguard.defend import defend_ibvs
+    from mergeguard.models.encoder import load_encoder, save_encoder
+    from mergeguard.models.heads import load_heads
+
+    split, sep, folder = data.partition("=")
+    if split != "train" or not sep:
+        raise MergeguardError(f"--data takes train=DIR, got {data!r}.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MergeguardError(f"{out} is not empty; choose another --out or pass --overwrite.")
+    head_map = load_heads(heads)
+    if task not in head_map:
+        raise MergeguardError(f"the heads file {heads} has no head for task {task!r}.")
+    merged_enc, base_enc = load_encoder(merged), load_encoder(base)
+    dataset = labeled_folder(folder, head_map[task].classnames, base_enc.image_size)
+    cfg = PoisonConfig(steps=steps, lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device)
+    with RichProgress(enabled=not quiet) as progress:
+        defended, report = defend_ibvs(merged_enc, base_enc, head_map[task], dataset, task, cfg, lam=lam,
+                                       progress=progress)
+    provenance = {"defense": "ibvs", "merged": merged, "base": base, "data": folder, "params": {"lam": lam}}
+    out.mkdir(parents=True, exist_ok=True)
+    save_encoder(defended, out / "model.safetensors", provenance)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "README.md").write_text(model_card("Defended model (IBVS)", {**provenance, "method": "ibvs"}))
+    report["out"] = str(out)
+    write_json(json_out, report)
+    if show_table(quiet, json_out):
+        table = Table(title=f"IBVS → {out}", show_header=False)
+        table.add_row("λ", f"{lam:g}")
+        table.add_row("‖Vb − Vc‖", f"{report['vb_minus_vc_norm']:.4g}")
+        out_console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     defend_app.command("lfpm", epilog=examples(*EXAMPLES))(handle_errors(lfpm_command))
+    defend_app.command("ibvs", epilog=examples(
+        "mergeguard defend ibvs --merged M --base B --data train=data/cars/train --heads H --task cars -o OUT/"))(
+        handle_errors(ibvs_command))
     app.add_typer(defend_app, name="defend")

@@ -1,5 +1,6 @@
-"""Defenses: remove backdoors from a merged model (LFPM)."""
+"""Defenses: remove backdoors from a merged model (LFPM; IBVS as the baseline it is compared with)."""
 
+from mergeguard.defend.ibvs import defend_ibvs
 from mergeguard.defend.lfpm import LFPMConfig, defend_lfpm
 
-__all__ = ["LFPMConfig", "defend_lfpm"]
+__all__ = ["LFPMConfig", "defend_ibvs", "defend_lfpm"]
