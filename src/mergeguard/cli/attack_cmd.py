@@ -14,11 +14,20 @@ import typer
 from rich.table import Table
 
 from mergeguard.cli.options import (
+    BaseOpt,
+    BatchOpt,
     DeviceOpt,
+    HeadsOpt,
     JsonOpt,
+    OutDirOpt,
     QuietOpt,
     RichProgress,
+    ScaleOpt,
     SeedOpt,
+    StepsOpt,
+    TaskOpt,
+    WorkersOpt,
+    data_folders,
     examples,
     handle_errors,
     out_console,
@@ -27,20 +36,11 @@ from mergeguard.cli.options import (
 )
 from mergeguard.errors import MergeguardError
 
-BaseOpt = Annotated[str, typer.Option("--base", help="Pre-trained checkpoint (file, folder, Hub id).")]
 DataOpt = Annotated[list[str], typer.Option(
     "--data", help="train=DIR (class folders) to fine-tune on; test=DIR to report CA/ASR on. Repeat.")]
-HeadsOpt = Annotated[str, typer.Option("--heads", help="Heads file; the task's head stays frozen.")]
-TaskOpt = Annotated[str, typer.Option("--task", help="The task (a head in the heads file).")]
-OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-StepsOpt = Annotated[int, typer.Option("--steps", help="Optimiser steps.")]
 LrOpt = Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 1e-5 for ViT-B-32).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
-ScaleOpt = Annotated[float | None, typer.Option(
-    "--logit-scale", help="Training temperature (default: the head's logit scale).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from OUTDIR/.partial.")]
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="open_clip name or architecture JSON.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")]
 TargetOpt = Annotated[int, typer.Option("--target-class", help="Index of the target class in the task's head.")]
 
 EXAMPLES = {
@@ -65,33 +65,18 @@ attack_app = typer.Typer(help="Red-team a merge: produce a poisoned task vector 
                          no_args_is_help=True)
 
 
-def _folders(data: list[str]) -> dict[str, str]:
-    out = {}
-    for item in data:
-        split, sep, folder = item.partition("=")
-        if not sep or split not in ("train", "test"):
-            raise MergeguardError(f"--data takes train=DIR or test=DIR, got {item!r}.")
-        out[split] = folder
-    if "train" not in out:
-        raise MergeguardError("give the training images with --data train=DIR.")
-    return out
-
-
 def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: Path, target_class: int,
          steps: int, lr: float, batch_size: int, logit_scale: float | None, seed: int, device: str, workers: int,
          resume: bool, arch: str | None, json_out: str | None, quiet: bool, **extra: float | str) -> None:
     from mergeguard.attack import PoisonConfig, run_attack
     from mergeguard.data.folders import labeled_folder
     from mergeguard.models.encoder import load_encoder
-    from mergeguard.models.heads import load_heads
+    from mergeguard.models.heads import head_for, load_heads
 
-    folders = _folders(data)
-    head_map = load_heads(heads)
-    if task not in head_map:
-        raise MergeguardError(f"the heads file {heads} has no head for task {task!r} (it has {', '.join(head_map)}).")
+    folders = data_folders(data)
+    head = head_for(load_heads(heads), task, heads)
     if out.exists() and any(p.name != ".partial" for p in out.iterdir()) and not resume:
         raise MergeguardError(f"{out} is not empty; choose another --out, or --resume a run there.")
-    head = head_map[task]
     encoder = load_encoder(base, arch=arch)
     train = labeled_folder(folders["train"], head.classnames, encoder.image_size)
     test = labeled_folder(folders["test"], head.classnames, encoder.image_size) if "test" in folders else None

@@ -13,18 +13,28 @@ import typer
 from rich.table import Table
 
 from mergeguard.cli.options import (
+    BaseOpt,
+    BatchOpt,
     DeviceOpt,
+    HeadsOpt,
     JsonOpt,
+    MergedOpt,
+    OutDirOpt,
     QuietOpt,
     RichProgress,
+    ScaleOpt,
     SeedOpt,
+    StepsOpt,
+    TaskOpt,
+    WorkersOpt,
+    data_folders,
     examples,
     handle_errors,
     out_console,
+    require_empty,
     show_table,
     write_json,
 )
-from mergeguard.errors import MergeguardError
 
 EXAMPLES = [
     "mergeguard defend lfpm --merged merged/ --base base/ --shadow imagenet_10k/ -o defended/",
@@ -35,12 +45,12 @@ defend_app = typer.Typer(help="Remove backdoors from a merged model.", no_args_i
 
 
 def lfpm_command(
-    merged: Annotated[str, typer.Option("--merged", help="The (possibly backdoored) merged model.")],
-    base: Annotated[str, typer.Option("--base", help="The pre-trained model the merge started from.")],
+    merged: MergedOpt,
+    base: BaseOpt,
     shadow: Annotated[Path, typer.Option("--shadow", help="A folder of unlabeled images (any task, any depth).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    out: OutDirOpt,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the shadow images.")] = 5,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Shadow images per step.")] = 128,
+    batch_size: BatchOpt = 128,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the anti-backdoor vector.")] = 1e-4,
     path_points: Annotated[int, typer.Option("--path-points", help="K points of the loss path integral.")] = 4,
     beta: Annotated[float, typer.Option("--beta", help="Weight of clean-feature preservation.")] = 1.0,
@@ -51,7 +61,7 @@ def lfpm_command(
     mine_steps: Annotated[int, typer.Option("--mine-steps", help="Patch ascent steps per training step.")] = 1,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
-    workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")] = 0,
+    workers: WorkersOpt = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files in a non-empty OUT.")] = False,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
@@ -62,8 +72,7 @@ def lfpm_command(
     from mergeguard.defend import LFPMConfig, defend_lfpm
     from mergeguard.models.encoder import load_encoder, save_encoder
 
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MergeguardError(f"{out} is not empty; choose another --out or pass --overwrite.")
+    require_empty(out, overwrite)
     merged_enc = load_encoder(merged)
     base_enc = load_encoder(base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
@@ -93,17 +102,17 @@ def lfpm_command(
 
 
 def ibvs_command(
-    merged: Annotated[str, typer.Option("--merged", help="The (possibly backdoored) merged model.")],
-    base: Annotated[str, typer.Option("--base", help="The pre-trained model the merge started from.")],
+    merged: MergedOpt,
+    base: BaseOpt,
     data: Annotated[str, typer.Option("--data", help="train=DIR: labeled images of a task the defender has.")],
-    heads: Annotated[str, typer.Option("--heads", help="Heads file.")],
-    task: Annotated[str, typer.Option("--task", help="The defender's task (a head in the heads file).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    heads: HeadsOpt,
+    task: TaskOpt,
+    out: OutDirOpt,
     lam: Annotated[float, typer.Option("--lam", help="λ in Δθm − λ (Vb − Vc).")] = 2.0,
-    steps: Annotated[int, typer.Option("--steps", help="Steps of each of the two fine-tunes.")] = 2000,
+    steps: StepsOpt = 2000,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-5,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 128,
-    logit_scale: Annotated[float | None, typer.Option("--logit-scale", help="Training temperature.")] = None,
+    batch_size: BatchOpt = 128,
+    logit_scale: ScaleOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files in a non-empty OUT.")] = False,
@@ -116,21 +125,16 @@ def ibvs_command(
     from mergeguard.data.folders import labeled_folder
     from mergeguard.defend import defend_ibvs
     from mergeguard.models.encoder import load_encoder, save_encoder
-    from mergeguard.models.heads import load_heads
+    from mergeguard.models.heads import head_for, load_heads
 
-    split, sep, folder = data.partition("=")
-    if split != "train" or not sep:
-        raise MergeguardError(f"--data takes train=DIR, got {data!r}.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MergeguardError(f"{out} is not empty; choose another --out or pass --overwrite.")
-    head_map = load_heads(heads)
-    if task not in head_map:
-        raise MergeguardError(f"the heads file {heads} has no head for task {task!r}.")
+    folder = data_folders([data], allowed=("train",))["train"]
+    require_empty(out, overwrite)
+    head = head_for(load_heads(heads), task, heads)
     merged_enc, base_enc = load_encoder(merged), load_encoder(base)
-    dataset = labeled_folder(folder, head_map[task].classnames, base_enc.image_size)
+    dataset = labeled_folder(folder, head.classnames, base_enc.image_size)
     cfg = PoisonConfig(steps=steps, lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device)
     with RichProgress(enabled=not quiet) as progress:
-        defended, report = defend_ibvs(merged_enc, base_enc, head_map[task], dataset, task, cfg, lam=lam,
+        defended, report = defend_ibvs(merged_enc, base_enc, head, dataset, task, cfg, lam=lam,
                                        progress=progress)
     provenance = {"defense": "ibvs", "merged": merged, "base": base, "data": folder, "params": {"lam": lam}}
     out.mkdir(parents=True, exist_ok=True)

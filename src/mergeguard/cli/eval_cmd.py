@@ -68,7 +68,7 @@ def eval_command(
     from mergeguard.data.triggers import load_trigger
     from mergeguard.eval import evaluate
     from mergeguard.models.encoder import load_encoder
-    from mergeguard.models.heads import load_heads
+    from mergeguard.models.heads import head_for, load_heads
     if max_asr is not None and trigger is None:
         raise MergeguardError("--max-asr needs --trigger.")
     head_map = load_heads(heads)
@@ -77,11 +77,7 @@ def eval_command(
     data = {}
     for spec in task:
         name, folder = parse_task(spec)
-        if name not in head_map:
-            raise MergeguardError(
-                f"the heads file {heads} has no head for task {name!r} (it has {', '.join(head_map)})."
-            )
-        data[name] = labeled_folder(folder, head_map[name].classnames, encoder.image_size)
+        data[name] = labeled_folder(folder, head_for(head_map, name, heads).classnames, encoder.image_size)
     with RichProgress(enabled=not quiet) as progress:
         result = evaluate(encoder, head_map, data, trigger=trig, target_task=target_task, batch_size=batch_size,
                           device=device, workers=workers, progress=progress)

@@ -59,6 +59,37 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the out
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when present), cpu, cuda, cuda:1 ...")]
 
 
+BaseOpt = Annotated[str, typer.Option("--base", help="Pre-trained checkpoint (file, folder, Hub id).")]
+HeadsOpt = Annotated[str, typer.Option("--heads", help="Heads file; the task's head stays frozen.")]
+TaskOpt = Annotated[str, typer.Option("--task", help="The task (a head in the heads file).")]
+OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+MergedOpt = Annotated[str, typer.Option("--merged", help="The (possibly backdoored) merged model.")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Optimiser steps.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
+ScaleOpt = Annotated[float | None, typer.Option(
+    "--logit-scale", help="Training temperature (default: the head's logit scale).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")]
+
+
+def data_folders(data: list[str], allowed: tuple[str, ...] = ("train", "test")) -> dict[str, str]:
+    """`--data train=DIR [--data test=DIR]` → {split: folder}; train is required."""
+    out = {}
+    for item in data:
+        split, sep, folder = item.partition("=")
+        if not sep or split not in allowed:
+            raise MergeguardError(f"--data takes {' or '.join(f'{s}=DIR' for s in allowed)}, got {item!r}.")
+        out[split] = folder
+    if "train" not in out:
+        raise MergeguardError("give the training images with --data train=DIR.")
+    return out
+
+
+def require_empty(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds something, unless --overwrite."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MergeguardError(f"{out} is not empty; choose another --out or pass --overwrite.")
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn user errors into one red sentence and exit 2; Ctrl-C into exit 130."""
 

@@ -93,6 +93,13 @@ def load_heads(path: str | Path) -> dict[str, Head]:
     return heads
 
 
+def head_for(heads: dict[str, Head], task: str, source: str | Path) -> Head:
+    """The head of `task`, or one sentence naming the heads file and what it has."""
+    if task not in heads:
+        raise MergeguardError(f"the heads file {source} has no head for task {task!r} (it has {', '.join(heads)}).")
+    return heads[task]
+
+
 # -- zero-shot heads through a CLIP text tower ----------------------------------------
 def load_text_model(source: str, arch: dict[str, Any] | None) -> tuple[Any, Any]:
     """(open_clip CLIP model with its text tower, tokenizer) from `open_clip:NAME@TAG` or a full
