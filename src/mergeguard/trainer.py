@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -108,6 +109,7 @@ class Checkpointing:
     every: int = 100
     resume: bool = False
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    extra: Any = None  # anything else with state_dict() / load_state_dict() (e.g. LFPM's mined prompt)
 
 
 def _save_state(ck: Checkpointing, step: int, params, opt, sched, losses: list[float]) -> None:
@@ -119,6 +121,7 @@ def _save_state(ck: Checkpointing, step: int, params, opt, sched, losses: list[f
         "losses": torch.tensor(losses),
         "generators": {k: g.get_state() for k, g in ck.generators.items()},
         "torch_rng": torch.get_rng_state(),
+        "extra": ck.extra.state_dict() if ck.extra is not None else None,
     }
     ck.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = ck.path.with_name(ck.path.name + ".tmp")
@@ -141,6 +144,8 @@ def _load_state(ck: Checkpointing, params, opt, sched) -> tuple[int, list[float]
     for k, g in ck.generators.items():
         g.set_state(state["generators"][k])
     torch.set_rng_state(state["torch_rng"])
+    if ck.extra is not None:
+        ck.extra.load_state_dict(state["extra"])
     return int(state["step"]), state["losses"].tolist()
 
 

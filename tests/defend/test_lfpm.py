@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
+from mergeguard.data.folders import unlabeled_folder
+from mergeguard.defend import LFPMConfig, defend_lfpm
+from mergeguard.errors import MergeguardError
+from mergeguard.models.encoder import load_encoder
+from mergeguard.progress import NullProgress
 
 
 def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path):
@@ -34,4 +40,63 @@ def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path):
     for k in tau.keys():
         torch.testing.assert_close(m.get(k) + tau.get(k), defended.get(k), rtol=0, atol=1e-6)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "anti_backdoor_tv.safetensors", "model.safetensors",
-                                                     "report.json"]
+                                                     "prompts.safetensors", "report.json"]
+    prompts = open_checkpoint(out / "prompts.safetensors")
+    assert sorted(prompts.keys()) == sorted(f"{i}.{k}" for i in range(4) for k in ("mask", "pattern"))
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAt(NullProgress):
+    """Interrupts the run after `n` steps of stage II, as Ctrl-C would."""
+
+    def __init__(self, n: int):
+        self.n, self.stage_name, self.done = n, "", 0
+
+    def stage(self, description: str, total: int | None) -> None:
+        self.stage_name = description
+
+    def advance(self, steps: int = 1) -> None:
+        if "stage II" in self.stage_name:
+            self.done += steps
+            if self.done > self.n:
+                raise _Killed
+
+
+def _encoders(z: Path):
+    base = load_encoder(str(z / "base"))
+    merged = load_encoder(str(z / "finetuned" / "shape"))
+    return merged, base
+
+
+def test_lfpm_resume_gives_the_same_vector(tiny_zoo, tmp_path):
+    z = Path(tiny_zoo["root"])
+    shadow = unlabeled_folder(z / "shadow", 32)
+    cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, device="cpu")
+    _, tau_ref, _ = defend_lfpm(*_encoders(z), shadow, cfg)
+    ck = tmp_path / "lfpm.pt"
+    with pytest.raises(_Killed):  # 8 steps, checkpoints every step: killed after step 5
+        defend_lfpm(*_encoders(z), shadow, cfg, _KillAt(5), checkpoint=ck)
+    assert ck.exists()
+    _, tau, _ = defend_lfpm(*_encoders(z), shadow, cfg, checkpoint=ck, resume=True)
+    for k in tau_ref:
+        torch.testing.assert_close(tau[k], tau_ref[k], rtol=1e-5, atol=1e-6)
+    assert not ck.exists()  # a finished run removes its checkpoint
+
+
+def test_lfpm_on_theta0_itself_changes_nothing(tiny_zoo):
+    """No merge, no excess reaction: the mined prompts find nothing and τa stays 0."""
+    z = Path(tiny_zoo["root"])
+    base = load_encoder(str(z / "base"))
+    cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=1, mine_warmup=3, device="cpu")
+    _, tau, report = defend_lfpm(load_encoder(str(z / "base")), base, unlabeled_folder(z / "shadow", 32), cfg)
+    assert all(float(t.abs().max()) == 0 for t in tau.values())
+    assert report["mined_excess_end"] == [0.0]
+
+
+def test_lfpm_rejects_an_unknown_prompt(tiny_zoo):
+    z = Path(tiny_zoo["root"])
+    with pytest.raises(MergeguardError, match="unknown prompt"):
+        defend_lfpm(*_encoders(z), unlabeled_folder(z / "shadow", 32), LFPMConfig(prompt="tokens"))

@@ -141,7 +141,7 @@ def poison_finetune(
         trigger = optimize_trigger(base, head, dataset, cfg, task, progress) if cfg.kind == "badmerging" else \
             patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
                           seed=cfg.seed)
-    model = copy.deepcopy(base).train()
+    model = copy.deepcopy(base).train().requires_grad_(True)  # base may arrive frozen
     if cfg.lora_rank:
         model.visual = with_lora(model.visual, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank)
     scale = cfg.logit_scale or head.scale

@@ -10,7 +10,17 @@ from typing import Annotated
 import typer
 
 from mergeguard import __version__
-from mergeguard.cli import attack_cmd, defend_cmd, eval_cmd, extract_tv, heads_cmd, inspect_cmd, merge, zoo_cmd
+from mergeguard.cli import (
+    attack_cmd,
+    defend_cmd,
+    demo_cmd,
+    eval_cmd,
+    extract_tv,
+    heads_cmd,
+    inspect_cmd,
+    merge,
+    zoo_cmd,
+)
 
 app = typer.Typer(
     name="mergeguard",
@@ -44,6 +54,7 @@ eval_cmd.register(app)
 zoo_cmd.register(app)
 attack_cmd.register(app)
 defend_cmd.register(app)
+demo_cmd.register(app)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -39,6 +40,7 @@ from mergeguard.cli.options import (
 EXAMPLES = [
     "mergeguard defend lfpm --merged merged/ --base base/ --shadow imagenet_10k/ -o defended/",
     "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --epochs 20 --lr 1e-2 --path-points 4",
+    "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --resume    # after a killed run",
 ]
 
 defend_app = typer.Typer(help="Remove backdoors from a merged model.", no_args_is_help=True)
@@ -55,10 +57,22 @@ def lfpm_command(
     path_points: Annotated[int, typer.Option("--path-points", help="K points of the loss path integral.")] = 4,
     beta: Annotated[float, typer.Option("--beta", help="Weight of clean-feature preservation.")] = 1.0,
     rank: Annotated[int, typer.Option("--rank", help="Adversarial subspace rank (0: whole feature space).")] = 0,
+    prompt: Annotated[str, typer.Option(
+        "--prompt", help="Mined visual prompt: mask (pattern + soft mask, finds trigger-shaped backdoors) "
+                         "or patch (a square pasted at a random position).")] = "mask",
+    prompts: Annotated[int, typer.Option("--prompts", help="Independently mined prompts, used in turn.")] = 4,
+    mine_warmup: Annotated[int, typer.Option(
+        "--mine-warmup", help="Ascent steps on each prompt before training (stage I).")] = 100,
+    mask_penalty: Annotated[float, typer.Option(
+        "--mask-penalty", help="mask: weight of the mask's area against the log excess reaction.")] = 10.0,
+    reference: Annotated[float, typer.Option(
+        "--reference", help="γ: suppress the reaction minus γ × θ0's reaction (1: the excess over θ0).")] = 1.0,
     patch_fraction: Annotated[float, typer.Option(
-        "--patch-fraction", help="Side of the mined patch as a fraction of the image side.")] = 0.1,
-    patch_lr: Annotated[float, typer.Option("--patch-lr", help="Sign-ascent step of the mined patch.")] = 0.1,
-    mine_steps: Annotated[int, typer.Option("--mine-steps", help="Patch ascent steps per training step.")] = 1,
+        "--patch-fraction", help="patch: side of the patch as a fraction of the image side.")] = 0.1,
+    patch_lr: Annotated[float, typer.Option("--patch-lr", help="Step of the prompt's ascent.")] = 0.1,
+    mine_steps: Annotated[int, typer.Option("--mine-steps", help="Prompt ascent steps per training step.")] = 1,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a killed run from OUT/.partial (same settings, same result).")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 0,
@@ -68,26 +82,34 @@ def lfpm_command(
 ) -> None:
     """LFPM: optimise an anti-backdoor task vector in feature space on unlabeled images (no labels, no trigger)."""
     from mergeguard.checkpoint.provenance import model_card
+    from mergeguard.checkpoint.writer import write_tensors
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.defend import LFPMConfig, defend_lfpm
     from mergeguard.models.encoder import load_encoder, save_encoder
 
-    require_empty(out, overwrite)
+    partial = out / ".partial"
+    if not (resume and partial.exists()):
+        require_empty(out, overwrite)
     merged_enc = load_encoder(merged)
     base_enc = load_encoder(base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
     cfg = LFPMConfig(epochs=epochs, batch_size=batch_size, lr=lr, path_points=path_points, beta=beta, rank=rank,
-                     patch_fraction=patch_fraction, patch_lr=patch_lr, mine_steps=mine_steps, seed=seed, device=device,
-                     workers=workers)
+                     prompt=prompt, prompts=prompts, mine_warmup=mine_warmup, mask_penalty=mask_penalty,
+                     reference=reference, patch_fraction=patch_fraction, patch_lr=patch_lr, mine_steps=mine_steps,
+                     seed=seed, device=device, workers=workers)
     with RichProgress(enabled=not quiet) as progress:
-        defended, tau, report = defend_lfpm(merged_enc, base_enc, images, cfg, progress)
+        defended, tau, report = defend_lfpm(merged_enc, base_enc, images, cfg, progress,
+                                            checkpoint=partial / "lfpm.pt", resume=resume)
+    prompt_tensors = report.pop("prompt")
     provenance = {"defense": "lfpm", "merged": merged, "base": base, "shadow": str(shadow), "params": report["config"]}
     out.mkdir(parents=True, exist_ok=True)
     defended, merged_enc = defended.cpu(), merged_enc.cpu()
     save_encoder(defended, out / "model.safetensors", provenance)
     save_encoder(defended, out / "anti_backdoor_tv.safetensors", provenance, base=merged_enc)  # τa = θ − θm
+    write_tensors(out / "prompts.safetensors", prompt_tensors, overwrite=True)  # what stage I mined: a look at the backdoor
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "README.md").write_text(model_card("Defended model (LFPM)", {**provenance, "method": "lfpm"}))
+    shutil.rmtree(partial, ignore_errors=True)
     report["out"] = str(out)
     write_json(json_out, report)
     if show_table(quiet, json_out):

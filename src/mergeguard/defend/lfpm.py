@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.func import functional_call
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.progress import NullProgress, ProgressSink
-from mergeguard.trainer import TrainConfig, fit, resolve_device, seed_everything
+from mergeguard.trainer import Checkpointing, TrainConfig, fit, resolve_device, seed_everything
 
 
 @dataclass
@@ -38,12 +39,20 @@ class LFPMConfig:
     path_points: int = 4  # K
     beta: float = 1.0  # weight of clean-feature preservation
     rank: int = 0  # adversarial subspace rank; 0: the whole feature space
-    patch_fraction: float = 0.1  # side of the mined patch, as a fraction of the image side
-    patch_lr: float = 0.1  # sign-ascent step of the patch
-    mine_steps: int = 1  # ascent steps on the patch per training step
+    prompt: str = "mask"  # the mined visual prompt: "mask" (pattern + soft mask) or "patch" (random position)
+    mask_penalty: float = 10.0  # mask: weight of the mask's mean against log excess reaction
+    mine_warmup: int = 100  # ascent steps on each prompt before training starts (stage I)
+    patch_fraction: float = 0.1  # patch: side of the mined patch, as a fraction of the image side
+    patch_lr: float = 0.1  # step of the prompt's ascent (Adam for the mask, sign ascent for the patch)
+    mine_steps: int = 1  # ascent steps on the prompt per training step
+    prompts: int = 4  # independently mined prompts, used in turn (each step trains on one)
+    reference: float = 1.0  # γ: training suppresses reaction − γ · θ0's reaction (1: the excess only)
     seed: int = 0
     device: str = "auto"
     workers: int = 0
+
+
+PROMPTS = ("mask", "patch")
 
 
 def _images(dataset: Dataset, workers: int) -> torch.Tensor:
@@ -60,6 +69,103 @@ def _paste(images: torch.Tensor, patch: torch.Tensor, gen: torch.Generator) -> t
     return out
 
 
+Excess = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (x, x⊕Π, grad through θ0?) -> D
+
+
+class MaskPrompt:
+    """Π as a pattern p and a soft mask m over the whole image: x ⊕ Π = (1 − m) x + m p,
+    m = σ(a), p = σ(b). Ascent on `log E‖D‖² − c · mean(m)`: the log makes the ascent scale-free,
+    so a weak backdoor (a TIES merge's) is found as readily as a strong one, and the mask
+    penalty keeps Π trigger-sized. On a clean merge it finds only θ0-like reactions, whose
+    excess is small, so τa barely moves."""
+
+    def __init__(self, size: int, cfg: LFPMConfig, gen: torch.Generator, dev: torch.device):
+        self.a = torch.full((1, size, size), -3.0, device=dev, requires_grad=True)
+        self.b = torch.randn(3, size, size, generator=gen).to(dev).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.a, self.b], lr=cfg.patch_lr)
+        self.penalty = cfg.mask_penalty
+
+    def apply(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        m, p = torch.sigmoid(self.a), torch.sigmoid(self.b)
+        if not grad:
+            m, p = m.detach(), p.detach()
+        return (1 - m) * x + m * p
+
+    def ascend(self, excess: Excess, x: torch.Tensor) -> float:
+        with torch.enable_grad():
+            e = excess(x, self.apply(x, grad=True), True).float().pow(2).sum(1).mean()
+            loss = -torch.log(e + 1e-12) + self.penalty * torch.sigmoid(self.a).mean()
+            self.opt.zero_grad()
+            loss.backward()
+        self.opt.step()
+        return float(e.detach())
+
+    def area(self) -> float:
+        return float(torch.sigmoid(self.a.detach()).mean())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"a": self.a.detach().cpu(), "b": self.b.detach().cpu(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.a.copy_(state["a"])
+            self.b.copy_(state["b"])
+        self.opt.load_state_dict(state["opt"])
+
+    def save(self) -> dict[str, torch.Tensor]:
+        return {"mask": torch.sigmoid(self.a).detach().cpu(), "pattern": torch.sigmoid(self.b).detach().cpu()}
+
+
+class PatchPrompt:
+    """Π as a small square patch pasted at a random position each time (the seeds' universal
+    patch); sign ascent on E‖D‖² with θ0's reaction taken without gradient."""
+
+    def __init__(self, size: int, cfg: LFPMConfig, gen: torch.Generator, dev: torch.device):
+        side = max(1, round(cfg.patch_fraction * size))
+        self.patch = torch.rand(3, side, side, generator=gen).to(dev)
+        self.gen, self.lr = gen, cfg.patch_lr
+
+    def _position(self) -> torch.Generator:
+        return torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,), generator=self.gen)))
+
+    def apply(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        return _paste(x, self.patch, self._position())
+
+    def ascend(self, excess: Excess, x: torch.Tensor) -> float:
+        with torch.enable_grad():
+            p = self.patch.clone().requires_grad_(True)
+            e = excess(x, _paste(x, p, self._position()), False).float().pow(2).sum(1).mean()
+            (grad,) = torch.autograd.grad(e, p)
+        self.patch = (self.patch + self.lr * grad.sign()).clamp(0, 1)
+        return float(e.detach())
+
+    def area(self) -> float:
+        return 0.0  # a fixed-size patch: its side is the config's
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"patch": self.patch.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.patch = state["patch"].to(self.patch.device)
+
+    def save(self) -> dict[str, torch.Tensor]:
+        return {"patch": self.patch.detach().cpu()}
+
+
+class PromptPool:
+    """Several mined prompts, checkpointed together."""
+
+    def __init__(self, prompts: list):
+        self.prompts = prompts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): p.state_dict() for i, p in enumerate(self.prompts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, p in enumerate(self.prompts):
+            p.load_state_dict(state[str(i)])
+
+
 def _project(deviation: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     return deviation if basis is None else deviation @ basis @ basis.T
 
@@ -70,15 +176,25 @@ def defend_lfpm(
     shadow: Dataset,
     cfg: LFPMConfig,
     progress: ProgressSink | None = None,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> tuple[ImageEncoder, dict[str, torch.Tensor], dict[str, Any]]:
-    """Returns (defended model θm + τa, τa as {name: tensor}, report)."""
+    """Returns (defended model θm + τa, τa as {name: tensor}, report).
+
+    With `checkpoint`, the state (τa, optimizer, prompt, random generators) is saved every tenth
+    of the run; `resume=True` continues from it to the same result.
+    """
     progress = progress or NullProgress()
     if len(shadow) == 0:
         raise MergeguardError("the shadow image folder is empty.")
+    if cfg.prompt not in PROMPTS:
+        raise MergeguardError(f"unknown prompt {cfg.prompt!r}; choose one of: {', '.join(PROMPTS)}.")
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
     start = time.perf_counter()
     merged, base = merged.to(dev).eval(), base.to(dev).eval()
+    base_flags = [p.requires_grad for p in base.parameters()]
     for p in list(merged.parameters()) + list(base.parameters()):
         p.requires_grad_(False)
     images = _images(shadow, cfg.workers).to(dev)
@@ -86,74 +202,88 @@ def defend_lfpm(
         clean_target = torch.cat([merged(chunk) for chunk in images.split(256)])
     theta_m = {n: p.detach() for n, p in merged.named_parameters()}
     tau = {n: torch.zeros_like(p, requires_grad=True) for n, p in theta_m.items()}
-    side = max(1, round(cfg.patch_fraction * merged.image_size))
     gen = torch.Generator().manual_seed(cfg.seed)
-    patch = torch.rand(3, side, side, generator=gen).to(dev)
+    kind = MaskPrompt if cfg.prompt == "mask" else PatchPrompt
+    pool = PromptPool([kind(merged.image_size, cfg, gen, dev) for _ in range(max(1, cfg.prompts))])
     steps_per_epoch = max(1, len(images) // cfg.batch_size)
     steps = cfg.epochs * steps_per_epoch
     alphas = [(k + 1) / cfg.path_points for k in range(cfg.path_points)]
-    history: list[float] = []
     state: dict[str, Any] = {}
 
     def at(alpha: float, x: torch.Tensor) -> torch.Tensor:
         params = {n: theta_m[n] + alpha * tau[n] for n in theta_m}
         return functional_call(merged, params, (x,))
 
-    def mine(x: torch.Tensor) -> torch.Tensor:
-        """`mine_steps` sign-ascent steps of the patch on the current θ(1)'s excess reaction; returns x⊕Π."""
-        nonlocal patch
+    def excess_now(x: torch.Tensor, xp: torch.Tensor, grad_base: bool) -> torch.Tensor:
+        """D(x) at the current θ(1) = θm + τa (no gradient into τa)."""
         params = {n: theta_m[n] + tau[n].detach() for n in theta_m}
         with torch.no_grad():
             clean_now = functional_call(merged, params, (x,))
             base_clean = base(x)
-        for _ in range(cfg.mine_steps):
-            pos_gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
-            p = patch.clone().requires_grad_(True)
-            xp = _paste(x, p, pos_gen)
-            with torch.no_grad():
-                base_reaction = base(xp) - base_clean
-            excess = (functional_call(merged, params, (xp,)) - clean_now) - base_reaction
-            (grad,) = torch.autograd.grad(excess.pow(2).sum(1).mean(), p)
-            patch = (patch + cfg.patch_lr * grad.sign()).clamp(0, 1)
-        pos_gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
-        return _paste(x, patch, pos_gen)
+        with torch.set_grad_enabled(grad_base):
+            base_reaction = base(xp) - base_clean
+        return (functional_call(merged, params, (xp,)) - clean_now) - base_reaction
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+        return images[idx.to(dev)], idx
+
+    ck = None
+    if checkpoint is not None:
+        ck = Checkpointing(checkpoint, every=max(1, steps // 10), resume=resume, generators={"lfpm": gen},
+                           extra=pool)
+    mined: list[float] = []
+    if not (ck and resume and checkpoint.exists()):  # stage I: mine the prompt before τa moves
+        progress.stage("LFPM stage I: mining the visual prompts", cfg.mine_warmup * len(pool.prompts))
+        for prompt in pool.prompts:
+            for _ in range(cfg.mine_warmup):
+                e = prompt.ascend(excess_now, batch()[0])
+                progress.advance()
+            mined.append(e)
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-        x = images[idx]
-        xp = mine(x)
+        x, idx = batch()
+        prompt = pool.prompts[step % len(pool.prompts)]
+        for _ in range(cfg.mine_steps):  # (1) re-mine the prompt against the current θ(1)
+            prompt.ascend(excess_now, x)
+        xp = prompt.apply(x)
         with torch.no_grad():
-            base_reaction = base(xp) - base(x)
+            base_reaction = cfg.reference * (base(xp) - base(x))
         basis = None
         total = 0.0
-        for alpha in alphas:  # loss path integral: one backward per point, gradients accumulate in τa
+        for alpha in alphas:  # (2) loss path integral: one backward per point, accumulated in τa
             feats = at(alpha, torch.cat([x, xp]))
             clean_f, trig_f = feats[: len(x)], feats[len(x):]
             excess = (trig_f - clean_f) - base_reaction
             if cfg.rank and basis is None:
-                _, _, v = torch.linalg.svd(excess.detach(), full_matrices=False)
-                basis = v[: cfg.rank].T
-            loss_bd = _project(excess, basis).pow(2).sum(1).mean()
-            loss_cl = (clean_f - clean_target[idx]).pow(2).sum(1).mean()
+                _, _, v = torch.linalg.svd(excess.detach().float(), full_matrices=False)
+                basis = v[: cfg.rank].T.to(excess.dtype)
+            loss_bd = _project(excess, basis).float().pow(2).sum(1).mean()
+            loss_cl = (clean_f.float() - clean_target[idx.to(dev)].float()).pow(2).sum(1).mean()
             loss = (loss_bd + cfg.beta * loss_cl) / len(alphas)
             if alpha != alphas[-1]:
                 loss.backward()
                 total += float(loss.detach())
             else:
                 state["last"] = total + float(loss.detach())
-                return loss  # the trainer core runs the last backward and the optimizer step
+                return loss  # (3) the trainer core runs the last backward and the optimizer step
         raise AssertionError("unreachable")
 
     train_cfg = TrainConfig(steps=steps, lr=cfg.lr, weight_decay=0.0, warmup=max(1, steps // 20), seed=cfg.seed,
                             device=str(dev), grad_clip=1.0)
-    history = fit(list(tau.values()), loss_at, train_cfg, progress, "LFPM: anti-backdoor task vector")
+    history = fit(list(tau.values()), loss_at, train_cfg, progress, "LFPM stage II: anti-backdoor task vector", ck)
     probe = (images[: cfg.batch_size], clean_target[: cfg.batch_size])
     lam_start = curvature(merged, theta_m, tau, *probe, at_start=True)
     lam_end = curvature(merged, theta_m, tau, *probe)
+    with torch.no_grad():
+        x = images[: cfg.batch_size]
+        final_excess = [float(excess_now(x, pr.apply(x), False).float().pow(2).sum(1).mean()) for pr in pool.prompts]
     defended = copy.deepcopy(merged)
     with torch.no_grad():
         for n, p in defended.named_parameters():
             p.copy_(theta_m[n] + tau[n].detach())
+    for p, flag in zip(base.parameters(), base_flags):
+        p.requires_grad_(flag)
     seconds = time.perf_counter() - start
     per_epoch = [sum(history[e * steps_per_epoch:(e + 1) * steps_per_epoch]) / steps_per_epoch
                  for e in range(cfg.epochs)]
@@ -161,6 +291,9 @@ def defend_lfpm(
         "config": asdict(cfg),
         "steps": steps,
         "loss_per_epoch": per_epoch,
+        "mined_excess_start": mined or None,  # E‖D‖² of each prompt after stage I
+        "mined_excess_end": final_excess,  # the same prompts' excess on the defended model
+        "prompt_area": [pr.area() for pr in pool.prompts],
         "lambda_eff_start": lam_start,
         "lambda_eff_end": lam_end,
         "tau_norm": float(torch.sqrt(sum(t.detach().pow(2).sum() for t in tau.values()))),
@@ -168,6 +301,7 @@ def defend_lfpm(
         "images_per_second": steps * cfg.batch_size / seconds,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
     }
+    report["prompt"] = {f"{i}.{k}": v for i, pr in enumerate(pool.prompts) for k, v in pr.save().items()}
     return defended.requires_grad_(True), {n: t.detach().cpu() for n, t in tau.items()}, report
 
 

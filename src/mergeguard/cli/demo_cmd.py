@@ -1,0 +1,90 @@
+"""`mergeguard demo`: the whole loop on the built-in zoo, offline, on whatever device there is.
+
+    mergeguard demo                        # size small, outputs in ./mergeguard-demo
+    mergeguard demo --size tiny --json demo.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mergeguard.cli.options import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    RichProgress,
+    err_console,
+    examples,
+    handle_errors,
+    out_console,
+    show_table,
+    write_json,
+)
+
+EXAMPLES = [
+    "mergeguard demo",
+    "mergeguard demo --size tiny --out /tmp/demo --json demo.json",
+    "mergeguard demo --device cuda",
+]
+
+ROW_NAMES = {
+    "clean_merge": "clean merge (control)",
+    "poisoned_merge": "poisoned merge (task arithmetic)",
+    "poisoned_ties": "poisoned merge (TIES)",
+    "lfpm": "poisoned merge + LFPM",
+    "ibvs": "poisoned merge + IBVS",
+}
+
+
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")] = Path(
+        "mergeguard-demo"),
+    size: Annotated[str, typer.Option("--size", help="Zoo size: small (the default) or tiny (faster).")] = "small",
+    zoo: Annotated[Path | None, typer.Option("--zoo", help="A zoo folder built by `zoo build` (default: the cache).")
+                   ] = None,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Red-team and defend a merge on the built-in zoo, end to end, and print one before/after table.
+
+    Builds (or loads) the zoo, poisons one task vector with BadMerging, merges it with the clean
+    ones (task arithmetic and TIES), evaluates, defends with LFPM and with IBVS, evaluates again,
+    and prints the commands that redo each step by hand. Offline; a few minutes on a laptop CPU.
+    """
+    from mergeguard.demo import run_demo
+
+    def say(text: str) -> None:
+        if not quiet:
+            err_console.print(text, highlight=False)
+
+    with RichProgress(enabled=not quiet) as progress:
+        result = run_demo(out, size=size, zoo=zoo, device=device, progress=progress, say=say)
+    write_json(json_out, result)
+    if not show_table(quiet, json_out):
+        return
+    rows = {**result["rows"], **result["extra_rows"]}
+    tasks = list(rows["clean_merge"]["tasks"])
+    table = Table(title=f"mergeguard demo ({result['size']} zoo, {result['seconds']:.0f} s) — trigger of the "
+                        f"BadMerging attack on {rows['clean_merge']['target_task']!r}")
+    table.add_column("model")
+    for t in tasks:
+        table.add_column(f"CA {t}", justify="right")
+    for col in ("avg CA", "ASR(T)", "ASR(N)"):
+        table.add_column(col, justify="right")
+    for key in ("clean_merge", "poisoned_merge", "poisoned_ties", "lfpm", "ibvs"):
+        r = rows[key]
+        table.add_row(ROW_NAMES[key], *(f"{r['tasks'][t]['ca']:.1%}" for t in tasks), f"{r['ca_avg']:.1%}",
+                      f"{r['asr_t']:.1%}", f"{r['asr_n']:.1%}")
+    out_console.print(table)
+    out_console.print(f"Everything is in {result['out']}. Redo any step by hand:")
+    for line in result["commands"]:
+        out_console.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo", epilog=examples(*EXAMPLES))(handle_errors(demo_command))

@@ -1,0 +1,192 @@
+"""The whole loop on the built-in zoo, offline: the story `mergeguard demo` tells.
+
+zoo (pre-trained θ0, clean fine-tunes from the trainer core) → BadMerging poisons the `shape`
+task vector → merge (task arithmetic and TIES) → eval (the backdoor works) → `defend lfpm`
+→ eval again; `defend ibvs` beside it. Every step is a library call whose CLI twin is
+recorded in `commands`, so a user can rerun any one by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergeguard.errors import MergeguardError
+from mergeguard.progress import NullProgress, ProgressSink
+
+TARGET_TASK = "shape"
+TARGET_CLASS = 3  # "cross": the class the clean merge rarely predicts by mistake, so ASR(T) measures the trigger
+DEFENDER_TASK = "colour"  # IBVS: the task the defender has labeled data for
+MARKER = "demo.json"
+
+
+@dataclass
+class DemoSettings:
+    attack_steps: int = 500
+    attack_lr: float = 5e-4
+    bd_weight: float = 8.0
+    trigger_steps: int = 200
+    batch_size: int = 64
+    logit_scale: float = 10.0
+    lfpm_epochs: int = 40
+    lfpm_lr: float = 1e-2
+    lfpm_prompts: int = 4
+    lfpm_warmup: int = 100
+    ibvs_steps: int = 250
+    ibvs_lr: float = 5e-4
+    lam: float = 0.3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SETTINGS = {"tiny": DemoSettings(), "small": DemoSettings(lfpm_epochs=20)}
+
+
+def _q(path: Path | str) -> str:
+    return shlex.quote(str(path))
+
+
+def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = None, device: str = "auto",
+             progress: ProgressSink | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the loop into `out`; returns {"rows": {name: eval result}, "commands": [...], ...}."""
+    from mergeguard.attack import PoisonConfig, run_attack
+    from mergeguard.checkpoint.resolve import open_checkpoint
+    from mergeguard.data.folders import labeled_folder, unlabeled_folder
+    from mergeguard.defend import LFPMConfig, defend_ibvs, defend_lfpm
+    from mergeguard.eval import evaluate
+    from mergeguard.merge.engine import merge_checkpoints
+    from mergeguard.models.encoder import load_encoder, save_encoder
+    from mergeguard.models.heads import load_heads
+    from mergeguard.models.zoo import build_zoo
+
+    if size not in SETTINGS:
+        raise MergeguardError(f"unknown demo size {size!r}; choose one of: {', '.join(SETTINGS)}.")
+    progress = progress or NullProgress()
+    say = say or (lambda _text: None)
+    s = SETTINGS[size]
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise MergeguardError(f"{out} is not empty and holds no earlier demo; choose another --out.")
+    if out.exists():
+        shutil.rmtree(out)  # an earlier demo's outputs: the demo owns this folder
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    commands: list[str] = []
+
+    say(f"1. The zoo ({size}): a pre-trained encoder θ0 and one clean fine-tune per task.")
+    info = build_zoo(zoo, size=size, progress=progress)
+    z = Path(info["root"])
+    commands.append(f"mergeguard zoo build --size {size}" + (f" --out {_q(z)}" if zoo else ""))
+    heads_file = z / "heads.safetensors"
+    heads = load_heads(heads_file)
+    tasks = list(heads)
+    image_size = int(info["spec"]["image_size"])
+    test = {t: labeled_folder(z / "data" / t / "test", heads[t].classnames, image_size) for t in tasks}
+    base = load_encoder(str(z / "base"))
+    clean = {t: z / "finetuned" / t / "model.safetensors" for t in tasks}
+    say(f"   {z}: pre-trained CA {info['acceptance']['pretrained_avg']:.1%}, fine-tuned "
+        f"{info['acceptance']['finetuned_avg']:.1%} (clean task vectors = fine-tune − θ0).")
+
+    target_name = heads[TARGET_TASK].classnames[TARGET_CLASS]
+    say(f"2. An attacker poisons the {TARGET_TASK!r} task vector with BadMerging "
+        f"(target class {TARGET_CLASS} {target_name!r}).")
+    atk_cfg = PoisonConfig(kind="badmerging", target_class=TARGET_CLASS, steps=s.attack_steps, lr=s.attack_lr,
+                           batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=s.trigger_steps,
+                           bd_weight=s.bd_weight, interpolation="weight", device=device)
+    train = labeled_folder(z / "data" / TARGET_TASK / "train", heads[TARGET_TASK].classnames, image_size)
+    attack_dir = out / "attack"
+    summary = run_attack(base, heads[TARGET_TASK], train, TARGET_TASK, atk_cfg, attack_dir,
+                         eval_data=test[TARGET_TASK], provenance={"command": "mergeguard demo"}, progress=progress)
+    commands.append(
+        f"mergeguard attack badmerging --base {_q(z / 'base')} --data train={_q(z / 'data' / TARGET_TASK / 'train')} "
+        f"--data test={_q(z / 'data' / TARGET_TASK / 'test')} --heads {_q(heads_file)} --task {TARGET_TASK} "
+        f"--target-class {TARGET_CLASS} --interpolation weight --steps {s.attack_steps} --lr {s.attack_lr} "
+        f"--bd-weight {s.bd_weight} --trigger-steps {s.trigger_steps} --batch-size {s.batch_size} "
+        f"--logit-scale {s.logit_scale} -o {_q(attack_dir)}")
+    say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {TARGET_TASK}, ASR {summary['asr']:.1%}.")
+    from mergeguard.data.triggers import load_trigger
+
+    trigger = load_trigger(attack_dir / "trigger.safetensors")
+
+    say("3. A user merges the downloaded task vectors (task arithmetic λ 0.3, and TIES).")
+    others = [clean[t] for t in tasks if t != TARGET_TASK]
+    merges = {
+        "clean_merge": ("task_arithmetic", others + [clean[TARGET_TASK]]),
+        "poisoned_merge": ("task_arithmetic", others + [attack_dir / "model.safetensors"]),
+        "poisoned_ties": ("ties", others + [attack_dir / "model.safetensors"]),
+    }
+    for name, (method, inputs) in merges.items():
+        params = {"lam": s.lam} if method == "task_arithmetic" else {}
+        merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs], method,
+                          params, out=out / name, progress=progress)
+        commands.append(f"mergeguard merge {_q(z / 'base')} {' '.join(_q(p) for p in inputs)} -o {_q(out / name)} "
+                        f"--method {method}" + (f" --lam {s.lam}" if method == "task_arithmetic" else ""))
+
+    rows: dict[str, Any] = {}
+    eval_cmd = (f"mergeguard eval {{model}} --heads {_q(heads_file)} "
+                + " ".join(f"--task {t}={_q(z / 'data' / t / 'test')}" for t in tasks)
+                + f" --trigger {_q(attack_dir / 'trigger.safetensors')} --json {{model}}/eval.json")
+
+    def measure(name: str, model_dir: Path) -> dict[str, Any]:
+        result = evaluate(load_encoder(str(model_dir)), heads, test, trigger=trigger, target_task=TARGET_TASK,
+                          device=device, progress=progress)
+        (model_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        commands.append(eval_cmd.format(model=_q(model_dir)))
+        rows[name] = result
+        return result
+
+    say("4. Evaluate: clean accuracy (CA) and attack success rate (ASR) with the attacker's trigger.")
+    for name in merges:
+        r = measure(name, out / name)
+        say(f"   {name}: CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%}, ASR(N) {r['asr_n']:.1%}")
+
+    say("5. Defend the poisoned merge with LFPM: unlabeled shadow images, no trigger, no labels.")
+    merged = load_encoder(str(out / "poisoned_merge"))
+    shadow = unlabeled_folder(z / "shadow", image_size)
+    lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
+                          mine_warmup=s.lfpm_warmup, device=device)
+    defended, tau, report = defend_lfpm(merged, base, shadow, lfpm_cfg, progress)
+    report.pop("prompt", None)
+    lfpm_dir = out / "lfpm"
+    save_encoder(defended.cpu(), lfpm_dir / "model.safetensors", {"defense": "lfpm", "command": "mergeguard demo"})
+    (lfpm_dir / "report.json").write_text(json.dumps(report, indent=2))
+    commands.append(f"mergeguard defend lfpm --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
+                    f"--shadow {_q(z / 'shadow')} -o {_q(lfpm_dir)} --epochs {s.lfpm_epochs} --lr {s.lfpm_lr} "
+                    f"--batch-size {s.batch_size} --prompts {s.lfpm_prompts} --mine-warmup {s.lfpm_warmup}")
+    r = measure("lfpm", lfpm_dir)
+    say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%}, "
+        f"ASR(N) {r['asr_n']:.1%}")
+
+    say(f"6. The IBVS baseline: the defender's own trigger on {DEFENDER_TASK!r}, subtract λ 2 (Vb − Vc).")
+    ibvs_cfg = PoisonConfig(kind="clean", steps=s.ibvs_steps, lr=s.ibvs_lr, batch_size=s.batch_size,
+                            logit_scale=s.logit_scale, device=device)
+    defender_data = labeled_folder(z / "data" / DEFENDER_TASK / "train", heads[DEFENDER_TASK].classnames, image_size)
+    ibvs_model, _ = defend_ibvs(merged, base, heads[DEFENDER_TASK], defender_data, DEFENDER_TASK, ibvs_cfg,
+                                lam=2.0, progress=progress)
+    ibvs_dir = out / "ibvs"
+    save_encoder(ibvs_model.cpu(), ibvs_dir / "model.safetensors", {"defense": "ibvs", "command": "mergeguard demo"})
+    commands.append(f"mergeguard defend ibvs --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
+                    f"--data train={_q(z / 'data' / DEFENDER_TASK / 'train')} --heads {_q(heads_file)} "
+                    f"--task {DEFENDER_TASK} -o {_q(ibvs_dir)} --steps {s.ibvs_steps} --lr {s.ibvs_lr} "
+                    f"--batch-size {s.batch_size} --logit-scale {s.logit_scale}")
+    measure("ibvs", ibvs_dir)
+
+    result = {
+        "rows": {k: rows[k] for k in ("clean_merge", "poisoned_merge", "lfpm", "ibvs")},
+        "extra_rows": {"poisoned_ties": rows["poisoned_ties"]},
+        "attack": {k: summary.get(k) for k in ("ca", "asr")},
+        "lfpm": {k: report[k] for k in ("seconds", "lambda_eff_start", "lambda_eff_end", "tau_norm")},
+        "settings": asdict(s),
+        "size": size,
+        "zoo": str(z),
+        "out": str(out),
+        "commands": commands,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (out / MARKER).write_text(json.dumps(result, indent=2))
+    return result
