@@ -106,7 +106,7 @@ def lfpm_command(
     defended, merged_enc = defended.cpu(), merged_enc.cpu()
     save_encoder(defended, out / "model.safetensors", provenance)
     save_encoder(defended, out / "anti_backdoor_tv.safetensors", provenance, base=merged_enc)  # τa = θ − θm
-    write_tensors(out / "prompts.safetensors", prompt_tensors, overwrite=True)  # what stage I mined: a look at the backdoor
+    write_tensors(out / "prompts.safetensors", prompt_tensors, overwrite=True)  # what stage I mined
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "README.md").write_text(model_card("Defended model (LFPM)", {**provenance, "method": "lfpm"}))
     shutil.rmtree(partial, ignore_errors=True)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.func import functional_call

@@ -1,0 +1,65 @@
+"""`mergeguard demo --size tiny` end to end: the backdoor works, LFPM removes it, the table says so."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from mergeguard.checkpoint import open_checkpoint
+from mergeguard.cli import app
+from mergeguard.data.folders import labeled_folder
+from mergeguard.models.encoder import load_encoder
+from mergeguard.models.heads import load_heads
+
+
+def _asr_by_hand(model_dir: Path, z: Path, trigger_file: Path, target: int) -> float:
+    """ASR(T) in plain torch: paste the trigger, count non-target images sent to the target."""
+    head = load_heads(z / "heads.safetensors")["shape"]
+    data = labeled_folder(z / "data" / "shape" / "test", head.classnames, 32)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([data[i][1] for i in range(len(data))])
+    trig = open_checkpoint(trigger_file)
+    mask, pattern = trig.get("mask").float(), trig.get("pattern").float()
+    xt = x * (1 - mask) + pattern * mask
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(load_encoder(str(model_dir))(xt), dim=-1)
+    pred = (feats @ torch.nn.functional.normalize(head.weight, dim=-1).T).argmax(1)
+    keep = y != target
+    return float((pred[keep] == target).float().mean())
+
+
+def test_demo_tiny_end_to_end(tiny_zoo, tmp_path):
+    z = Path(tiny_zoo["root"])
+    out, js = tmp_path / "demo", tmp_path / "demo.json"
+    result = CliRunner().invoke(app, ["demo", "--size", "tiny", "--zoo", str(z), "--out", str(out),
+                                      "--device", "cpu", "--json", str(js)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(js.read_text())
+    rows = r["rows"]
+    assert set(rows) == {"clean_merge", "poisoned_merge", "lfpm", "ibvs"}
+    clean, poisoned, lfpm = rows["clean_merge"], rows["poisoned_merge"], rows["lfpm"]
+    assert clean["asr_t"] <= 0.20  # the control: the trigger alone is no backdoor
+    assert poisoned["asr_t"] >= 0.90  # the backdoor survives the merge
+    assert lfpm["asr_t"] <= 0.05  # and LFPM removes it
+    assert lfpm["asr_n"] <= clean["asr_n"] + 0.02
+    assert lfpm["ca_avg"] >= poisoned["ca_avg"] - 0.03
+    # each row is what `eval --json` writes for that model, and the headline numbers match a hand count
+    for name in rows:
+        assert json.loads((out / name / "eval.json").read_text()) == rows[name]
+    trigger = out / "attack" / "trigger.safetensors"
+    for name in ("poisoned_merge", "lfpm"):
+        assert abs(_asr_by_hand(out / name, z, trigger, 3) - rows[name]["asr_t"]) < 1e-6  # one image is 1/192
+    # the table and the rerun commands are printed
+    assert "LFPM" in result.stdout and "IBVS" in result.stdout and "mergeguard defend lfpm" in result.stdout
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    result = CliRunner().invoke(app, ["demo", "--size", "tiny", "--out", str(out)])
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (out / "thesis.tex").exists()
