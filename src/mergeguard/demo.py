@@ -13,7 +13,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class DemoSettings:
     ibvs_steps: int = 250
     ibvs_lr: float = 5e-4
     lam: float = 0.3
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 SETTINGS = {"tiny": DemoSettings(), "small": DemoSettings(lfpm_epochs=20)}
@@ -57,6 +56,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.attack import PoisonConfig, run_attack
     from mergeguard.checkpoint.resolve import open_checkpoint
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
+    from mergeguard.data.triggers import load_trigger
     from mergeguard.defend import LFPMConfig, defend_ibvs, defend_lfpm
     from mergeguard.eval import evaluate
     from mergeguard.merge.engine import merge_checkpoints
@@ -75,6 +75,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     if out.exists():
         shutil.rmtree(out)  # an earlier demo's outputs: the demo owns this folder
     out.mkdir(parents=True)
+    (out / MARKER).write_text('{"status": "running"}\n')  # an interrupted demo's folder is reusable too
     start = time.perf_counter()
     commands: list[str] = []
 
@@ -109,8 +110,6 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
         f"--bd-weight {s.bd_weight} --trigger-steps {s.trigger_steps} --batch-size {s.batch_size} "
         f"--logit-scale {s.logit_scale} -o {_q(attack_dir)}")
     say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {TARGET_TASK}, ASR {summary['asr']:.1%}.")
-    from mergeguard.data.triggers import load_trigger
-
     trigger = load_trigger(attack_dir / "trigger.safetensors")
 
     say("3. A user merges the downloaded task vectors (task arithmetic λ 0.3, and TIES).")
