@@ -62,19 +62,28 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Data parallel: every rank ends the step with the mean of all ranks' gradients (one all-reduce)."""
+def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean of each tensor over all processes (one all-reduce); the tensors themselves when not distributed."""
     import torch.distributed as dist
 
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    _, world = distributed_rank()
+    if world == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
     dist.all_reduce(flat)
     flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
+def _average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Data parallel: every rank ends the step with the mean of all ranks' gradients (one all-reduce)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p, g in zip(params, all_reduce_mean(grads)):
+        p.grad = g.clone()
 
 
 def seed_everything(seed: int) -> None:
@@ -178,7 +187,7 @@ def fit(
             loss = loss_at(step)
         loss.backward()
         if world > 1:
-            _average_gradients(params, world)
+            _average_gradients(params)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()

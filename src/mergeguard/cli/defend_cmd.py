@@ -86,6 +86,7 @@ def lfpm_command(
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.defend import LFPMConfig, defend_lfpm
     from mergeguard.models.encoder import load_encoder, save_encoder
+    from mergeguard.trainer import distributed_rank
 
     partial = out / ".partial"
     if not (resume and partial.exists()):
@@ -101,6 +102,8 @@ def lfpm_command(
         defended, tau, report = defend_lfpm(merged_enc, base_enc, images, cfg, progress,
                                             checkpoint=partial / "lfpm.pt", resume=resume)
     prompt_tensors = report.pop("prompt")
+    if distributed_rank()[0] != 0:
+        return  # under torchrun every process holds the same result; the first one writes it
     provenance = {"defense": "lfpm", "merged": merged, "base": base, "shadow": str(shadow), "params": report["config"]}
     out.mkdir(parents=True, exist_ok=True)
     defended, merged_enc = defended.cpu(), merged_enc.cpu()

@@ -29,7 +29,15 @@ from torch.utils.data import DataLoader, Dataset
 from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.progress import NullProgress, ProgressSink
-from mergeguard.trainer import Checkpointing, TrainConfig, fit, resolve_device, seed_everything
+from mergeguard.trainer import (
+    Checkpointing,
+    TrainConfig,
+    all_reduce_mean,
+    fit,
+    init_distributed,
+    resolve_device,
+    seed_everything,
+)
 
 
 @dataclass
@@ -95,11 +103,15 @@ class MaskPrompt:
     def ascend(self, excess: Excess, x: torch.Tensor) -> float:
         with torch.enable_grad():
             e = excess(x, self.apply(x, grad=True), True).float().pow(2).sum(1).mean()
-            loss = -torch.log(e + 1e-12) + self.penalty * torch.sigmoid(self.a).mean()
+            # d(−log E)/dΠ = −(dE/dΠ) / E with E the mean over the whole (all processes') batch:
+            # −e / E has that gradient here, and averaging it over processes gives the global one
+            (e_all,) = all_reduce_mean([e.detach()])
+            loss = -e / (e_all + 1e-12) + self.penalty * torch.sigmoid(self.a).mean()
             self.opt.zero_grad()
             loss.backward()
+        self.a.grad, self.b.grad = all_reduce_mean([self.a.grad, self.b.grad])
         self.opt.step()
-        return float(e.detach())
+        return float(e_all)
 
     def area(self) -> float:
         return float(torch.sigmoid(self.a.detach()).mean())
@@ -123,6 +135,7 @@ class PatchPrompt:
 
     def __init__(self, size: int, cfg: LFPMConfig, gen: torch.Generator, dev: torch.device):
         side = max(1, round(cfg.patch_fraction * size))
+        self.size = size
         self.patch = torch.rand(3, side, side, generator=gen).to(dev)
         self.gen, self.lr = gen, cfg.patch_lr
 
@@ -137,11 +150,12 @@ class PatchPrompt:
             p = self.patch.clone().requires_grad_(True)
             e = excess(x, _paste(x, p, self._position()), False).float().pow(2).sum(1).mean()
             (grad,) = torch.autograd.grad(e, p)
+        grad, e = all_reduce_mean([grad, e.detach()])
         self.patch = (self.patch + self.lr * grad.sign()).clamp(0, 1)
-        return float(e.detach())
+        return float(e)
 
     def area(self) -> float:
-        return 0.0  # a fixed-size patch: its side is the config's
+        return self.patch.shape[-1] ** 2 / self.size ** 2  # the patch's share of the image
 
     def state_dict(self) -> dict[str, Any]:
         return {"patch": self.patch.cpu()}
@@ -191,6 +205,11 @@ def defend_lfpm(
         raise MergeguardError("the shadow image folder is empty.")
     if cfg.prompt not in PROMPTS:
         raise MergeguardError(f"unknown prompt {cfg.prompt!r}; choose one of: {', '.join(PROMPTS)}.")
+    rank, world = init_distributed()  # under torchrun: each process trains on its share of every batch
+    if cfg.batch_size % world:
+        raise MergeguardError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes.")
+    if rank != 0:
+        progress = NullProgress()  # one progress display, the first process's
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
     start = time.perf_counter()
@@ -226,7 +245,9 @@ def defend_lfpm(
         return (functional_call(merged, params, (xp,)) - clean_now) - base_reaction
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+        # every process draws the same global batch and keeps its contiguous share: the gradients
+        # averaged by the trainer core (and by the prompt's ascent) are the global batch's
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).tensor_split(world)[rank]
         return images[idx.to(dev)], idx
 
     ck = None
