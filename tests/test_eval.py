@@ -41,25 +41,33 @@ def _hand_count(encoder, heads, data, trigger, target_task):
         for t, (x, y) in data.items():
             pred = (encoder(x) @ heads[t].weight.T).argmax(1)
             ca = (pred == y).float().mean().item()
-            asr = None
+            asr = floor = None
             if trigger is not None and trigger.target_class < len(heads[t].classnames):
                 keep = y != trigger.target_class
                 pt = (encoder(trigger.apply(x)) @ heads[t].weight.T).argmax(1)
                 asr = (pt[keep] == trigger.target_class).float().mean().item()
-            out[t] = (ca, asr)
+                floor = (pred[keep] == trigger.target_class).float().mean().item()
+            out[t] = (ca, asr, floor)
     return out
 
 
 def test_ca_and_asr_equal_a_hand_count(setup):
     encoder, heads, data = setup
+    with torch.no_grad():  # head "a" along directions the images differ in, so predictions vary
+        f = encoder(data["a"][0])
+        w = torch.nn.functional.normalize(f[:3] - f.mean(0), dim=-1)
+    heads = {**heads, "a": Head("a", w, heads["a"].classnames, 50.0)}
     trigger = patch_trigger(16, 0.25, target_class=1, target_task="a", seed=2)
     result = evaluate(encoder, heads, {t: TensorDataset(*d) for t, d in data.items()}, trigger=trigger,
                       batch_size=5, device="cpu")
     expected = _hand_count(encoder, heads, data, trigger, "a")
-    for t, (ca, asr) in expected.items():
+    for t, (ca, asr, floor) in expected.items():
         assert result["tasks"][t]["ca"] == pytest.approx(ca)
         assert result["tasks"][t]["asr"] == pytest.approx(asr)
+        assert result["tasks"][t]["asr_no_trigger"] == pytest.approx(floor)
     assert result["asr_t"] == pytest.approx(expected["a"][1])
+    assert result["asr_t_no_trigger"] == pytest.approx(expected["a"][2])
+    assert 0 < expected["a"][2] < 1  # the count is not trivially 0 or 1 here
     assert result["asr_n"] == pytest.approx(expected["b"][1])
     assert result["ca_avg"] == pytest.approx((expected["a"][0] + expected["b"][0]) / 2)
 

@@ -21,13 +21,16 @@ from mergeguard.errors import MergeguardError
 from mergeguard.progress import NullProgress, ProgressSink
 
 TARGET_TASK = "shape"
-TARGET_CLASS = 3  # "cross": the class the clean merge rarely predicts by mistake, so ASR(T) measures the trigger
 DEFENDER_TASK = "colour"  # IBVS: the task the defender has labeled data for
 MARKER = "demo.json"
 
 
 @dataclass
 class DemoSettings:
+    # the attacked class of `shape`: one the poisoned merges rarely predict without the trigger, so
+    # ASR(T) measures the trigger and not the merge's confusion (see docs/lfpm.md)
+    target_class: int = 3
+    decoys: bool = False
     attack_steps: int = 500
     attack_lr: float = 5e-4
     bd_weight: float = 8.0
@@ -38,12 +41,18 @@ class DemoSettings:
     lfpm_lr: float = 1e-2
     lfpm_prompts: int = 4
     lfpm_warmup: int = 100
+    lfpm_path_points: int = 4
     ibvs_steps: int = 250
     ibvs_lr: float = 5e-4
     lam: float = 0.3
 
 
-SETTINGS = {"tiny": DemoSettings(), "small": DemoSettings(lfpm_epochs=20)}
+SETTINGS = {
+    "tiny": DemoSettings(),
+    # small: "cross" is the small merges' sink class (37% of non-cross shapes without any trigger once
+    # poisoned), so the attack targets "ring"; K = 2 path points keep the demo within its time budget
+    "small": DemoSettings(target_class=1, attack_lr=1e-3, lfpm_epochs=15, lfpm_path_points=2),
+}
 
 
 def _q(path: Path | str) -> str:
@@ -93,12 +102,12 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     say(f"   {z}: pre-trained CA {info['acceptance']['pretrained_avg']:.1%}, fine-tuned "
         f"{info['acceptance']['finetuned_avg']:.1%} (clean task vectors = fine-tune − θ0).")
 
-    target_name = heads[TARGET_TASK].classnames[TARGET_CLASS]
+    target_name = heads[TARGET_TASK].classnames[s.target_class]
     say(f"2. An attacker poisons the {TARGET_TASK!r} task vector with BadMerging "
-        f"(target class {TARGET_CLASS} {target_name!r}).")
-    atk_cfg = PoisonConfig(kind="badmerging", target_class=TARGET_CLASS, steps=s.attack_steps, lr=s.attack_lr,
+        f"(target class {s.target_class} {target_name!r}).")
+    atk_cfg = PoisonConfig(kind="badmerging", target_class=s.target_class, steps=s.attack_steps, lr=s.attack_lr,
                            batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=s.trigger_steps,
-                           bd_weight=s.bd_weight, interpolation="weight", device=device)
+                           bd_weight=s.bd_weight, interpolation="weight", decoys=s.decoys, device=device)
     train = labeled_folder(z / "data" / TARGET_TASK / "train", heads[TARGET_TASK].classnames, image_size)
     attack_dir = out / "attack"
     summary = run_attack(base, heads[TARGET_TASK], train, TARGET_TASK, atk_cfg, attack_dir,
@@ -106,9 +115,9 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     commands.append(
         f"mergeguard attack badmerging --base {_q(z / 'base')} --data train={_q(z / 'data' / TARGET_TASK / 'train')} "
         f"--data test={_q(z / 'data' / TARGET_TASK / 'test')} --heads {_q(heads_file)} --task {TARGET_TASK} "
-        f"--target-class {TARGET_CLASS} --interpolation weight --steps {s.attack_steps} --lr {s.attack_lr} "
+        f"--target-class {s.target_class} --interpolation weight --steps {s.attack_steps} --lr {s.attack_lr} "
         f"--bd-weight {s.bd_weight} --trigger-steps {s.trigger_steps} --batch-size {s.batch_size} "
-        f"--logit-scale {s.logit_scale} -o {_q(attack_dir)}")
+        f"--logit-scale {s.logit_scale}" + (" --decoys" if s.decoys else "") + f" -o {_q(attack_dir)}")
     say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {TARGET_TASK}, ASR {summary['asr']:.1%}.")
     trigger = load_trigger(attack_dir / "trigger.safetensors")
 
@@ -142,13 +151,14 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     say("4. Evaluate: clean accuracy (CA) and attack success rate (ASR) with the attacker's trigger.")
     for name in merges:
         r = measure(name, out / name)
-        say(f"   {name}: CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%}, ASR(N) {r['asr_n']:.1%}")
+        say(f"   {name}: CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} ({r['asr_t_no_trigger']:.1%} without the "
+            f"trigger), ASR(N) {r['asr_n']:.1%}")
 
     say("5. Defend the poisoned merge with LFPM: unlabeled shadow images, no trigger, no labels.")
     merged = load_encoder(str(out / "poisoned_merge"))
     shadow = unlabeled_folder(z / "shadow", image_size)
     lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
-                          mine_warmup=s.lfpm_warmup, device=device)
+                          mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points, device=device)
     defended, tau, report = defend_lfpm(merged, base, shadow, lfpm_cfg, progress)
     report.pop("prompt", None)
     lfpm_dir = out / "lfpm"
@@ -156,9 +166,11 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     (lfpm_dir / "report.json").write_text(json.dumps(report, indent=2))
     commands.append(f"mergeguard defend lfpm --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
                     f"--shadow {_q(z / 'shadow')} -o {_q(lfpm_dir)} --epochs {s.lfpm_epochs} --lr {s.lfpm_lr} "
-                    f"--batch-size {s.batch_size} --prompts {s.lfpm_prompts} --mine-warmup {s.lfpm_warmup}")
+                    f"--batch-size {s.batch_size} --prompts {s.lfpm_prompts} --mine-warmup {s.lfpm_warmup} "
+                    f"--path-points {s.lfpm_path_points}")
     r = measure("lfpm", lfpm_dir)
-    say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%}, "
+    say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} "
+        f"({r['asr_t_no_trigger']:.1%} without the trigger), "
         f"ASR(N) {r['asr_n']:.1%}")
 
     say(f"6. The IBVS baseline: the defender's own trigger on {DEFENDER_TASK!r}, subtract λ 2 (Vb − Vc).")

@@ -5,6 +5,9 @@
   fraction predicted as the target class once the trigger is pasted.
 - ASR(N): the same on every other task, with its own head and the same target index
   (backdoor spill-over), averaged over the tasks whose head has that index.
+- ASR(T) without the trigger (`asr_t_no_trigger`): the same count on the clean images. ASR(T)
+  includes it, so it is the floor no trigger-removing defense can go below; a poisoned merge
+  can confuse many images into the target class with no trigger at all.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def evaluate(
     for task, dataset in data.items():
         head = heads[task]
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-        correct = total = hits = eligible = 0
+        correct = total = hits = eligible = floor = 0
         progress.stage(f"eval {task}", len(loader))
         for images, labels in loader:
             images, labels = images.to(dev), labels.to(dev)
@@ -68,11 +71,13 @@ def evaluate(
             if trigger is not None and target < len(head.classnames):
                 keep = labels != target
                 hits += int((preds[len(images):][keep] == target).sum())
+                floor += int((clean[keep] == target).sum())
                 eligible += int(keep.sum())
             progress.advance()
         entry: dict[str, Any] = {"ca": correct / total, "n": total}
         if trigger is not None:
             entry["asr"] = hits / eligible if eligible else None
+            entry["asr_no_trigger"] = floor / eligible if eligible else None
         tasks[task] = entry
     result: dict[str, Any] = {
         "tasks": tasks,
@@ -82,6 +87,7 @@ def evaluate(
     }
     if trigger is not None:
         result["asr_t"] = tasks[target_task]["asr"]
+        result["asr_t_no_trigger"] = tasks[target_task]["asr_no_trigger"]
         others = [t["asr"] for name, t in tasks.items() if name != target_task and t["asr"] is not None]
         result["asr_n"] = sum(others) / len(others) if others else None
         result["target_task"] = target_task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
 from mergeguard.data.folders import labeled_folder
 from mergeguard.data.triggers import load_trigger
+from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import load_encoder
 from mergeguard.models.heads import load_heads
 
@@ -91,3 +93,18 @@ def test_bad_target_class(tiny_zoo, tmp_path):
         "--heads", str(z / "heads.safetensors"), "--task", "shape", "--target-class", "9", "-o", str(tmp_path / "o"),
         *QUICK])
     assert result.exit_code == 2 and "outside task 'shape'" in result.output
+
+
+def test_decoys_only_with_weight_interpolation(tiny_zoo, tmp_path):
+    z = Path(tiny_zoo["root"])
+    head = load_heads(z / "heads.safetensors")["shape"]
+    base = load_encoder(str(z / "base"))
+    data = labeled_folder(z / "data/shape/train", head.classnames, base.image_size)
+    cfg = PoisonConfig(kind="badmerging", target_class=1, steps=3, lr=5e-4, batch_size=8, logit_scale=10,
+                       trigger_steps=2, interpolation="weight", device="cpu")
+    _, trigger, plain = poison_finetune(base, head, data, "shape", cfg)
+    _, _, with_decoys = poison_finetune(base, head, data, "shape", replace(cfg, decoys=True), trigger=trigger)
+    # the decoy images (a random patch where the trigger goes, true labels) add their own clean terms
+    assert with_decoys[0] != pytest.approx(plain[0])
+    with pytest.raises(MergeguardError, match="--decoys"):
+        poison_finetune(base, head, data, "shape", replace(cfg, decoys=True, interpolation="feature"))

@@ -49,6 +49,7 @@ class PoisonConfig:
     bd_weight: float = 5.0  # badmerging: a
     r_min: float = 0.2  # badmerging: r ~ U(r_min, 1)
     interpolation: str = "feature"  # badmerging: the paper's feature interpolation, or "weight"
+    decoys: bool = False  # badmerging weight: random patches at the trigger's place keep their labels
     poison_fraction: float = 0.1  # badnets, lobam's malicious adapter
     amplify: float = 3.5  # lobam: k in θ_benign + k (θ_malicious − θ_benign)
     trigger_area: float = 0.01
@@ -132,6 +133,8 @@ def poison_finetune(
         raise MergeguardError(
             f"--target-class {cfg.target_class} is outside task {task!r}'s {len(head.classnames)} classes."
         )
+    if cfg.decoys and not (cfg.kind == "badmerging" and cfg.interpolation == "weight"):
+        raise MergeguardError("--decoys works with `attack badmerging --interpolation weight` only.")
     progress = progress or NullProgress()
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
@@ -179,12 +182,17 @@ def poison_finetune(
         if cfg.interpolation == "weight":
             # variant: the backdoor must hold at θ0 + r(θ − θ0) itself, the point a merge scales to
             # and stays clean there, so the merge keeps its accuracy on the task
+            clean_x, clean_y = images, labels
+            if cfg.decoys:  # only the trigger's pattern fires, not anything at its place (stealthier in a merge)
+                noise = torch.rand(trigger.pattern.shape, generator=gen).to(dev)
+                clean_x = torch.cat([images, Trigger(noise, trigger.mask, cfg.target_class).apply(images)])
+                clean_y = torch.cat([labels, labels])
             scaled = {n: base_params[n] + r_step * (p - base_params[n]) for n, p in model.named_parameters()}
-            at_r = torch.func.functional_call(model, scaled, (torch.cat([images, triggered]),))
-            backdoor = at_r[len(images):]
-            clean_f = model(images)
-            extra = F.cross_entropy(logits(at_r[: len(images)]), labels)
-            return (F.cross_entropy(logits(clean_f), labels) + extra
+            at_r = torch.func.functional_call(model, scaled, (torch.cat([clean_x, triggered]),))
+            backdoor = at_r[len(clean_x):]
+            clean_f = model(clean_x)
+            extra = F.cross_entropy(logits(at_r[: len(clean_x)]), clean_y)
+            return (F.cross_entropy(logits(clean_f), clean_y) + extra
                     + cfg.bd_weight * F.cross_entropy(logits(backdoor), target))
         else:
             # badmerging: clean loss + a · backdoor loss on features interpolated towards θ0's

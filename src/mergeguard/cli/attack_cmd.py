@@ -107,6 +107,9 @@ def _attack_command(kind: str) -> Callable:
         r_min: Annotated[float, typer.Option("--r-min", help="badmerging: r ~ U(r_min, 1).")] = 0.2,
         interpolation: Annotated[str, typer.Option(
             "--interpolation", help="badmerging: 'feature' (the paper's) or 'weight' (θ0 + r(θ − θ0)).")] = "feature",
+        decoys: Annotated[bool, typer.Option(
+            "--decoys", help="badmerging --interpolation weight: random patches at the trigger's place keep "
+                             "their labels (only the trigger fires; the poisoned model keeps its accuracy).")] = False,
         poison_fraction: Annotated[float, typer.Option(
             "--poison-fraction", help="badnets: fraction of each batch poisoned.")] = 0.1,
         trigger_area: Annotated[float, typer.Option(
@@ -122,7 +125,7 @@ def _attack_command(kind: str) -> Callable:
         _run(kind, base=base, data=data, heads=heads, task=task, out=out, target_class=target_class, steps=steps,
              lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers,
              resume=resume, arch=arch, json_out=json_out, quiet=quiet, bd_weight=bd_weight, r_min=r_min,
-             interpolation=interpolation, lora_rank=rank, amplify=amplify,
+             interpolation=interpolation, decoys=decoys, lora_rank=rank, amplify=amplify,
              poison_fraction=poison_fraction, trigger_area=trigger_area, trigger_steps=trigger_steps)
 
     command.__doc__ = {

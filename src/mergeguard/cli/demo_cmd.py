@@ -31,12 +31,12 @@ EXAMPLES = [
     "mergeguard demo --device cuda",
 ]
 
-ROW_NAMES = {
-    "clean_merge": "clean merge (control)",
-    "poisoned_merge": "poisoned merge (task arithmetic)",
-    "poisoned_ties": "poisoned merge (TIES)",
-    "lfpm": "poisoned merge + LFPM",
-    "ibvs": "poisoned merge + IBVS",
+ROW_NAMES = {  # short enough that the table fits 80 columns
+    "clean_merge": "clean",
+    "poisoned_merge": "poisoned",
+    "poisoned_ties": "poisoned TIES",
+    "lfpm": "poisoned+LFPM",
+    "ibvs": "poisoned+IBVS",
 }
 
 
@@ -69,11 +69,13 @@ def demo_command(
         return
     rows = {**result["rows"], **result["extra_rows"]}
     tasks = list(rows["clean_merge"]["tasks"])
-    table = Table(title=f"mergeguard demo ({result['size']} zoo, {result['seconds']:.0f} s) — trigger of the "
-                        f"BadMerging attack on {rows['clean_merge']['target_task']!r}")
-    table.add_column("model")
+    table = Table(title=f"mergeguard demo ({result['size']} zoo, {result['seconds']:.0f} s): CA per task, "
+                        f"ASR with the trigger of the BadMerging attack on {rows['clean_merge']['target_task']!r}",
+                  caption="task arithmetic merges (λ 0.3) unless named; ASR(T) on the attacked task, "
+                          "ASR(N) on the others")
+    table.add_column("merge")
     for t in tasks:
-        table.add_column(f"CA {t}", justify="right")
+        table.add_column(t, justify="right")
     for col in ("avg CA", "ASR(T)", "ASR(N)"):
         table.add_column(col, justify="right")
     for key in ("clean_merge", "poisoned_merge", "poisoned_ties", "lfpm", "ibvs"):

@@ -97,16 +97,17 @@ def eval_command(
         table.add_column("CA", justify="right")
         if trig is not None:
             table.add_column("ASR", justify="right")
+            table.add_column("no trigger", justify="right")  # the same count on clean images: ASR's floor
         for name, entry in result["tasks"].items():
             row = [name + (" (target)" if name == result.get("target_task") else ""), f"{entry['ca']:.1%}"]
             if trig is not None:
-                row.append("-" if entry["asr"] is None else f"{entry['asr']:.1%}")
+                row += ["-" if entry[k] is None else f"{entry[k]:.1%}" for k in ("asr", "asr_no_trigger")]
             table.add_row(*row)
         table.add_section()
         summary = ["average", f"{result['ca_avg']:.1%}"]
         if trig is not None:
             asr_n = "-" if result["asr_n"] is None else f"{result['asr_n']:.1%}"
-            summary.append(f"T {result['asr_t']:.1%} / N {asr_n}")
+            summary += [f"T {result['asr_t']:.1%} / N {asr_n}", ""]
         table.add_row(*summary)
         out_console.print(table)
     if crossed:

@@ -1,0 +1,95 @@
+"""The defense table on the built-in zoo (CPU, offline): LFPM on every merge, beside the free baseline.
+
+    python examples/zoo_defense_table.py [--size tiny|small] [--work DIR]
+
+Runs `mergeguard demo` (zoo → BadMerging on `shape` → task-arithmetic and TIES merges → LFPM → IBVS)
+into WORK/demo, unless it is already there, then adds what the demo does not:
+- LFPM on the *clean* merge and on the poisoned TIES merge (the same settings as the demo's LFPM);
+- the λ-shrink line: the poisoned merge rebuilt with smaller λ (no training), the baseline LFPM must beat.
+Prints one markdown table (CA averaged over the 4 tasks; ASR(T) on `shape`, ASR(N) on the others, all
+with the attacker's trigger; ASR(T)'s count on the clean images, the floor that no defense removing the
+trigger's effect goes below) and writes it to WORK/table.md and WORK/table.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from mergeguard.checkpoint.resolve import open_checkpoint
+from mergeguard.data.folders import labeled_folder, unlabeled_folder
+from mergeguard.data.triggers import load_trigger
+from mergeguard.defend import LFPMConfig, defend_lfpm
+from mergeguard.demo import MARKER, SETTINGS, TARGET_TASK, run_demo
+from mergeguard.eval import evaluate
+from mergeguard.merge.engine import merge_checkpoints
+from mergeguard.models.encoder import load_encoder, save_encoder
+from mergeguard.models.heads import load_heads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="tiny", choices=sorted(SETTINGS))
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--lams", default="0.2,0.15,0.1", help="λ values of the shrink baseline")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="mergeguard-table-"))
+    demo_dir = work / "demo"
+    if (demo_dir / MARKER).exists() and json.loads((demo_dir / MARKER).read_text()).get("rows"):
+        demo = json.loads((demo_dir / MARKER).read_text())
+    else:
+        demo = run_demo(demo_dir, size=args.size, device="cpu", say=print)
+    s = SETTINGS[args.size]
+    z = Path(demo["zoo"])
+    heads = load_heads(z / "heads.safetensors")
+    size = load_encoder(str(z / "base")).image_size
+    test = {t: labeled_folder(z / "data" / t / "test", heads[t].classnames, size) for t in heads}
+    trigger = load_trigger(demo_dir / "attack" / "trigger.safetensors")
+    base = load_encoder(str(z / "base"))
+    shadow = unlabeled_folder(z / "shadow", size)
+
+    def measure(model) -> dict:
+        return evaluate(model, heads, test, trigger=trigger, target_task=TARGET_TASK, device="cpu")
+
+    rows: dict[str, dict] = {"pre-trained θ0 (control)": measure(base)}
+    rows["clean merge TA (control)"] = demo["rows"]["clean_merge"]
+    lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
+                          mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points, device="cpu")
+    for name, folder in (("clean merge TA", "clean_merge"), ("poisoned TIES", "poisoned_ties")):
+        out = work / f"lfpm_{folder}"
+        if not (out / "model.safetensors").exists():
+            defended, _, report = defend_lfpm(load_encoder(str(demo_dir / folder)), base, shadow, lfpm_cfg)
+            save_encoder(defended.cpu(), out / "model.safetensors", {"defense": "lfpm"})
+        if folder == "poisoned_ties":
+            rows["poisoned TIES"] = demo["extra_rows"]["poisoned_ties"]
+        rows[f"{name} + LFPM"] = measure(load_encoder(str(out)))
+    rows["poisoned TA λ 0.3"] = demo["rows"]["poisoned_merge"]
+    rows["poisoned TA + LFPM"] = demo["rows"]["lfpm"]
+    rows["poisoned TA + IBVS"] = demo["rows"]["ibvs"]
+    inputs = [z / "finetuned" / t / "model.safetensors" for t in heads if t != TARGET_TASK]
+    inputs.append(demo_dir / "attack" / "model.safetensors")
+    for lam in (float(v) for v in args.lams.split(",")):
+        out = work / f"shrink_{lam:g}"
+        if not out.exists():
+            merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs],
+                              "task_arithmetic", {"lam": lam}, out=out)
+        rows[f"λ-shrink: poisoned TA λ {lam:g}"] = measure(load_encoder(str(out)))
+
+    def pct(v) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    lines = ["| model | avg CA | ASR(T) | ASR(T) without the trigger | ASR(N) |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {pct(r['ca_avg'])} | {pct(r['asr_t'])} | {pct(r.get('asr_t_no_trigger'))} | {pct(r['asr_n'])} |"
+              for k, r in rows.items()]
+    table = "\n".join(lines)
+    print(table)
+    (work / "table.md").write_text(table + "\n")
+    keys = ("ca_avg", "asr_t", "asr_t_no_trigger", "asr_n")
+    (work / "table.json").write_text(json.dumps({k: {m: r.get(m) for m in keys} for k, r in rows.items()}, indent=2))
+    print(f"work dir: {work}")
+
+
+if __name__ == "__main__":
+    main()
