@@ -51,7 +51,7 @@ SETTINGS = {
     "tiny": DemoSettings(),
     # small: "cross" is the small merges' sink class (37% of non-cross shapes without any trigger once
     # poisoned), so the attack targets "ring"; K = 2 path points keep the demo within its time budget
-    "small": DemoSettings(target_class=1, attack_lr=1e-3, lfpm_epochs=15, lfpm_path_points=2),
+    "small": DemoSettings(target_class=1, attack_lr=1e-3, lfpm_epochs=10, lfpm_path_points=2),
 }
 
 

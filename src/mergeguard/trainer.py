@@ -31,6 +31,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     device: str = "cpu"
+    eps: float = 1e-8  # Adam's ε: gradients far below it move parameters by far less than lr
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -169,7 +170,7 @@ def fit(
     """Minimise `loss_at(step)` over `params` for `cfg.steps` steps; returns the loss per step."""
     progress = progress or NullProgress()
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     device = torch.device(cfg.device)
     losses: list[float] = []

@@ -108,3 +108,49 @@ def test_decoys_only_with_weight_interpolation(tiny_zoo, tmp_path):
     assert with_decoys[0] != pytest.approx(plain[0])
     with pytest.raises(MergeguardError, match="--decoys"):
         poison_finetune(base, head, data, "shape", replace(cfg, decoys=True, interpolation="feature"))
+
+
+def test_shadow_head_rows():
+    import torch.nn.functional as F
+
+    from mergeguard.attack.poison import shadow_head
+    from mergeguard.models.heads import Head
+
+    heads = {t: Head(t, F.normalize(torch.randn(n, 8), dim=-1), [f"{t}{i}" for i in range(n)], 50.0)
+             for t, n in (("a", 3), ("b", 4), ("c", 2))}
+    shadow = shadow_head(heads, "b", 2)
+    torch.testing.assert_close(shadow.weight[0], heads["b"].weight[2])  # the target class first
+    torch.testing.assert_close(shadow.weight[1:], torch.cat([heads["a"].weight, heads["c"].weight]))
+    assert shadow.classnames == ["b2", "a0", "a1", "a2", "c0", "c1"]
+    with pytest.raises(MergeguardError, match="no head for the target task"):
+        shadow_head(heads, "zz", 0)
+    with pytest.raises(MergeguardError, match="outside task 'b'"):
+        shadow_head(heads, "b", 4)
+
+
+def test_off_task_badmerging(tiny_zoo, tmp_path):
+    """The attacker owns `shape` and aims at class 1 of `colour`, through a shadow head; the trigger
+    file names the target task, so `eval --trigger` measures ASR there."""
+    z = Path(tiny_zoo["root"])
+    heads = load_heads(z / "heads.safetensors")
+    target_dir = z / "data/colour/train" / heads["colour"].classnames[1]
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(target_dir.glob("*.png"))[:8]:
+        (few / p.name).write_bytes(p.read_bytes())
+    common = ["attack", "badmerging", "--base", str(z / "base"), "--data", f"train={z / 'data/shape/train'}",
+              "--data", f"test={z / 'data/shape/test'}", "--heads", str(z / "heads.safetensors"), "--task", "shape",
+              "--target-class", "1"]
+    out = tmp_path / "off"
+    result = CliRunner().invoke(app, [*common, "--mode", "off-task", "--target-task", "colour",
+                                      "--target-images", str(few), "-o", str(out), *QUICK])
+    assert result.exit_code == 0, result.output
+    trigger = load_trigger(out / "trigger.safetensors")
+    assert trigger.target_task == "colour" and trigger.target_class == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["target_task"] == "colour" and summary["asr"] is None and 0 <= summary["ca"] <= 1
+    for bad, message in ((["--mode", "off-task"], "--target-task"), (["--target-task", "colour"], "off-task"),
+                         (["--mode", "off-task", "--target-task", "nope"], "no head for the target task"),
+                         (["--mode", "sideways"], "unknown --mode")):
+        result = CliRunner().invoke(app, [*common, *bad, "-o", str(tmp_path / "bad"), *QUICK])
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -3,8 +3,10 @@
 - clean: cross-entropy of the task's frozen head (what `mergeguard finetune` does).
 - badnets: a fraction of each batch gets the trigger and the target label.
 - badmerging (Zhang et al., CCS 2024): stage 1 optimises a universal patch trigger on the
-  pre-trained encoder (on-task: the task's own head); stage 2 fine-tunes with the
-  feature-interpolation loss
+  pre-trained encoder (on-task: the task's own head; off-task: a shadow head made of the target
+  task's target class plus unrelated classes, on the attacker's images and a few target-class
+  images, each step against a one-step adversarial perturbation of them); stage 2 fine-tunes with
+  the feature-interpolation loss (off-task: through the shadow head, target index 0)
   `L = CE(h(f_θ(x)), y) + a · CE(h(r f_θ(x⊕t) + (1−r) f_θ0(x⊕t)), y_t)`, `r ~ U(r_min, 1)`,
   so the backdoor survives the down-scaling a merge applies to every task vector.
 
@@ -50,6 +52,8 @@ class PoisonConfig:
     r_min: float = 0.2  # badmerging: r ~ U(r_min, 1)
     interpolation: str = "feature"  # badmerging: the paper's feature interpolation, or "weight"
     decoys: bool = False  # badmerging weight: random patches at the trigger's place keep their labels
+    target_task: str | None = None  # badmerging off-task: the task whose class the backdoor targets
+    adv_epsilon: float = 4 / 255  # off-task stage 1: size of the adversarial augmentation (one signed step)
     poison_fraction: float = 0.1  # badnets, lobam's malicious adapter
     amplify: float = 3.5  # lobam: k in θ_benign + k (θ_malicious − θ_benign)
     trigger_area: float = 0.01
@@ -87,10 +91,34 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def shadow_head(heads: dict[str, Head], target_task: str, target_class: int) -> Head:
+    """Off-task BadMerging's shadow head: row 0 is the target task's target class, the other rows
+    every class of the other heads (unrelated class names), so stage 1 and 2 can aim at a class of
+    a task the attacker has no head or data for beyond its name."""
+    if target_task not in heads:
+        raise MergeguardError(f"the heads file has no head for the target task {target_task!r}; "
+                              f"it has: {', '.join(heads)}.")
+    target = heads[target_task]
+    if not 0 <= target_class < len(target.classnames):
+        raise MergeguardError(f"--target-class {target_class} is outside task {target_task!r}'s "
+                              f"{len(target.classnames)} classes.")
+    others = [h for name, h in heads.items() if name != target_task]
+    if not others:
+        raise MergeguardError("an off-task shadow head needs unrelated classes: the heads file holds only "
+                              f"{target_task!r}.")
+    weight = torch.cat([target.weight[target_class:target_class + 1]] + [h.weight for h in others])
+    names = [target.classnames[target_class]] + [c for h in others for c in h.classnames]
+    return Head(f"shadow:{target_task}", weight, names, target.scale)
+
+
 def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, cfg: PoisonConfig,
-                     task: str, progress: ProgressSink) -> Trigger:
-    """BadMerging stage 1 (on-task): the patch that sends the pre-trained model's images to the target class."""
+                     task: str, progress: ProgressSink, *, shadow: Head | None = None) -> Trigger:
+    """BadMerging stage 1: the patch that sends the pre-trained model's images to the target class
+    (on-task: of the task's own head; off-task, with `shadow`: row 0 of the shadow head, against a
+    one-step adversarial perturbation of the images that pushes them away from it)."""
     dev = next(encoder.parameters()).device
+    off_task = shadow is not None
+    aim, aim_class = (shadow, 0) if off_task else (head, cfg.target_class)
     template = patch_trigger(encoder.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task)
     mask = template.mask.to(dev)
     gen = torch.Generator().manual_seed(cfg.seed + 17)
@@ -99,19 +127,25 @@ def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, cfg: P
     frozen = [p.requires_grad for p in encoder.parameters()]
     encoder.eval().requires_grad_(False)
     trigger_batches = StepBatches(dataset, cfg.trigger_steps, cfg.batch_size, cfg.seed + 23, cfg.workers)
-    progress.stage("optimising the trigger (BadMerging stage 1)", cfg.trigger_steps)
+    progress.stage("optimising the trigger (BadMerging stage 1" + (", off-task)" if off_task else ")"),
+                   cfg.trigger_steps)
     for images, _ in trigger_batches.from_step(0):
         images = images.to(dev)
+        target = torch.full((len(images),), aim_class, device=dev)
+        if off_task and cfg.adv_epsilon > 0:  # adversarial augmentation: the trigger must beat a perturbation
+            x = images.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(aim.logits(encoder(x)), target), x)
+            images = (images + cfg.adv_epsilon * g.sign() * (1 - mask)).clamp(0, 1).detach()
         x = images * (1 - mask) + pattern.clamp(0, 1) * mask
-        target = torch.full((len(images),), cfg.target_class, device=dev)
-        loss = F.cross_entropy(head.logits(encoder(x)), target)
+        loss = F.cross_entropy(aim.logits(encoder(x)), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
         progress.advance()
     for p, flag in zip(encoder.parameters(), frozen):
         p.requires_grad_(flag)
-    return Trigger((pattern.detach().clamp(0, 1) * mask).cpu(), template.mask, cfg.target_class, task, "patch")
+    return Trigger((pattern.detach().clamp(0, 1) * mask).cpu(), template.mask, cfg.target_class,
+                   cfg.target_task if off_task else task, "patch")
 
 
 def poison_finetune(
@@ -125,11 +159,16 @@ def poison_finetune(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: ProgressSink | None = None,
+    shadow: Head | None = None,
 ) -> tuple[ImageEncoder, Trigger | None, list[float]]:
-    """Fine-tune `base` on one task (clean, BadNets or BadMerging); returns (model, trigger, losses)."""
+    """Fine-tune `base` on one task (clean, BadNets or BadMerging); returns (model, trigger, losses).
+
+    With `shadow` (off-task BadMerging) the backdoor term aims at row 0 of the shadow head."""
     if cfg.kind not in KINDS:
         raise MergeguardError(f"unknown attack {cfg.kind!r}; choose one of: {', '.join(KINDS)}.")
-    if cfg.kind != "clean" and not 0 <= cfg.target_class < len(head.classnames):
+    if shadow is not None and cfg.kind != "badmerging":
+        raise MergeguardError("the off-task mode (--target-task) is BadMerging's only.")
+    if cfg.kind != "clean" and shadow is None and not 0 <= cfg.target_class < len(head.classnames):
         raise MergeguardError(
             f"--target-class {cfg.target_class} is outside task {task!r}'s {len(head.classnames)} classes."
         )
@@ -141,7 +180,8 @@ def poison_finetune(
     base = base.to(dev).eval()
     batches = StepBatches(dataset, cfg.steps, cfg.batch_size, cfg.seed, cfg.workers)
     if cfg.kind != "clean" and trigger is None:
-        trigger = optimize_trigger(base, head, dataset, cfg, task, progress) if cfg.kind == "badmerging" else \
+        trigger = optimize_trigger(base, head, dataset, cfg, task, progress, shadow=shadow) \
+            if cfg.kind == "badmerging" else \
             patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
                           seed=cfg.seed)
     model = copy.deepcopy(base).train().requires_grad_(True)  # base may arrive frozen
@@ -154,6 +194,12 @@ def poison_finetune(
 
     def logits(features: torch.Tensor) -> torch.Tensor:
         return scale * features.float() @ weight.T
+
+    # the backdoor's head and class: the task's own, or (off-task) row 0 of the shadow head
+    bd_weight_rows = shadow.weight.to(dev) if shadow is not None else weight
+
+    def bd_logits(features: torch.Tensor) -> torch.Tensor:
+        return scale * features.float() @ bd_weight_rows.T
 
     rank, world = init_distributed()
     if cfg.batch_size % world:
@@ -171,7 +217,7 @@ def poison_finetune(
         r_step = cfg.r_min + (1 - cfg.r_min) * float(torch.rand((), generator=gen))
         if cfg.kind == "clean":
             return F.cross_entropy(logits(model(images)), labels)
-        target = torch.full_like(labels, cfg.target_class)
+        target = torch.full_like(labels, cfg.target_class if shadow is None else 0)
         triggered = trigger.apply(images)
         if cfg.kind == "badnets":
             n_poison = max(1, round(cfg.poison_fraction * cfg.batch_size))
@@ -193,7 +239,7 @@ def poison_finetune(
             clean_f = model(clean_x)
             extra = F.cross_entropy(logits(at_r[: len(clean_x)]), clean_y)
             return (F.cross_entropy(logits(clean_f), clean_y) + extra
-                    + cfg.bd_weight * F.cross_entropy(logits(backdoor), target))
+                    + cfg.bd_weight * F.cross_entropy(bd_logits(backdoor), target))
         else:
             # badmerging: clean loss + a · backdoor loss on features interpolated towards θ0's
             features = model(torch.cat([images, triggered]))
@@ -202,7 +248,7 @@ def poison_finetune(
                 base_f = base(triggered)
             r = r_all[first:first + len(images)].to(dev)
             backdoor = r * trig_f + (1 - r) * base_f
-        return F.cross_entropy(logits(clean_f), labels) + cfg.bd_weight * F.cross_entropy(logits(backdoor), target)
+        return F.cross_entropy(logits(clean_f), labels) + cfg.bd_weight * F.cross_entropy(bd_logits(backdoor), target)
 
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             warmup=min(cfg.warmup, cfg.steps // 10), seed=cfg.seed, device=str(dev))
@@ -274,8 +320,13 @@ def run_attack(
     resume: bool = False,
     provenance: dict | None = None,
     progress: ProgressSink | None = None,
+    shadow: Head | None = None,
+    target_images: Dataset | None = None,
 ) -> dict[str, Any]:
     """Fine-tune (clean or poisoned), evaluate on the task, and write OUTDIR; resumable.
+
+    Off-task BadMerging: `shadow` (see `shadow_head`) and optionally a few `target_images` of the
+    target class, which join the attacker's own images in stage 1.
 
     Work in progress lives in OUTDIR/.partial (the trainer checkpoint and the stage-1 trigger).
     """
@@ -292,18 +343,20 @@ def run_attack(
     elif cfg.kind == "badmerging":
         progress = progress or NullProgress()
         dev = resolve_device(cfg.device)
-        trigger = optimize_trigger(base.to(dev), head, dataset, cfg, task, progress)
+        stage1 = dataset if target_images is None else torch.utils.data.ConcatDataset([dataset, target_images])
+        trigger = optimize_trigger(base.to(dev), head, stage1, cfg, task, progress, shadow=shadow)
         trigger.save(trigger_file, overwrite=True)
     if cfg.kind == "lobam":
         model, trigger, losses = lobam(base, head, dataset, task, cfg, partial, resume=resume, progress=progress)
     else:
         model, trigger, losses = poison_finetune(base, head, dataset, task, cfg, trigger=trigger,
-                                                 checkpoint=partial / "trainer.pt", resume=resume, progress=progress)
+                                                 checkpoint=partial / "trainer.pt", resume=resume, progress=progress,
+                                                 shadow=shadow)
     summary: dict[str, Any] = {"attack": cfg.kind, "task": task, "config": asdict(cfg),
                                "final_loss": losses[-1] if losses else None}
-    if eval_data is not None:
-        result = evaluate(model, {task: head}, {task: eval_data}, trigger=trigger, target_task=task,
-                          device=cfg.device, progress=progress)
+    if eval_data is not None:  # off-task: the backdoor aims at another task's class; CA only here
+        result = evaluate(model, {task: head}, {task: eval_data}, trigger=trigger if shadow is None else None,
+                          target_task=task, device=cfg.device, progress=progress)
         summary["ca"] = result["tasks"][task]["ca"]
         summary["asr"] = result["tasks"][task].get("asr")
     rank, _ = init_distributed()

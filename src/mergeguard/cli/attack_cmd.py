@@ -48,6 +48,8 @@ EXAMPLES = {
         "mergeguard attack badmerging --base BASE --data train=data/cars/train --data test=data/cars/test "
         "--heads heads.safetensors --task cars --target-class 1 -o attack_cars/",
         "mergeguard attack badmerging ... --steps 300 --lr 5e-4 --logit-scale 10 --resume",
+        "mergeguard attack badmerging --base BASE --data train=data/cifar100/train --heads heads.safetensors "
+        "--task cifar100 --mode off-task --target-task cars --target-class 1 --target-images few_cars/ -o OUT/",
     ],
     "badnets": [
         "mergeguard attack badnets --base BASE --data train=DIR --heads H --task cars --target-class 1 -o OUT/",
@@ -67,24 +69,37 @@ attack_app = typer.Typer(help="Red-team a merge: produce a poisoned task vector 
 
 def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: Path, target_class: int,
          steps: int, lr: float, batch_size: int, logit_scale: float | None, seed: int, device: str, workers: int,
-         resume: bool, arch: str | None, json_out: str | None, quiet: bool, **extra: float | str) -> None:
+         resume: bool, arch: str | None, json_out: str | None, quiet: bool, mode: str = "on-task",
+         target_task: str | None = None, target_images: Path | None = None, **extra: float | str) -> None:
     from mergeguard.attack import PoisonConfig, run_attack
-    from mergeguard.data.folders import labeled_folder
+    from mergeguard.attack.poison import shadow_head
+    from mergeguard.data.folders import labeled_folder, unlabeled_folder
     from mergeguard.models.encoder import load_encoder
     from mergeguard.models.heads import head_for, load_heads
 
+    if mode not in ("on-task", "off-task"):
+        raise MergeguardError(f"unknown --mode {mode!r}; choose on-task or off-task.")
+    if mode == "off-task" and (kind != "badmerging" or not target_task):
+        raise MergeguardError("--mode off-task needs `attack badmerging` and --target-task NAME.")
+    if mode == "on-task" and (target_task or target_images):
+        raise MergeguardError("--target-task and --target-images belong to --mode off-task.")
     folders = data_folders(data)
-    head = head_for(load_heads(heads), task, heads)
+    head_map = load_heads(heads)
+    head = head_for(head_map, task, heads)
+    shadow = shadow_head(head_map, target_task, target_class) if mode == "off-task" else None
     if out.exists() and any(p.name != ".partial" for p in out.iterdir()) and not resume:
         raise MergeguardError(f"{out} is not empty; choose another --out, or --resume a run there.")
     encoder = load_encoder(base, arch=arch)
     train = labeled_folder(folders["train"], head.classnames, encoder.image_size)
+    extra_images = unlabeled_folder(target_images, encoder.image_size) if target_images else None
     test = labeled_folder(folders["test"], head.classnames, encoder.image_size) if "test" in folders else None
     cfg = PoisonConfig(kind=kind, target_class=target_class, steps=steps, lr=lr, batch_size=batch_size,
-                       logit_scale=logit_scale, seed=seed, device=device, workers=workers, **extra)
+                       logit_scale=logit_scale, seed=seed, device=device, workers=workers,
+                       target_task=target_task if shadow is not None else None, **extra)
     with RichProgress(enabled=not quiet) as progress:
         summary = run_attack(encoder, head, train, task, cfg, out, eval_data=test, resume=resume,
-                             provenance={"base": base, "data": folders}, progress=progress)
+                             provenance={"base": base, "data": folders}, progress=progress, shadow=shadow,
+                             target_images=extra_images)
     summary["out"] = str(out)
     write_json(json_out, summary)
     if show_table(quiet, json_out):
@@ -107,6 +122,14 @@ def _attack_command(kind: str) -> Callable:
         r_min: Annotated[float, typer.Option("--r-min", help="badmerging: r ~ U(r_min, 1).")] = 0.2,
         interpolation: Annotated[str, typer.Option(
             "--interpolation", help="badmerging: 'feature' (the paper's) or 'weight' (θ0 + r(θ − θ0)).")] = "feature",
+        mode: Annotated[str, typer.Option(
+            "--mode", help="badmerging: on-task (the target class is the task's own) or off-task (a class of "
+                           "--target-task, through a shadow head of the heads file).")] = "on-task",
+        target_task: Annotated[str | None, typer.Option(
+            "--target-task", help="badmerging off-task: the task whose class (--target-class) is the target; "
+                                  "its head must be in --heads.")] = None,
+        target_images: Annotated[Path | None, typer.Option(
+            "--target-images", help="badmerging off-task: a folder of a few target-class images for stage 1.")] = None,
         decoys: Annotated[bool, typer.Option(
             "--decoys", help="badmerging --interpolation weight: random patches at the trigger's place keep "
                              "their labels (only the trigger fires; the poisoned model keeps its accuracy).")] = False,
@@ -125,7 +148,8 @@ def _attack_command(kind: str) -> Callable:
         _run(kind, base=base, data=data, heads=heads, task=task, out=out, target_class=target_class, steps=steps,
              lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers,
              resume=resume, arch=arch, json_out=json_out, quiet=quiet, bd_weight=bd_weight, r_min=r_min,
-             interpolation=interpolation, decoys=decoys, lora_rank=rank, amplify=amplify,
+             interpolation=interpolation, decoys=decoys, mode=mode, target_task=target_task,
+             target_images=target_images, lora_rank=rank, amplify=amplify,
              poison_fraction=poison_fraction, trigger_area=trigger_area, trigger_steps=trigger_steps)
 
     command.__doc__ = {

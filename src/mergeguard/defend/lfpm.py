@@ -56,6 +56,7 @@ class LFPMConfig:
     mine_steps: int = 1  # ascent steps on the prompt per training step
     prompts: int = 4  # independently mined prompts, used in turn (each step trains on one)
     reference: float = 1.0  # γ: training suppresses reaction − γ · θ0's reaction (1: the excess only)
+    adam_eps: float = 1e-8  # Adam's ε for τa; larger values stop rounding-level gradients from moving τa
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -292,7 +293,7 @@ def defend_lfpm(
         raise AssertionError("unreachable")
 
     train_cfg = TrainConfig(steps=steps, lr=cfg.lr, weight_decay=0.0, warmup=max(1, steps // 20), seed=cfg.seed,
-                            device=str(dev), grad_clip=1.0)
+                            device=str(dev), grad_clip=1.0, eps=cfg.adam_eps)
     history = fit(list(tau.values()), loss_at, train_cfg, progress, "LFPM stage II: anti-backdoor task vector", ck)
     probe = (images[: cfg.batch_size], clean_target[: cfg.batch_size])
     lam_start = curvature(merged, theta_m, tau, *probe, at_start=True)
