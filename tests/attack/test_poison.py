@@ -108,6 +108,8 @@ def test_decoys_only_with_weight_interpolation(tiny_zoo, tmp_path):
     assert with_decoys[0] != pytest.approx(plain[0])
     with pytest.raises(MergeguardError, match="--decoys"):
         poison_finetune(base, head, data, "shape", replace(cfg, decoys=True, interpolation="feature"))
+    with pytest.raises(MergeguardError, match="--rank"):  # LoRA wraps the encoder: no weight interpolation
+        poison_finetune(base, head, data, "shape", replace(cfg, lora_rank=2))
 
 
 def test_shadow_head_rows():

@@ -172,6 +172,8 @@ def poison_finetune(
         raise MergeguardError(
             f"--target-class {cfg.target_class} is outside task {task!r}'s {len(head.classnames)} classes."
         )
+    if cfg.lora_rank and cfg.kind == "badmerging" and cfg.interpolation == "weight":
+        raise MergeguardError("--interpolation weight trains the full encoder; it does not combine with --rank.")
     if cfg.decoys and not (cfg.kind == "badmerging" and cfg.interpolation == "weight"):
         raise MergeguardError("--decoys works with `attack badmerging --interpolation weight` only.")
     progress = progress or NullProgress()
@@ -200,6 +202,16 @@ def poison_finetune(
 
     def bd_logits(features: torch.Tensor) -> torch.Tensor:
         return scale * features.float() @ bd_weight_rows.T
+
+    def stealth(clean_x: torch.Tensor, clean_features: torch.Tensor) -> torch.Tensor:
+        """Off-task: clean images must look to the shadow head as they do to θ0 (KL), or the cheapest
+        backdoor is a shift of every feature towards the target class, which a merge shows at once."""
+        if shadow is None:
+            return clean_features.new_zeros(())
+        with torch.no_grad():
+            reference = F.log_softmax(bd_logits(base(clean_x)), dim=-1)
+        return F.kl_div(F.log_softmax(bd_logits(clean_features), dim=-1), reference, log_target=True,
+                        reduction="batchmean")
 
     rank, world = init_distributed()
     if cfg.batch_size % world:
@@ -237,8 +249,8 @@ def poison_finetune(
             at_r = torch.func.functional_call(model, scaled, (torch.cat([clean_x, triggered]),))
             backdoor = at_r[len(clean_x):]
             clean_f = model(clean_x)
-            extra = F.cross_entropy(logits(at_r[: len(clean_x)]), clean_y)
-            return (F.cross_entropy(logits(clean_f), clean_y) + extra
+            extra = F.cross_entropy(logits(at_r[: len(clean_x)]), clean_y) + stealth(clean_x, at_r[: len(clean_x)])
+            return (F.cross_entropy(logits(clean_f), clean_y) + extra + stealth(clean_x, clean_f)
                     + cfg.bd_weight * F.cross_entropy(bd_logits(backdoor), target))
         else:
             # badmerging: clean loss + a · backdoor loss on features interpolated towards θ0's
@@ -248,7 +260,8 @@ def poison_finetune(
                 base_f = base(triggered)
             r = r_all[first:first + len(images)].to(dev)
             backdoor = r * trig_f + (1 - r) * base_f
-        return F.cross_entropy(logits(clean_f), labels) + cfg.bd_weight * F.cross_entropy(bd_logits(backdoor), target)
+        return (F.cross_entropy(logits(clean_f), labels) + stealth(images, clean_f)
+                + cfg.bd_weight * F.cross_entropy(bd_logits(backdoor), target))
 
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             warmup=min(cfg.warmup, cfg.steps // 10), seed=cfg.seed, device=str(dev))
@@ -298,7 +311,9 @@ def lobam(base: ImageEncoder, head: Head, dataset: Dataset, task: str, cfg: Pois
     θ_benign + k (θ_malicious − θ_benign) with k > 1 so the backdoor survives the merge's scaling."""
     rank = cfg.lora_rank or 16
     benign_cfg = replace(cfg, kind="clean", lora_rank=rank)
-    malicious_cfg = replace(cfg, kind="badnets", lora_rank=rank, seed=cfg.seed + 1)
+    # the same seed: the same LoRA initialisation and batches, so θ_malicious − θ_benign is the
+    # backdoor and not the noise between two runs, which amplification would blow up too
+    malicious_cfg = replace(cfg, kind="badnets", lora_rank=rank)
     benign, _, _ = poison_finetune(base, head, dataset, task, benign_cfg, checkpoint=partial / "benign.pt",
                                    resume=resume, progress=progress)
     trigger = patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
