@@ -56,7 +56,8 @@ class LFPMConfig:
     mine_steps: int = 1  # ascent steps on the prompt per training step
     prompts: int = 4  # independently mined prompts, used in turn (each step trains on one)
     reference: float = 1.0  # γ: training suppresses reaction − γ · θ0's reaction (1: the excess only)
-    adam_eps: float = 1e-8  # Adam's ε for τa; larger values stop rounding-level gradients from moving τa
+    adam_eps: float = 1e-8  # Adam's ε for τa
+    idle_tolerance: float = 1e-9  # a step whose loss is below this × E‖f_θm(x)‖² does not move τa
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -221,6 +222,7 @@ def defend_lfpm(
     images = _images(shadow, cfg.workers).to(dev)
     with torch.no_grad():  # θm's clean features, once
         clean_target = torch.cat([merged(chunk) for chunk in images.split(256)])
+    idle = cfg.idle_tolerance * float(clean_target.float().pow(2).sum(1).mean())
     theta_m = {n: p.detach() for n, p in merged.named_parameters()}
     tau = {n: torch.zeros_like(p, requires_grad=True) for n, p in theta_m.items()}
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -289,6 +291,14 @@ def defend_lfpm(
                 total += float(loss.detach())
             else:
                 state["last"] = total + float(loss.detach())
+                # nothing to remove (θm = θ0, or τa has done its work): the gradients are rounding
+                # noise, which Adam would turn into lr-sized steps; leave τa where it is
+                (whole,) = all_reduce_mean([torch.tensor(state["last"])])  # every process decides alike
+                if float(whole) < idle:
+                    state["idle"] = state.get("idle", 0) + 1
+                    for t in tau.values():
+                        t.grad = None
+                    return loss.detach() * 0.0 + 0.0 * sum(t.sum() for t in tau.values())
                 return loss  # (3) the trainer core runs the last backward and the optimizer step
         raise AssertionError("unreachable")
 
@@ -320,6 +330,7 @@ def defend_lfpm(
         "lambda_eff_start": lam_start,
         "lambda_eff_end": lam_end,
         "tau_norm": float(torch.sqrt(sum(t.detach().pow(2).sum() for t in tau.values()))),
+        "idle_steps": state.get("idle", 0),  # steps with nothing to remove, which left τa as it was
         "seconds": seconds,
         "images_per_second": steps * cfg.batch_size / seconds,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
