@@ -107,4 +107,27 @@ def test_lfpm_leaves_theta0_itself_alone(tiny_zoo):
 def test_lfpm_rejects_an_unknown_prompt(tiny_zoo):
     z = Path(tiny_zoo["root"])
     with pytest.raises(MergeguardError, match="unknown prompt"):
-        defend_lfpm(*_encoders(z), unlabeled_folder(z / "shadow", 32), LFPMConfig(prompt="tokens"))
+        defend_lfpm(*_encoders(z), unlabeled_folder(z / "shadow", 32), LFPMConfig(prompt="sticker"))
+
+
+def test_lfpm_token_prompts(tiny_zoo, tmp_path):
+    """VPT prompts: tokens inserted after the class token; stage I finds an excess reaction on a
+    fine-tuned model (not on θ0) and stage II moves τa."""
+    z = Path(tiny_zoo["root"])
+    out = tmp_path / "tok"
+    result = CliRunner().invoke(app, ["defend", "lfpm", "--merged", str(z / "finetuned" / "shape"), "--base",
+                                      str(z / "base"), "--shadow", str(z / "shadow"), "-o", str(out), "--epochs", "1",
+                                      "--batch-size", "64", "--lr", "1e-3", "--prompt", "tokens", "--prompt-tokens",
+                                      "3", "--prompts", "2", "--mine-warmup", "5", "--device", "cpu", "--json", "-",
+                                      "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["tau_norm"] > 0 and all(e > 1e-4 for e in report["mined_excess_start"])
+    assert report["prompt_area"] == [None, None]
+    prompts = open_checkpoint(out / "prompts.safetensors")
+    assert sorted(prompts.keys()) == ["0.tokens", "1.tokens"] and prompts.get("0.tokens").shape == (3, 64)
+    # on θ0 the same prompts find nothing: the excess is relative to θ0's own reaction to the tokens
+    base = load_encoder(str(z / "base"))
+    cfg = LFPMConfig(epochs=1, batch_size=64, prompt="tokens", prompts=1, mine_warmup=3, device="cpu")
+    _, _, on_theta0 = defend_lfpm(load_encoder(str(z / "base")), base, unlabeled_folder(z / "shadow", 32), cfg)
+    assert on_theta0["mined_excess_start"][0] < 1e-8

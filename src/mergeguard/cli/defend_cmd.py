@@ -58,8 +58,11 @@ def lfpm_command(
     beta: Annotated[float, typer.Option("--beta", help="Weight of clean-feature preservation.")] = 1.0,
     rank: Annotated[int, typer.Option("--rank", help="Adversarial subspace rank (0: whole feature space).")] = 0,
     prompt: Annotated[str, typer.Option(
-        "--prompt", help="Mined visual prompt: mask (pattern + soft mask, finds trigger-shaped backdoors) "
-                         "or patch (a square pasted at a random position).")] = "mask",
+        "--prompt", help="Mined visual prompt: mask (pattern + soft mask, finds trigger-shaped backdoors), "
+                         "patch (a square pasted at a random position) or tokens (VPT: learnable tokens "
+                         "inserted after the class token).")] = "mask",
+    prompt_tokens: Annotated[int, typer.Option(
+        "--prompt-tokens", help="tokens: how many prompt tokens.")] = 4,
     prompts: Annotated[int, typer.Option("--prompts", help="Independently mined prompts, used in turn.")] = 4,
     mine_warmup: Annotated[int, typer.Option(
         "--mine-warmup", help="Ascent steps on each prompt before training (stage I).")] = 100,
@@ -97,7 +100,7 @@ def lfpm_command(
     base_enc = load_encoder(base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
     cfg = LFPMConfig(epochs=epochs, batch_size=batch_size, lr=lr, path_points=path_points, beta=beta, rank=rank,
-                     prompt=prompt, prompts=prompts, mine_warmup=mine_warmup, mask_penalty=mask_penalty,
+                     prompt=prompt, prompt_tokens=prompt_tokens, prompts=prompts, mine_warmup=mine_warmup, mask_penalty=mask_penalty,
                      reference=reference, adam_eps=adam_eps, patch_fraction=patch_fraction, patch_lr=patch_lr,
                      mine_steps=mine_steps,
                      seed=seed, device=device, workers=workers)

@@ -48,7 +48,9 @@ class LFPMConfig:
     path_points: int = 4  # K
     beta: float = 1.0  # weight of clean-feature preservation
     rank: int = 0  # adversarial subspace rank; 0: the whole feature space
-    prompt: str = "mask"  # the mined visual prompt: "mask" (pattern + soft mask) or "patch" (random position)
+    prompt: str = "mask"  # the mined visual prompt: "mask" (pattern + soft mask), "patch" (random position)
+    # or "tokens" (VPT: learnable tokens inserted after the class token)
+    prompt_tokens: int = 4  # tokens: how many
     mask_penalty: float = 10.0  # mask: weight of the mask's mean against log excess reaction
     mine_warmup: int = 100  # ascent steps on each prompt before training starts (stage I)
     patch_fraction: float = 0.1  # patch: side of the mined patch, as a fraction of the image side
@@ -63,7 +65,7 @@ class LFPMConfig:
     workers: int = 0
 
 
-PROMPTS = ("mask", "patch")
+PROMPTS = ("mask", "patch", "tokens")
 
 
 def _images(dataset: Dataset, workers: int) -> torch.Tensor:
@@ -80,7 +82,8 @@ def _paste(images: torch.Tensor, patch: torch.Tensor, gen: torch.Generator) -> t
     return out
 
 
-Excess = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (x, x⊕Π, grad through θ0?) -> D
+# (x, x⊕Π, grad through θ0?, prompt tokens or None) -> D
+Excess = Callable[[torch.Tensor, torch.Tensor, bool, "torch.Tensor | None"], torch.Tensor]
 
 
 class MaskPrompt:
@@ -104,7 +107,7 @@ class MaskPrompt:
 
     def ascend(self, excess: Excess, x: torch.Tensor) -> float:
         with torch.enable_grad():
-            e = excess(x, self.apply(x, grad=True), True).float().pow(2).sum(1).mean()
+            e = excess(x, self.apply(x, grad=True), True, None).float().pow(2).sum(1).mean()
             # d(−log E)/dΠ = −(dE/dΠ) / E with E the mean over the whole (all processes') batch:
             # −e / E has that gradient here, and averaging it over processes gives the global one
             (e_all,) = all_reduce_mean([e.detach()])
@@ -117,6 +120,9 @@ class MaskPrompt:
 
     def area(self) -> float:
         return float(torch.sigmoid(self.a.detach()).mean())
+
+    def tokens(self) -> None:
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"a": self.a.detach().cpu(), "b": self.b.detach().cpu(), "opt": self.opt.state_dict()}
@@ -150,7 +156,7 @@ class PatchPrompt:
     def ascend(self, excess: Excess, x: torch.Tensor) -> float:
         with torch.enable_grad():
             p = self.patch.clone().requires_grad_(True)
-            e = excess(x, _paste(x, p, self._position()), False).float().pow(2).sum(1).mean()
+            e = excess(x, _paste(x, p, self._position()), False, None).float().pow(2).sum(1).mean()
             (grad,) = torch.autograd.grad(e, p)
         grad, e = all_reduce_mean([grad, e.detach()])
         self.patch = (self.patch + self.lr * grad.sign()).clamp(0, 1)
@@ -158,6 +164,9 @@ class PatchPrompt:
 
     def area(self) -> float:
         return self.patch.shape[-1] ** 2 / self.size ** 2  # the patch's share of the image
+
+    def tokens(self) -> None:
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"patch": self.patch.cpu()}
@@ -167,6 +176,47 @@ class PatchPrompt:
 
     def save(self) -> dict[str, torch.Tensor]:
         return {"patch": self.patch.detach().cpu()}
+
+
+class TokenPrompt:
+    """Π as P learnable tokens (VPT) inserted after the class token, before `ln_pre` (which
+    normalises each token, so only their directions matter): the image is untouched and the
+    prompt acts inside the network. Ascent as the mask's, on `log E‖D‖²` (Adam)."""
+
+    def __init__(self, size: int, cfg: LFPMConfig, gen: torch.Generator, dev: torch.device, width: int):
+        self.t = torch.randn(max(1, cfg.prompt_tokens), width, generator=gen).to(dev).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.t], lr=cfg.patch_lr)
+
+    def apply(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        return x
+
+    def tokens(self, grad: bool = False) -> torch.Tensor:
+        return self.t if grad else self.t.detach()
+
+    def ascend(self, excess: Excess, x: torch.Tensor) -> float:
+        with torch.enable_grad():
+            e = excess(x, x, True, self.t).float().pow(2).sum(1).mean()
+            (e_all,) = all_reduce_mean([e.detach()])  # the log's gradient, over the whole batch (see MaskPrompt)
+            loss = -e / (e_all + 1e-12)
+            self.opt.zero_grad()
+            loss.backward()
+        (self.t.grad,) = all_reduce_mean([self.t.grad])
+        self.opt.step()
+        return float(e_all)
+
+    def area(self) -> None:
+        return None  # no pixels
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t.detach().cpu(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.t.copy_(state["t"])
+        self.opt.load_state_dict(state["opt"])
+
+    def save(self) -> dict[str, torch.Tensor]:
+        return {"tokens": self.t.detach().cpu()}
 
 
 class PromptPool:
@@ -226,26 +276,31 @@ def defend_lfpm(
     theta_m = {n: p.detach() for n, p in merged.named_parameters()}
     tau = {n: torch.zeros_like(p, requires_grad=True) for n, p in theta_m.items()}
     gen = torch.Generator().manual_seed(cfg.seed)
-    kind = MaskPrompt if cfg.prompt == "mask" else PatchPrompt
-    pool = PromptPool([kind(merged.image_size, cfg, gen, dev) for _ in range(max(1, cfg.prompts))])
+    def make_prompt():
+        if cfg.prompt == "tokens":
+            return TokenPrompt(merged.image_size, cfg, gen, dev, merged.width)
+        return (MaskPrompt if cfg.prompt == "mask" else PatchPrompt)(merged.image_size, cfg, gen, dev)
+
+    pool = PromptPool([make_prompt() for _ in range(max(1, cfg.prompts))])
     steps_per_epoch = max(1, len(images) // cfg.batch_size)
     steps = cfg.epochs * steps_per_epoch
     alphas = [(k + 1) / cfg.path_points for k in range(cfg.path_points)]
     state: dict[str, Any] = {}
 
-    def at(alpha: float, x: torch.Tensor) -> torch.Tensor:
+    def at(alpha: float, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         params = {n: theta_m[n] + alpha * tau[n] for n in theta_m}
-        return functional_call(merged, params, (x,))
+        return functional_call(merged, params, (x,), {"prompts": tokens})
 
-    def excess_now(x: torch.Tensor, xp: torch.Tensor, grad_base: bool) -> torch.Tensor:
+    def excess_now(x: torch.Tensor, xp: torch.Tensor, grad_base: bool,
+                   tokens: torch.Tensor | None = None) -> torch.Tensor:
         """D(x) at the current θ(1) = θm + τa (no gradient into τa)."""
         params = {n: theta_m[n] + tau[n].detach() for n in theta_m}
         with torch.no_grad():
             clean_now = functional_call(merged, params, (x,))
             base_clean = base(x)
         with torch.set_grad_enabled(grad_base):
-            base_reaction = base(xp) - base_clean
-        return (functional_call(merged, params, (xp,)) - clean_now) - base_reaction
+            base_reaction = base(xp, tokens) - base_clean
+        return (functional_call(merged, params, (xp,), {"prompts": tokens}) - clean_now) - base_reaction
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         # every process draws the same global batch and keeps its contiguous share: the gradients
@@ -271,14 +326,17 @@ def defend_lfpm(
         prompt = pool.prompts[step % len(pool.prompts)]
         for _ in range(cfg.mine_steps):  # (1) re-mine the prompt against the current θ(1)
             prompt.ascend(excess_now, x)
-        xp = prompt.apply(x)
+        xp, tokens = prompt.apply(x), prompt.tokens()
         with torch.no_grad():
-            base_reaction = cfg.reference * (base(xp) - base(x))
+            base_reaction = cfg.reference * (base(xp, tokens) - base(x))
         basis = None
         total = 0.0
         for alpha in alphas:  # (2) loss path integral: one backward per point, accumulated in τa
-            feats = at(alpha, torch.cat([x, xp]))
-            clean_f, trig_f = feats[: len(x)], feats[len(x):]
+            if tokens is None:  # one forward for the clean and the prompted images
+                feats = at(alpha, torch.cat([x, xp]))
+                clean_f, trig_f = feats[: len(x)], feats[len(x):]
+            else:  # prompt tokens change the sequence length: two forwards
+                clean_f, trig_f = at(alpha, x), at(alpha, x, tokens)
             excess = (trig_f - clean_f) - base_reaction
             if cfg.rank and basis is None:
                 _, _, v = torch.linalg.svd(excess.detach().float(), full_matrices=False)
@@ -310,7 +368,8 @@ def defend_lfpm(
     lam_end = curvature(merged, theta_m, tau, *probe)
     with torch.no_grad():
         x = images[: cfg.batch_size]
-        final_excess = [float(excess_now(x, pr.apply(x), False).float().pow(2).sum(1).mean()) for pr in pool.prompts]
+        final_excess = [float(excess_now(x, pr.apply(x), False, pr.tokens()).float().pow(2).sum(1).mean())
+                        for pr in pool.prompts]
     defended = copy.deepcopy(merged)
     with torch.no_grad():
         for n, p in defended.named_parameters():
