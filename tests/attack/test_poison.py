@@ -93,6 +93,7 @@ def test_bad_target_class(tiny_zoo, tmp_path):
         "--heads", str(z / "heads.safetensors"), "--task", "shape", "--target-class", "9", "-o", str(tmp_path / "o"),
         *QUICK])
     assert result.exit_code == 2 and "outside task 'shape'" in result.output
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_decoys_only_with_weight_interpolation(tiny_zoo, tmp_path):

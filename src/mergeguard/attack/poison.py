@@ -148,6 +148,22 @@ def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, cfg: P
                    cfg.target_task if off_task else task, "patch")
 
 
+def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None = None) -> None:
+    """One sentence for a configuration that cannot run, before anything is trained or written."""
+    if cfg.kind not in KINDS:
+        raise MergeguardError(f"unknown attack {cfg.kind!r}; choose one of: {', '.join(KINDS)}.")
+    if shadow is not None and cfg.kind != "badmerging":
+        raise MergeguardError("the off-task mode (--target-task) is BadMerging's only.")
+    if cfg.kind != "clean" and shadow is None and not 0 <= cfg.target_class < len(head.classnames):
+        raise MergeguardError(
+            f"--target-class {cfg.target_class} is outside task {task!r}'s {len(head.classnames)} classes."
+        )
+    if cfg.lora_rank and cfg.kind == "badmerging" and cfg.interpolation == "weight":
+        raise MergeguardError("--interpolation weight trains the full encoder; it does not combine with --rank.")
+    if cfg.decoys and not (cfg.kind == "badmerging" and cfg.interpolation == "weight"):
+        raise MergeguardError("--decoys works with `attack badmerging --interpolation weight` only.")
+
+
 def poison_finetune(
     base: ImageEncoder,
     head: Head,
@@ -164,18 +180,7 @@ def poison_finetune(
     """Fine-tune `base` on one task (clean, BadNets or BadMerging); returns (model, trigger, losses).
 
     With `shadow` (off-task BadMerging) the backdoor term aims at row 0 of the shadow head."""
-    if cfg.kind not in KINDS:
-        raise MergeguardError(f"unknown attack {cfg.kind!r}; choose one of: {', '.join(KINDS)}.")
-    if shadow is not None and cfg.kind != "badmerging":
-        raise MergeguardError("the off-task mode (--target-task) is BadMerging's only.")
-    if cfg.kind != "clean" and shadow is None and not 0 <= cfg.target_class < len(head.classnames):
-        raise MergeguardError(
-            f"--target-class {cfg.target_class} is outside task {task!r}'s {len(head.classnames)} classes."
-        )
-    if cfg.lora_rank and cfg.kind == "badmerging" and cfg.interpolation == "weight":
-        raise MergeguardError("--interpolation weight trains the full encoder; it does not combine with --rank.")
-    if cfg.decoys and not (cfg.kind == "badmerging" and cfg.interpolation == "weight"):
-        raise MergeguardError("--decoys works with `attack badmerging --interpolation weight` only.")
+    check_config(cfg, head, task, shadow)
     progress = progress or NullProgress()
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
@@ -203,15 +208,16 @@ def poison_finetune(
     def bd_logits(features: torch.Tensor) -> torch.Tensor:
         return scale * features.float() @ bd_weight_rows.T
 
-    def stealth(clean_x: torch.Tensor, clean_features: torch.Tensor) -> torch.Tensor:
+    def stealth(clean_x: torch.Tensor, *clean_features: torch.Tensor) -> torch.Tensor:
         """Off-task: clean images must look to the shadow head as they do to θ0 (KL), or the cheapest
-        backdoor is a shift of every feature towards the target class, which a merge shows at once."""
+        backdoor is a shift of every feature towards the target class, which a merge shows at once.
+        One θ0 forward serves every set of features given for the same images."""
         if shadow is None:
-            return clean_features.new_zeros(())
+            return clean_features[0].new_zeros(())
         with torch.no_grad():
             reference = F.log_softmax(bd_logits(base(clean_x)), dim=-1)
-        return F.kl_div(F.log_softmax(bd_logits(clean_features), dim=-1), reference, log_target=True,
-                        reduction="batchmean")
+        return sum(F.kl_div(F.log_softmax(bd_logits(f), dim=-1), reference, log_target=True, reduction="batchmean")
+                   for f in clean_features)
 
     rank, world = init_distributed()
     if cfg.batch_size % world:
@@ -249,8 +255,9 @@ def poison_finetune(
             at_r = torch.func.functional_call(model, scaled, (torch.cat([clean_x, triggered]),))
             backdoor = at_r[len(clean_x):]
             clean_f = model(clean_x)
-            extra = F.cross_entropy(logits(at_r[: len(clean_x)]), clean_y) + stealth(clean_x, at_r[: len(clean_x)])
-            return (F.cross_entropy(logits(clean_f), clean_y) + extra + stealth(clean_x, clean_f)
+            clean_at_r = at_r[: len(clean_x)]
+            return (F.cross_entropy(logits(clean_f), clean_y) + F.cross_entropy(logits(clean_at_r), clean_y)
+                    + stealth(clean_x, clean_f, clean_at_r)
                     + cfg.bd_weight * F.cross_entropy(bd_logits(backdoor), target))
         else:
             # badmerging: clean loss + a · backdoor loss on features interpolated towards θ0's
@@ -347,6 +354,7 @@ def run_attack(
     """
     from mergeguard.eval import evaluate
 
+    check_config(cfg, head, task, shadow)  # before OUTDIR/.partial exists
     partial = out_dir / ".partial"
     partial.mkdir(parents=True, exist_ok=True)
     trigger_file = partial / "trigger.safetensors"

@@ -71,7 +71,7 @@ def lfpm_command(
     reference: Annotated[float, typer.Option(
         "--reference", help="γ: suppress the reaction minus γ × θ0's reaction (1: the excess over θ0).")] = 1.0,
     adam_eps: Annotated[float, typer.Option(
-        "--adam-eps", help="Adam's ε for τa (larger: rounding-level gradients cannot move τa).")] = 1e-8,
+        "--adam-eps", help="Adam's ε for τa's optimiser.")] = 1e-8,
     patch_fraction: Annotated[float, typer.Option(
         "--patch-fraction", help="patch: side of the patch as a fraction of the image side.")] = 0.1,
     patch_lr: Annotated[float, typer.Option("--patch-lr", help="Step of the prompt's ascent.")] = 0.1,
@@ -100,9 +100,9 @@ def lfpm_command(
     base_enc = load_encoder(base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
     cfg = LFPMConfig(epochs=epochs, batch_size=batch_size, lr=lr, path_points=path_points, beta=beta, rank=rank,
-                     prompt=prompt, prompt_tokens=prompt_tokens, prompts=prompts, mine_warmup=mine_warmup, mask_penalty=mask_penalty,
-                     reference=reference, adam_eps=adam_eps, patch_fraction=patch_fraction, patch_lr=patch_lr,
-                     mine_steps=mine_steps,
+                     prompt=prompt, prompt_tokens=prompt_tokens, prompts=prompts, mine_warmup=mine_warmup,
+                     mask_penalty=mask_penalty, reference=reference, adam_eps=adam_eps,
+                     patch_fraction=patch_fraction, patch_lr=patch_lr, mine_steps=mine_steps,
                      seed=seed, device=device, workers=workers)
     with RichProgress(enabled=not quiet) as progress:
         defended, tau, report = defend_lfpm(merged_enc, base_enc, images, cfg, progress,

@@ -183,7 +183,7 @@ class TokenPrompt:
     normalises each token, so only their directions matter): the image is untouched and the
     prompt acts inside the network. Ascent as the mask's, on `log E‖D‖²` (Adam)."""
 
-    def __init__(self, size: int, cfg: LFPMConfig, gen: torch.Generator, dev: torch.device, width: int):
+    def __init__(self, cfg: LFPMConfig, gen: torch.Generator, dev: torch.device, width: int):
         self.t = torch.randn(max(1, cfg.prompt_tokens), width, generator=gen).to(dev).requires_grad_(True)
         self.opt = torch.optim.Adam([self.t], lr=cfg.patch_lr)
 
@@ -276,9 +276,10 @@ def defend_lfpm(
     theta_m = {n: p.detach() for n, p in merged.named_parameters()}
     tau = {n: torch.zeros_like(p, requires_grad=True) for n, p in theta_m.items()}
     gen = torch.Generator().manual_seed(cfg.seed)
+
     def make_prompt():
         if cfg.prompt == "tokens":
-            return TokenPrompt(merged.image_size, cfg, gen, dev, merged.width)
+            return TokenPrompt(cfg, gen, dev, merged.width)
         return (MaskPrompt if cfg.prompt == "mask" else PatchPrompt)(merged.image_size, cfg, gen, dev)
 
     pool = PromptPool([make_prompt() for _ in range(max(1, cfg.prompts))])
@@ -356,7 +357,7 @@ def defend_lfpm(
                     state["idle"] = state.get("idle", 0) + 1
                     for t in tau.values():
                         t.grad = None
-                    return loss.detach() * 0.0 + 0.0 * sum(t.sum() for t in tau.values())
+                    return 0.0 * sum(t.sum() for t in tau.values())  # zero gradients, no backward through θ
                 return loss  # (3) the trainer core runs the last backward and the optimizer step
         raise AssertionError("unreachable")
 
