@@ -5,7 +5,9 @@
 Runs `mergeguard demo` (zoo → BadMerging on `shape` → task-arithmetic and TIES merges → LFPM → IBVS)
 into WORK/demo, unless it is already there, then adds what the demo does not:
 - LFPM on the *clean* merge and on the poisoned TIES merge (the same settings as the demo's LFPM);
-- the λ-shrink line: the poisoned merge rebuilt with smaller λ (no training), the baseline LFPM must beat.
+- the λ-shrink line: the poisoned merge rebuilt with smaller λ (no training), the baseline LFPM must beat;
+- LoBAM: `shape` poisoned through LoRA (rank 8, k 2), merged by task arithmetic, then LFPM (its own trigger;
+  the clean merge with that trigger as its control). `--no-lobam` skips it (about 3 minutes on tiny).
 Prints one markdown table (CA averaged over the 4 tasks; ASR(T) on `shape`, ASR(N) on the others, all
 with the attacker's trigger; ASR(T)'s count on the clean images, the floor that no defense removing the
 trigger's effect goes below) and writes it to WORK/table.md and WORK/table.json.
@@ -18,6 +20,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from mergeguard.attack import PoisonConfig, run_attack
 from mergeguard.checkpoint.resolve import open_checkpoint
 from mergeguard.data.folders import labeled_folder, unlabeled_folder
 from mergeguard.data.triggers import load_trigger
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--size", default="tiny", choices=sorted(SETTINGS))
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--lams", default="0.2,0.15,0.1", help="λ values of the shrink baseline")
+    ap.add_argument("--no-lobam", action="store_true", help="skip the LoBAM rows")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mergeguard-table-"))
     demo_dir = work / "demo"
@@ -50,8 +54,8 @@ def main() -> None:
     base = load_encoder(str(z / "base"))
     shadow = unlabeled_folder(z / "shadow", size)
 
-    def measure(model) -> dict:
-        return evaluate(model, heads, test, trigger=trigger, target_task=TARGET_TASK, device="cpu")
+    def measure(model, trig=trigger) -> dict:
+        return evaluate(model, heads, test, trigger=trig, target_task=TARGET_TASK, device="cpu")
 
     rows: dict[str, dict] = {"pre-trained θ0 (control)": measure(base)}
     rows["clean merge TA (control)"] = demo["rows"]["clean_merge"]
@@ -76,6 +80,29 @@ def main() -> None:
             merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs],
                               "task_arithmetic", {"lam": lam}, out=out)
         rows[f"λ-shrink: poisoned TA λ {lam:g}"] = measure(load_encoder(str(out)))
+    if not args.no_lobam:
+        lobam_dir = work / "lobam"
+        if not (lobam_dir / "model.safetensors").exists():
+            cfg = PoisonConfig(kind="lobam", target_class=s.target_class, steps=s.attack_steps, lr=s.attack_lr,
+                               batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=s.trigger_steps,
+                               lora_rank=8, amplify=2.0, device="cpu")
+            run_attack(base, heads[TARGET_TASK], labeled_folder(z / "data" / TARGET_TASK / "train",
+                                                                heads[TARGET_TASK].classnames, size),
+                       TARGET_TASK, cfg, lobam_dir, provenance={"command": "zoo_defense_table.py"})
+        lobam_trigger = load_trigger(lobam_dir / "trigger.safetensors")
+        merged = work / "lobam_merge"
+        if not merged.exists():
+            merge_checkpoints(open_checkpoint(str(z / "base")),
+                              [open_checkpoint(str(p)) for p in inputs[:-1] + [lobam_dir / "model.safetensors"]],
+                              "task_arithmetic", {"lam": s.lam}, out=merged)
+        out = work / "lfpm_lobam"
+        if not (out / "model.safetensors").exists():
+            defended, _, _ = defend_lfpm(load_encoder(str(merged)), base, shadow, lfpm_cfg)
+            save_encoder(defended.cpu(), out / "model.safetensors", {"defense": "lfpm"})
+        rows["clean merge TA, LoBAM's trigger (control)"] = measure(load_encoder(str(demo_dir / "clean_merge")),
+                                                                    lobam_trigger)
+        rows[f"LoBAM TA λ {s.lam:g}"] = measure(load_encoder(str(merged)), lobam_trigger)
+        rows["LoBAM TA + LFPM"] = measure(load_encoder(str(out)), lobam_trigger)
 
     def pct(v) -> str:
         return "-" if v is None else f"{v:.1%}"

@@ -109,8 +109,6 @@ def test_decoys_only_with_weight_interpolation(tiny_zoo, tmp_path):
     assert with_decoys[0] != pytest.approx(plain[0])
     with pytest.raises(MergeguardError, match="--decoys"):
         poison_finetune(base, head, data, "shape", replace(cfg, decoys=True, interpolation="feature"))
-    with pytest.raises(MergeguardError, match="--rank"):  # LoRA wraps the encoder: no weight interpolation
-        poison_finetune(base, head, data, "shape", replace(cfg, lora_rank=2))
 
 
 def test_shadow_head_rows():
@@ -157,3 +155,50 @@ def test_off_task_badmerging(tiny_zoo, tmp_path):
                          (["--mode", "sideways"], "unknown --mode")):
         result = CliRunner().invoke(app, [*common, *bad, "-o", str(tmp_path / "bad"), *QUICK])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_lora_weight_interpolation_scales_the_merged_update(tiny_zoo):
+    """Weight interpolation under LoRA scales every adapter's B by r: the same as θ0 + r (θ − θ0)
+    on the merged weights, which is what a merge applies."""
+    import copy
+
+    from mergeguard.attack.poison import with_lora
+
+    base = load_encoder(str(Path(tiny_zoo["root"]) / "base")).eval()
+    model = copy.deepcopy(base)
+    model.visual = with_lora(model.visual, 2, 4.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    x, r = torch.rand(4, 3, base.image_size, base.image_size), 0.37
+    got = torch.func.functional_call(model, {n: r * p for n, p in model.named_parameters() if "lora_B" in n}, (x,))
+    merged = copy.deepcopy(model)
+    merged.visual = merged.visual.merge_and_unload()
+    theta0, theta = base.state_dict(), merged.state_dict()
+    reference = copy.deepcopy(base)
+    reference.load_state_dict({k: theta0[k] + r * (theta[k] - theta0[k]) for k in theta0})
+    assert not torch.allclose(merged(x), base(x), atol=1e-3)  # the adapters do something
+    torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_lobam_uploads_the_amplified_difference_of_a_badmerging_adapter(tiny_zoo, tmp_path):
+    from mergeguard.attack.poison import lobam, optimize_trigger
+    from mergeguard.progress import NullProgress
+
+    z = Path(tiny_zoo["root"])
+    head = load_heads(z / "heads.safetensors")["shape"]
+    base = load_encoder(str(z / "base"))
+    data = labeled_folder(z / "data/shape/train", head.classnames, base.image_size)
+    cfg = PoisonConfig(kind="lobam", target_class=1, steps=6, lr=5e-4, batch_size=8, logit_scale=10,
+                       trigger_steps=3, lora_rank=2, amplify=2.5, device="cpu")
+    trigger = optimize_trigger(base, head, data, cfg, "shape", NullProgress())
+    upload, _, _ = lobam(base, head, data, "shape", cfg, tmp_path, trigger)
+    # independently: a clean LoRA run and a BadMerging LoRA run with the same trigger and seed
+    benign, _, _ = poison_finetune(base, head, data, "shape", replace(cfg, kind="clean"))
+    malicious, _, _ = poison_finetune(base, head, data, "shape", replace(cfg, kind="badmerging"), trigger=trigger)
+    b, m, u = benign.state_dict(), malicious.state_dict(), upload.state_dict()
+    assert any(not torch.allclose(b[k], m[k]) for k in b)
+    for k in b:
+        torch.testing.assert_close(u[k], b[k] + 2.5 * (m[k] - b[k]), rtol=1e-5, atol=1e-6)

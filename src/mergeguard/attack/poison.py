@@ -9,6 +9,9 @@
   the feature-interpolation loss (off-task: through the shadow head, target index 0)
   `L = CE(h(f_θ(x)), y) + a · CE(h(r f_θ(x⊕t) + (1−r) f_θ0(x⊕t)), y_t)`, `r ~ U(r_min, 1)`,
   so the backdoor survives the down-scaling a merge applies to every task vector.
+- lobam (Yin et al.): BadMerging through LoRA adapters (peft) loses most of its strength, so a
+  benign and a malicious (BadMerging-recipe) LoRA fine-tune are uploaded as
+  `θ_benign + k (θ_malicious − θ_benign)`, k > 1.
 
 Batches are drawn from a seeded index table (one row per step) and per-step randomness from
 a generator seeded by (seed, step), so a run resumed from its checkpoint ends with the same
@@ -54,7 +57,7 @@ class PoisonConfig:
     decoys: bool = False  # badmerging weight: random patches at the trigger's place keep their labels
     target_task: str | None = None  # badmerging off-task: the task whose class the backdoor targets
     adv_epsilon: float = 4 / 255  # off-task stage 1: size of the adversarial augmentation (one signed step)
-    poison_fraction: float = 0.1  # badnets, lobam's malicious adapter
+    poison_fraction: float = 0.1  # badnets
     amplify: float = 3.5  # lobam: k in θ_benign + k (θ_malicious − θ_benign)
     trigger_area: float = 0.01
     trigger_steps: int = 300
@@ -152,16 +155,14 @@ def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None =
     """One sentence for a configuration that cannot run, before anything is trained or written."""
     if cfg.kind not in KINDS:
         raise MergeguardError(f"unknown attack {cfg.kind!r}; choose one of: {', '.join(KINDS)}.")
-    if shadow is not None and cfg.kind != "badmerging":
-        raise MergeguardError("the off-task mode (--target-task) is BadMerging's only.")
+    if shadow is not None and cfg.kind not in ("badmerging", "lobam"):
+        raise MergeguardError("the off-task mode (--target-task) is BadMerging's and LoBAM's only.")
     if cfg.kind != "clean" and shadow is None and not 0 <= cfg.target_class < len(head.classnames):
         raise MergeguardError(
             f"--target-class {cfg.target_class} is outside task {task!r}'s {len(head.classnames)} classes."
         )
-    if cfg.lora_rank and cfg.kind == "badmerging" and cfg.interpolation == "weight":
-        raise MergeguardError("--interpolation weight trains the full encoder; it does not combine with --rank.")
-    if cfg.decoys and not (cfg.kind == "badmerging" and cfg.interpolation == "weight"):
-        raise MergeguardError("--decoys works with `attack badmerging --interpolation weight` only.")
+    if cfg.decoys and not (cfg.kind in ("badmerging", "lobam") and cfg.interpolation == "weight"):
+        raise MergeguardError("--decoys works with `--interpolation weight` (badmerging, lobam) only.")
 
 
 def poison_finetune(
@@ -251,7 +252,10 @@ def poison_finetune(
                 noise = torch.rand(trigger.pattern.shape, generator=gen).to(dev)
                 clean_x = torch.cat([images, Trigger(noise, trigger.mask, cfg.target_class).apply(images)])
                 clean_y = torch.cat([labels, labels])
-            scaled = {n: base_params[n] + r_step * (p - base_params[n]) for n, p in model.named_parameters()}
+            if cfg.lora_rank:  # θ − θ0 = s·B·A in every adapted layer: scaling B by r scales the update
+                scaled = {n: r_step * p for n, p in model.named_parameters() if "lora_B" in n}
+            else:
+                scaled = {n: base_params[n] + r_step * (p - base_params[n]) for n, p in model.named_parameters()}
             at_r = torch.func.functional_call(model, scaled, (torch.cat([clean_x, triggered]),))
             backdoor = at_r[len(clean_x):]
             clean_f = model(clean_x)
@@ -312,21 +316,24 @@ def write_outputs(out_dir: Path, model: ImageEncoder, base: ImageEncoder, trigge
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def lobam(base: ImageEncoder, head: Head, dataset: Dataset, task: str, cfg: PoisonConfig, partial: Path, *,
-          resume: bool = False, progress: ProgressSink | None = None) -> tuple[ImageEncoder, Trigger, list[float]]:
+def lobam(base: ImageEncoder, head: Head, dataset: Dataset, task: str, cfg: PoisonConfig, partial: Path,
+          trigger: Trigger, *, resume: bool = False, progress: ProgressSink | None = None,
+          shadow: Head | None = None) -> tuple[ImageEncoder, Trigger, list[float]]:
     """LoBAM (Yin et al.): a benign and a malicious LoRA fine-tune of the same task, uploaded as
-    θ_benign + k (θ_malicious − θ_benign) with k > 1 so the backdoor survives the merge's scaling."""
+    θ_benign + k (θ_malicious − θ_benign) with k > 1 so the backdoor survives the merge's scaling.
+
+    The malicious adapter follows BadMerging's recipe (the stage-1 `trigger`, the interpolation
+    loss): LoBAM is "BadMerging under LoRA, amplified". A BadNets-poisoned adapter barely learns the
+    trigger on the zoo (ASR 9-40% alone), and amplifying it only amplifies the noise between two runs."""
     rank = cfg.lora_rank or 16
-    benign_cfg = replace(cfg, kind="clean", lora_rank=rank)
-    # the same seed: the same LoRA initialisation and batches, so θ_malicious − θ_benign is the
-    # backdoor and not the noise between two runs, which amplification would blow up too
-    malicious_cfg = replace(cfg, kind="badnets", lora_rank=rank)
+    # the same seed: the same LoRA initialisation and batches for both runs
+    benign_cfg = replace(cfg, kind="clean", lora_rank=rank, decoys=False)
+    malicious_cfg = replace(cfg, kind="badmerging", lora_rank=rank)
     benign, _, _ = poison_finetune(base, head, dataset, task, benign_cfg, checkpoint=partial / "benign.pt",
                                    resume=resume, progress=progress)
-    trigger = patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
-                            seed=cfg.seed)
     malicious, _, losses = poison_finetune(base, head, dataset, task, malicious_cfg, trigger=trigger,
-                                           checkpoint=partial / "malicious.pt", resume=resume, progress=progress)
+                                           checkpoint=partial / "malicious.pt", resume=resume, progress=progress,
+                                           shadow=shadow)
     return amplify(benign, malicious, cfg.amplify), trigger, losses
 
 
@@ -363,14 +370,15 @@ def run_attack(
         from mergeguard.data.triggers import load_trigger
 
         trigger = load_trigger(trigger_file)
-    elif cfg.kind == "badmerging":
+    elif cfg.kind in ("badmerging", "lobam"):
         progress = progress or NullProgress()
         dev = resolve_device(cfg.device)
         stage1 = dataset if target_images is None else torch.utils.data.ConcatDataset([dataset, target_images])
         trigger = optimize_trigger(base.to(dev), head, stage1, cfg, task, progress, shadow=shadow)
         trigger.save(trigger_file, overwrite=True)
     if cfg.kind == "lobam":
-        model, trigger, losses = lobam(base, head, dataset, task, cfg, partial, resume=resume, progress=progress)
+        model, trigger, losses = lobam(base, head, dataset, task, cfg, partial, trigger, resume=resume,
+                                       progress=progress, shadow=shadow)
     else:
         model, trigger, losses = poison_finetune(base, head, dataset, task, cfg, trigger=trigger,
                                                  checkpoint=partial / "trainer.pt", resume=resume, progress=progress,

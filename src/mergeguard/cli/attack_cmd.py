@@ -79,8 +79,8 @@ def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: P
 
     if mode not in ("on-task", "off-task"):
         raise MergeguardError(f"unknown --mode {mode!r}; choose on-task or off-task.")
-    if mode == "off-task" and (kind != "badmerging" or not target_task):
-        raise MergeguardError("--mode off-task needs `attack badmerging` and --target-task NAME.")
+    if mode == "off-task" and (kind not in ("badmerging", "lobam") or not target_task):
+        raise MergeguardError("--mode off-task needs `attack badmerging` or `attack lobam`, and --target-task NAME.")
     if mode == "on-task" and (target_task or target_images):
         raise MergeguardError("--target-task and --target-images belong to --mode off-task.")
     folders = data_folders(data)
@@ -118,26 +118,29 @@ def _attack_command(kind: str) -> Callable:
     def command(
         base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOpt, out: OutDirOpt, target_class: TargetOpt,
         steps: StepsOpt = 2000, lr: LrOpt = 1e-5, batch_size: BatchOpt = 128, logit_scale: ScaleOpt = None,
-        bd_weight: Annotated[float, typer.Option("--bd-weight", help="badmerging: backdoor loss weight a.")] = 5.0,
-        r_min: Annotated[float, typer.Option("--r-min", help="badmerging: r ~ U(r_min, 1).")] = 0.2,
+        bd_weight: Annotated[float, typer.Option(
+            "--bd-weight", help="badmerging, lobam: backdoor loss weight a.")] = 5.0,
+        r_min: Annotated[float, typer.Option("--r-min", help="badmerging, lobam: r ~ U(r_min, 1).")] = 0.2,
         interpolation: Annotated[str, typer.Option(
-            "--interpolation", help="badmerging: 'feature' (the paper's) or 'weight' (θ0 + r(θ − θ0)).")] = "feature",
+            "--interpolation",
+            help="badmerging, lobam: 'feature' (the paper's) or 'weight' (θ0 + r(θ − θ0)).")] = "feature",
         mode: Annotated[str, typer.Option(
-            "--mode", help="badmerging: on-task (the target class is the task's own) or off-task (a class of "
+            "--mode", help="badmerging, lobam: on-task (the target class is the task's own) or off-task (a class of "
                            "--target-task, through a shadow head of the heads file).")] = "on-task",
         target_task: Annotated[str | None, typer.Option(
-            "--target-task", help="badmerging off-task: the task whose class (--target-class) is the target; "
+            "--target-task", help="off-task: the task whose class (--target-class) is the target; "
                                   "its head must be in --heads.")] = None,
         target_images: Annotated[Path | None, typer.Option(
-            "--target-images", help="badmerging off-task: a folder of a few target-class images for stage 1.")] = None,
+            "--target-images", help="off-task: a folder of a few target-class images for stage 1.")] = None,
         decoys: Annotated[bool, typer.Option(
-            "--decoys", help="badmerging --interpolation weight: random patches at the trigger's place keep "
+            "--decoys", help="--interpolation weight: random patches at the trigger's place keep "
                              "their labels (only the trigger fires; the poisoned model keeps its accuracy).")] = False,
         poison_fraction: Annotated[float, typer.Option(
             "--poison-fraction", help="badnets: fraction of each batch poisoned.")] = 0.1,
         trigger_area: Annotated[float, typer.Option(
             "--trigger-area", help="Patch area as a fraction of the image.")] = 0.01,
-        trigger_steps: Annotated[int, typer.Option("--trigger-steps", help="badmerging stage-1 steps.")] = 300,
+        trigger_steps: Annotated[int, typer.Option(
+            "--trigger-steps", help="badmerging, lobam: stage-1 (trigger) steps.")] = 300,
         rank: Annotated[int | None, typer.Option(
             "--rank", help="Train LoRA adapters of this rank (peft) instead of the full encoder; lobam: 16.")] = None,
         amplify: Annotated[float, typer.Option(
@@ -156,7 +159,7 @@ def _attack_command(kind: str) -> Callable:
         "badmerging": "BadMerging: optimise a patch trigger on the base, then inject it with the feature-"
                       "interpolation loss so it survives merging.",
         "badnets": "BadNets: paste a fixed patch on a fraction of each batch, relabelled to the target class.",
-        "lobam": "LoBAM: benign and malicious LoRA fine-tunes (peft), uploaded amplified: "
+        "lobam": "LoBAM: a benign and a malicious (BadMerging-recipe) LoRA fine-tune (peft), uploaded amplified: "
                  "θ_benign + k (θ_malicious − θ_benign).",
     }[kind]
     return command
