@@ -202,3 +202,12 @@ def test_lobam_uploads_the_amplified_difference_of_a_badmerging_adapter(tiny_zoo
     assert any(not torch.allclose(b[k], m[k]) for k in b)
     for k in b:
         torch.testing.assert_close(u[k], b[k] + 2.5 * (m[k] - b[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_help_lists_only_the_options_of_the_attack():
+    runner = CliRunner()
+    helps = {kind: runner.invoke(app, ["attack", kind, "--help"], env={"COLUMNS": "200"}).output
+             for kind in ("badnets", "badmerging", "lobam")}
+    assert "--poison-fraction" in helps["badnets"] and "--decoys" not in helps["badnets"]
+    assert "--decoys" in helps["badmerging"] and "--poison-fraction" not in helps["badmerging"]
+    assert "--amplify" in helps["lobam"] and "--amplify" not in helps["badmerging"]

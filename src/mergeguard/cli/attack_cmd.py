@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import copy
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -114,6 +116,18 @@ def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: P
         out_console.print(table)
 
 
+def _hide_options(command: Callable, names: tuple[str, ...]) -> None:
+    """Leave options that do not apply to this attack out of its --help (they stay accepted: the
+    three commands share one signature, and a misused one is refused with a sentence)."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    for name in names:
+        base_type, info = typing.get_args(hints[name])
+        info = copy.copy(info)
+        info.hidden = True
+        hints[name] = Annotated[base_type, info]
+    command.__annotations__ = hints
+
+
 def _attack_command(kind: str) -> Callable:
     def command(
         base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOpt, out: OutDirOpt, target_class: TargetOpt,
@@ -155,6 +169,12 @@ def _attack_command(kind: str) -> Callable:
              target_images=target_images, lora_rank=rank, amplify=amplify,
              poison_fraction=poison_fraction, trigger_area=trigger_area, trigger_steps=trigger_steps)
 
+    _hide_options(command, {
+        "badnets": ("bd_weight", "r_min", "interpolation", "mode", "target_task", "target_images", "decoys",
+                    "trigger_steps", "amplify"),
+        "badmerging": ("poison_fraction", "amplify"),
+        "lobam": ("poison_fraction",),
+    }[kind])
     command.__doc__ = {
         "badmerging": "BadMerging: optimise a patch trigger on the base, then inject it with the feature-"
                       "interpolation loss so it survives merging.",
