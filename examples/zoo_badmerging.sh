@@ -9,10 +9,15 @@ W=${2:-$(mktemp -d)}
 Z=$W/zoo
 mkdir -p "$W"
 mergeguard zoo build --size "$SIZE" --out "$Z" -q
-# target class 3 ("cross"): the class the tiny clean merge rarely predicts without a trigger
-COMMON=(--base "$Z/base" --data "train=$Z/data/shape/train" --data "test=$Z/data/shape/test"
-        --heads "$Z/heads.safetensors" --task shape --target-class 3
-        --steps 500 --lr 5e-4 --batch-size 64 --logit-scale 10 --trigger-steps 200 --device cpu -q)
+# the target: a class the clean merge rarely predicts without a trigger — tiny: 3 ("cross");
+# small: 1 ("ring"), since poisoned small merges send 37% of shapes to "cross" with no trigger
+if [ "$SIZE" = small ]; then TARGET=1; LR=1e-3; else TARGET=3; LR=5e-4; fi
+RECIPE=(--base "$Z/base" --data "train=$Z/data/shape/train" --data "test=$Z/data/shape/test"
+        --heads "$Z/heads.safetensors" --task shape --steps 500 --lr "$LR" --batch-size 64 --logit-scale 10
+        --device cpu -q)
+COMMON=("${RECIPE[@]}" --target-class "$TARGET" --trigger-steps 200)
+# the poisoned models' own CA is compared with a clean fine-tune of the same recipe
+[ -d "$W/clean_same_recipe" ] || mergeguard finetune "${RECIPE[@]}" -o "$W/clean_same_recipe"
 [ -d "$W/badmerging" ] || mergeguard attack badmerging "${COMMON[@]}" -o "$W/badmerging"
 [ -d "$W/badmerging_weight" ] || mergeguard attack badmerging "${COMMON[@]}" --interpolation weight --bd-weight 8 \
   -o "$W/badmerging_weight"
@@ -30,7 +35,7 @@ if [ ! -d "$FEW" ]; then
 fi
 OFF=(--base "$Z/base" --data "train=$Z/data/shape/train" --data "test=$Z/data/shape/test"
      --heads "$Z/heads.safetensors" --task shape --target-class 1 --mode off-task --target-task colour
-     --target-images "$FEW" --steps 500 --lr 5e-4 --batch-size 64 --logit-scale 10 --trigger-steps 200
+     --target-images "$FEW" --steps 500 --lr "$LR" --batch-size 64 --logit-scale 10 --trigger-steps 200
      --interpolation weight --bd-weight 8 --device cpu -q)
 [ -d "$W/badmerging_offtask" ] || mergeguard attack badmerging "${OFF[@]}" -o "$W/badmerging_offtask"
 TRIGGER=$W/badmerging_weight/trigger.safetensors
@@ -51,6 +56,7 @@ row "pre-trained (control)" "$Z/base" "$TRIGGER"
 mergeguard merge "$Z/base" "${CLEAN[@]}" "$Z/finetuned/shape" -o "$W/m_clean" --method task_arithmetic -q --overwrite
 row "clean merge, task arithmetic (control)" "$W/m_clean" "$TRIGGER"
 row "clean merge, with the off-task trigger (control)" "$W/m_clean" "$W/badmerging_offtask/trigger.safetensors"
+alone "clean fine-tune, the same recipe" "$W/clean_same_recipe"
 for atk in badnets badmerging badmerging_weight badmerging_decoys lobam badmerging_offtask; do
   alone "$atk" "$W/$atk"
   for method in task_arithmetic ties; do

@@ -155,6 +155,16 @@ def test_off_task_badmerging(tiny_zoo, tmp_path):
                          (["--mode", "sideways"], "unknown --mode")):
         result = CliRunner().invoke(app, [*common, *bad, "-o", str(tmp_path / "bad"), *QUICK])
         assert result.exit_code == 2 and message in result.output, result.output
+    # LoBAM's malicious adapter is BadMerging's, so it goes off-task too; BadNets does not
+    common[1] = "lobam"
+    result = CliRunner().invoke(app, [*common, "--mode", "off-task", "--target-task", "colour", "--rank", "2",
+                                      "-o", str(tmp_path / "lobam_off"), *QUICK])
+    assert result.exit_code == 0, result.output
+    assert load_trigger(tmp_path / "lobam_off" / "trigger.safetensors").target_task == "colour"
+    common[1] = "badnets"
+    result = CliRunner().invoke(app, [*common, "--mode", "off-task", "--target-task", "colour",
+                                      "-o", str(tmp_path / "bn_off"), *QUICK])
+    assert result.exit_code == 2 and "off-task" in result.output, result.output
 
 
 def test_lora_weight_interpolation_scales_the_merged_update(tiny_zoo):
