@@ -96,11 +96,16 @@ def test_bad_target_class(tiny_zoo, tmp_path):
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
-def test_decoys_only_with_weight_interpolation(tiny_zoo, tmp_path):
+def _shape_task(tiny_zoo):
+    """The zoo's `shape` head, its pre-trained encoder and its training images."""
     z = Path(tiny_zoo["root"])
     head = load_heads(z / "heads.safetensors")["shape"]
     base = load_encoder(str(z / "base"))
-    data = labeled_folder(z / "data/shape/train", head.classnames, base.image_size)
+    return head, base, labeled_folder(z / "data/shape/train", head.classnames, base.image_size)
+
+
+def test_decoys_only_with_weight_interpolation(tiny_zoo, tmp_path):
+    head, base, data = _shape_task(tiny_zoo)
     cfg = PoisonConfig(kind="badmerging", target_class=1, steps=3, lr=5e-4, batch_size=8, logit_scale=10,
                        trigger_steps=2, interpolation="weight", device="cpu")
     _, trigger, plain = poison_finetune(base, head, data, "shape", cfg)
@@ -197,10 +202,7 @@ def test_lobam_uploads_the_amplified_difference_of_a_badmerging_adapter(tiny_zoo
     from mergeguard.attack.poison import lobam, optimize_trigger
     from mergeguard.progress import NullProgress
 
-    z = Path(tiny_zoo["root"])
-    head = load_heads(z / "heads.safetensors")["shape"]
-    base = load_encoder(str(z / "base"))
-    data = labeled_folder(z / "data/shape/train", head.classnames, base.image_size)
+    head, base, data = _shape_task(tiny_zoo)
     cfg = PoisonConfig(kind="lobam", target_class=1, steps=6, lr=5e-4, batch_size=8, logit_scale=10,
                        trigger_steps=3, lora_rank=2, amplify=2.5, device="cpu")
     trigger = optimize_trigger(base, head, data, cfg, "shape", NullProgress())
