@@ -67,6 +67,12 @@ def main() -> None:
             defended, _, report = defend_lfpm(load_encoder(str(demo_dir / folder)), base, shadow, lfpm_cfg)
             save_encoder(defended.cpu(), out / "model.safetensors", {"defense": "lfpm"})
         if folder == "poisoned_ties":
+            clean_ties = work / "clean_ties"  # TIES's own confusion, the floor of the TIES rows
+            if not clean_ties.exists():
+                merge_checkpoints(open_checkpoint(str(z / "base")),
+                                  [open_checkpoint(str(z / "finetuned" / t / "model.safetensors")) for t in heads],
+                                  "ties", {}, out=clean_ties)
+            rows["clean merge TIES (control)"] = measure(load_encoder(str(clean_ties)))
             rows["poisoned TIES"] = demo["extra_rows"]["poisoned_ties"]
         rows[f"{name} + LFPM"] = measure(load_encoder(str(out)))
     rows["poisoned TA λ 0.3"] = demo["rows"]["poisoned_merge"]
