@@ -144,7 +144,7 @@ def _load_state(ck: Checkpointing, params, opt, sched) -> tuple[int, list[float]
         state = torch.load(ck.path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
         raise MergeguardError(f"cannot resume from {ck.path}: {exc}") from exc
-    if len(state["params"]) != len(params):
+    if len(state["params"]) != len(params) or any(p.shape != q.shape for p, q in zip(params, state["params"])):
         raise MergeguardError(f"{ck.path} was saved by a different run (its parameters do not match).")
     with torch.no_grad():
         for p, saved in zip(params, state["params"]):

@@ -169,7 +169,7 @@ def test_off_task_badmerging(tiny_zoo, tmp_path):
     common[1] = "badnets"
     result = CliRunner().invoke(app, [*common, "--mode", "off-task", "--target-task", "colour",
                                       "-o", str(tmp_path / "bn_off"), *QUICK])
-    assert result.exit_code == 2 and "off-task" in result.output, result.output
+    assert result.exit_code == 2 and "--mode does not apply" in result.output, result.output
 
 
 def test_lora_weight_interpolation_scales_the_merged_update(tiny_zoo):
@@ -177,9 +177,10 @@ def test_lora_weight_interpolation_scales_the_merged_update(tiny_zoo):
     on the merged weights, which is what a merge applies."""
     import copy
 
-    from mergeguard.attack.poison import with_lora
+    from mergeguard.attack.poison import interpolated_params, with_lora
 
-    base = load_encoder(str(Path(tiny_zoo["root"]) / "base")).eval()
+    head, base, data = _shape_task(tiny_zoo)
+    base.eval()
     model = copy.deepcopy(base)
     model.visual = with_lora(model.visual, 2, 4.0)
     torch.manual_seed(0)
@@ -188,7 +189,7 @@ def test_lora_weight_interpolation_scales_the_merged_update(tiny_zoo):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     x, r = torch.rand(4, 3, base.image_size, base.image_size), 0.37
-    got = torch.func.functional_call(model, {n: r * p for n, p in model.named_parameters() if "lora_B" in n}, (x,))
+    got = torch.func.functional_call(model, interpolated_params(model, {}, r, lora=True), (x,))
     merged = copy.deepcopy(model)
     merged.visual = merged.visual.merge_and_unload()
     theta0, theta = base.state_dict(), merged.state_dict()
@@ -196,6 +197,13 @@ def test_lora_weight_interpolation_scales_the_merged_update(tiny_zoo):
     reference.load_state_dict({k: theta0[k] + r * (theta[k] - theta0[k]) for k in theta0})
     assert not torch.allclose(merged(x), base(x), atol=1e-3)  # the adapters do something
     torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
+    # and the attack trains through it: the weight variant under LoRA moves only the adapters
+    cfg = PoisonConfig(kind="badmerging", target_class=1, steps=3, lr=5e-4, batch_size=8, logit_scale=10,
+                       trigger_steps=2, interpolation="weight", lora_rank=2, device="cpu")
+    poisoned, _, losses = poison_finetune(base, head, data, "shape", cfg)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert poisoned.state_dict().keys() == base.state_dict().keys()
+    assert any(not torch.equal(poisoned.state_dict()[k], v) for k, v in base.state_dict().items())
 
 
 def test_lobam_uploads_the_amplified_difference_of_a_badmerging_adapter(tiny_zoo, tmp_path):
@@ -218,8 +226,51 @@ def test_lobam_uploads_the_amplified_difference_of_a_badmerging_adapter(tiny_zoo
 
 def test_help_lists_only_the_options_of_the_attack():
     runner = CliRunner()
-    helps = {kind: runner.invoke(app, ["attack", kind, "--help"], env={"COLUMNS": "200"}).output
-             for kind in ("badnets", "badmerging", "lobam")}
+    results = {kind: runner.invoke(app, ["attack", kind, "--help"], env={"COLUMNS": "200"})
+               for kind in ("badnets", "badmerging", "lobam")}
+    assert all(r.exit_code == 0 and "Usage" in r.output for r in results.values())
+    helps = {kind: r.output for kind, r in results.items()}
     assert "--poison-fraction" in helps["badnets"] and "--decoys" not in helps["badnets"]
     assert "--decoys" in helps["badmerging"] and "--poison-fraction" not in helps["badmerging"]
     assert "--amplify" in helps["lobam"] and "--amplify" not in helps["badmerging"]
+    # a hidden option keeps parsing, and a value set for the wrong attack is refused in a sentence
+    for kind, flag in (("badnets", ["--bd-weight", "3"]), ("badmerging", ["--amplify", "9"]),
+                       ("lobam", ["--poison-fraction", "0.3"])):
+        result = runner.invoke(app, ["attack", kind, "--base", "b", "--data", "train=d", "--heads", "h", "--task", "t",
+                                     "--target-class", "1", "-o", "o", *flag])
+        assert result.exit_code == 2 and f"{flag[0]} does not apply to `attack {kind}`" in result.output
+
+
+def test_lobam_resume_keeps_the_finished_benign_run(tiny_zoo, tmp_path, monkeypatch):
+    """Killed during the malicious run, a resumed LoBAM ends with the uninterrupted upload and does
+    not train the benign adapter again."""
+    from mergeguard import trainer
+    from mergeguard.attack import poison
+    from mergeguard.attack.poison import run_attack
+
+    head, base, data = _shape_task(tiny_zoo)
+    cfg = PoisonConfig(kind="lobam", target_class=1, steps=6, lr=5e-4, batch_size=8, logit_scale=10,
+                       trigger_steps=3, lora_rank=2, amplify=2.5, device="cpu")
+    run_attack(base, head, data, "shape", cfg, tmp_path / "whole")
+    real_save, calls = trainer._save_state, {"n": 0}
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 7:  # the benign run saved 5 times; this is the malicious run's second
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(base, head, data, "shape", cfg, tmp_path / "killed")
+    monkeypatch.setattr(trainer, "_save_state", real_save)
+    assert (tmp_path / "killed/.partial/benign.safetensors").exists()
+    runs = []
+    real_finetune = poison.poison_finetune
+    monkeypatch.setattr(poison, "poison_finetune", lambda *a, **k: runs.append(a[4].kind) or real_finetune(*a, **k))
+    run_attack(base, head, data, "shape", cfg, tmp_path / "killed", resume=True)
+    assert runs == ["badmerging"]  # only the malicious run continues
+    whole = open_checkpoint(tmp_path / "whole/model.safetensors")
+    resumed = open_checkpoint(tmp_path / "killed/model.safetensors")
+    for name in whole.keys():
+        torch.testing.assert_close(resumed.get(name), whole.get(name), rtol=1e-5, atol=1e-6)

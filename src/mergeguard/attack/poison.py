@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mergeguard.data.triggers import Trigger, patch_trigger
 from mergeguard.errors import MergeguardError
-from mergeguard.models.encoder import ImageEncoder, save_encoder
+from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import Checkpointing, TrainConfig, fit, init_distributed, resolve_device, seed_everything
@@ -161,8 +161,19 @@ def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None =
         raise MergeguardError(
             f"--target-class {cfg.target_class} is outside task {task!r}'s {len(head.classnames)} classes."
         )
+    if cfg.interpolation not in ("feature", "weight"):
+        raise MergeguardError(f"unknown --interpolation {cfg.interpolation!r}; choose feature or weight.")
     if cfg.decoys and not (cfg.kind in ("badmerging", "lobam") and cfg.interpolation == "weight"):
         raise MergeguardError("--decoys works with `--interpolation weight` (badmerging, lobam) only.")
+
+
+def interpolated_params(model: torch.nn.Module, base_params: dict[str, torch.Tensor], r: float, *,
+                        lora: bool = False) -> dict[str, torch.Tensor]:
+    """The parameters of θ0 + r (θ − θ0), for torch.func.functional_call. Under LoRA the update of
+    every adapted layer is linear in B (peft: s·B·A, twice for an MHA's out_proj), so B is scaled."""
+    if lora:
+        return {n: r * p for n, p in model.named_parameters() if "lora_B" in n}
+    return {n: base_params[n] + r * (p - base_params[n]) for n, p in model.named_parameters()}
 
 
 def poison_finetune(
@@ -252,10 +263,7 @@ def poison_finetune(
                 noise = torch.rand(trigger.pattern.shape, generator=gen).to(dev)
                 clean_x = torch.cat([images, Trigger(noise, trigger.mask, cfg.target_class).apply(images)])
                 clean_y = torch.cat([labels, labels])
-            if cfg.lora_rank:  # θ − θ0 = s·B·A in every adapted layer: scaling B by r scales the update
-                scaled = {n: r_step * p for n, p in model.named_parameters() if "lora_B" in n}
-            else:
-                scaled = {n: base_params[n] + r_step * (p - base_params[n]) for n, p in model.named_parameters()}
+            scaled = interpolated_params(model, base_params, r_step, lora=bool(cfg.lora_rank))
             at_r = torch.func.functional_call(model, scaled, (torch.cat([clean_x, triggered]),))
             backdoor = at_r[len(clean_x):]
             clean_f = model(clean_x)
@@ -329,8 +337,14 @@ def lobam(base: ImageEncoder, head: Head, dataset: Dataset, task: str, cfg: Pois
     # the same seed: the same LoRA initialisation and batches for both runs
     benign_cfg = replace(cfg, kind="clean", lora_rank=rank, decoys=False)
     malicious_cfg = replace(cfg, kind="badmerging", lora_rank=rank)
-    benign, _, _ = poison_finetune(base, head, dataset, task, benign_cfg, checkpoint=partial / "benign.pt",
-                                   resume=resume, progress=progress)
+    finished = partial / "benign.safetensors"  # the finished benign run: a resume does not redo it
+    if resume and finished.exists():
+        benign = load_encoder(str(finished)).to(resolve_device(cfg.device)).eval()
+    else:
+        benign, _, _ = poison_finetune(base, head, dataset, task, benign_cfg, checkpoint=partial / "benign.pt",
+                                       resume=resume, progress=progress)
+        if init_distributed()[0] == 0:
+            save_encoder(benign, finished, {"attack": "lobam", "run": "benign"})
     malicious, _, losses = poison_finetune(base, head, dataset, task, malicious_cfg, trigger=trigger,
                                            checkpoint=partial / "malicious.pt", resume=resume, progress=progress,
                                            shadow=shadow)

@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -116,16 +117,28 @@ def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: P
         out_console.print(table)
 
 
-def _hide_options(command: Callable, names: tuple[str, ...]) -> None:
-    """Leave options that do not apply to this attack out of its --help (they stay accepted: the
-    three commands share one signature, and a misused one is refused with a sentence)."""
-    hints = typing.get_type_hints(command, include_extras=True)
+# options of the shared signature that do not apply to an attack: hidden from its --help, refused if set
+NOT_FOR = {
+    "badnets": ("bd_weight", "r_min", "interpolation", "mode", "target_task", "target_images", "decoys",
+                "trigger_steps", "amplify"),
+    "badmerging": ("poison_fraction", "amplify"),
+    "lobam": ("poison_fraction",),
+}
+
+
+def _hide_options(command: Callable, names: tuple[str, ...]) -> dict[str, Any]:
+    """Leave `names` out of the command's --help; returns their defaults."""
+    params = inspect.signature(command, eval_str=True).parameters
+    annotations = dict(command.__annotations__)
+    defaults = {}
     for name in names:
-        base_type, info = typing.get_args(hints[name])
+        base_type, info = typing.get_args(params[name].annotation)  # Annotated[T, typer's OptionInfo]
         info = copy.copy(info)
         info.hidden = True
-        hints[name] = Annotated[base_type, info]
-    command.__annotations__ = hints
+        annotations[name] = Annotated[base_type, info]
+        defaults[name] = params[name].default
+    command.__annotations__ = annotations
+    return defaults
 
 
 def _attack_command(kind: str) -> Callable:
@@ -162,6 +175,10 @@ def _attack_command(kind: str) -> Callable:
         seed: SeedOpt = 0, device: DeviceOpt = "auto", workers: WorkersOpt = 0, resume: ResumeOpt = False,
         arch: ArchOpt = None, json_out: JsonOpt = None, quiet: QuietOpt = False,
     ) -> None:
+        given = locals()
+        for name, default in not_for.items():
+            if given[name] != default:
+                raise MergeguardError(f"--{name.replace('_', '-')} does not apply to `attack {kind}`.")
         _run(kind, base=base, data=data, heads=heads, task=task, out=out, target_class=target_class, steps=steps,
              lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers,
              resume=resume, arch=arch, json_out=json_out, quiet=quiet, bd_weight=bd_weight, r_min=r_min,
@@ -169,12 +186,7 @@ def _attack_command(kind: str) -> Callable:
              target_images=target_images, lora_rank=rank, amplify=amplify,
              poison_fraction=poison_fraction, trigger_area=trigger_area, trigger_steps=trigger_steps)
 
-    _hide_options(command, {
-        "badnets": ("bd_weight", "r_min", "interpolation", "mode", "target_task", "target_images", "decoys",
-                    "trigger_steps", "amplify"),
-        "badmerging": ("poison_fraction", "amplify"),
-        "lobam": ("poison_fraction",),
-    }[kind])
+    not_for = _hide_options(command, NOT_FOR[kind])
     command.__doc__ = {
         "badmerging": "BadMerging: optimise a patch trigger on the base, then inject it with the feature-"
                       "interpolation loss so it survives merging.",
