@@ -69,3 +69,23 @@ def test_gradients_accumulated_inside_loss_at_are_kept():
     fit([w], loss_at, TrainConfig(steps=1, lr=0.1, weight_decay=0.0, grad_clip=None))
     # Adam's first step moves by lr in the gradient's sign whatever its size; check the gradient itself
     assert w.grad is not None and float(w.grad) == 3.0
+
+
+def test_resume_refuses_a_checkpoint_of_other_shapes(tmp_path):
+    """Same number of parameters, other shapes (e.g. another LoRA rank): one sentence, no traceback."""
+    from mergeguard.errors import MergeguardError
+
+    cfg = TrainConfig(steps=4, lr=0.05, warmup=0)
+    a = torch.nn.Parameter(torch.zeros(2))
+
+    def dies_at_3(step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return (a - 1).pow(2).sum()
+
+    with pytest.raises(KeyboardInterrupt):
+        fit([a], dies_at_3, cfg, checkpointing=Checkpointing(tmp_path / "s.pt", every=1))
+    b = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(MergeguardError, match="different run"):
+        fit([b], lambda step: (b - 1).pow(2).sum(), cfg,
+            checkpointing=Checkpointing(tmp_path / "s.pt", every=1, resume=True))
