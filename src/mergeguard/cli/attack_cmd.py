@@ -31,6 +31,7 @@ from mergeguard.cli.options import (
     TaskOpt,
     WorkersOpt,
     data_folders,
+    err_console,
     examples,
     handle_errors,
     out_console,
@@ -117,7 +118,10 @@ def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: P
         out_console.print(table)
 
 
-# options of the shared signature that do not apply to an attack: hidden from its --help, refused if set
+# options of the shared signature that do not apply to an attack: hidden from its --help; set, they
+# are ignored with a warning (scripts share one argument list across attacks), except those that would
+# change what is attacked, which are refused
+REFUSED_ELSEWHERE = ("mode", "target_task", "target_images", "decoys")
 NOT_FOR = {
     "badnets": ("bd_weight", "r_min", "interpolation", "mode", "target_task", "target_images", "decoys",
                 "trigger_steps", "amplify"),
@@ -176,9 +180,10 @@ def _attack_command(kind: str) -> Callable:
         arch: ArchOpt = None, json_out: JsonOpt = None, quiet: QuietOpt = False,
     ) -> None:
         given = locals()
-        for name, default in not_for.items():
-            if given[name] != default:
-                raise MergeguardError(f"--{name.replace('_', '-')} does not apply to `attack {kind}`.")
+        for name, default in not_for.items():  # --mode, --target-task, --decoys: refused by _run instead
+            if given[name] != default and name not in REFUSED_ELSEWHERE and not quiet:
+                err_console.print(f"[yellow]warning:[/] --{name.replace('_', '-')} does not apply to "
+                                  f"`attack {kind}`; ignored.", highlight=False)
         _run(kind, base=base, data=data, heads=heads, task=task, out=out, target_class=target_class, steps=steps,
              lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers,
              resume=resume, arch=arch, json_out=json_out, quiet=quiet, bd_weight=bd_weight, r_min=r_min,
