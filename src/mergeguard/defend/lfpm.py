@@ -86,6 +86,23 @@ def _paste(images: torch.Tensor, patch: torch.Tensor, gen: torch.Generator) -> t
 Excess = Callable[[torch.Tensor, torch.Tensor, bool, "torch.Tensor | None"], torch.Tensor]
 
 
+def _log_ascent(e: torch.Tensor, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                penalty: torch.Tensor | float = 0.0) -> float:
+    """One optimizer step of the prompt `params` up `log E − penalty`, E = `e`'s mean over the whole
+    (all processes') batch; returns E. Call with gradients enabled.
+
+    d(−log E)/dΠ = −(dE/dΠ) / E: −e / E has that gradient here, and averaging it over processes
+    gives the global one."""
+    (e_all,) = all_reduce_mean([e.detach()])
+    loss = -e / (e_all + 1e-12) + penalty
+    opt.zero_grad()
+    loss.backward()
+    for p, g in zip(params, all_reduce_mean([p.grad for p in params])):
+        p.grad = g
+    opt.step()
+    return float(e_all)
+
+
 class MaskPrompt:
     """Π as a pattern p and a soft mask m over the whole image: x ⊕ Π = (1 − m) x + m p,
     m = σ(a), p = σ(b). Ascent on `log E‖D‖² − c · mean(m)`: the log makes the ascent scale-free,
@@ -108,15 +125,7 @@ class MaskPrompt:
     def ascend(self, excess: Excess, x: torch.Tensor) -> float:
         with torch.enable_grad():
             e = excess(x, self.apply(x, grad=True), True, None).float().pow(2).sum(1).mean()
-            # d(−log E)/dΠ = −(dE/dΠ) / E with E the mean over the whole (all processes') batch:
-            # −e / E has that gradient here, and averaging it over processes gives the global one
-            (e_all,) = all_reduce_mean([e.detach()])
-            loss = -e / (e_all + 1e-12) + self.penalty * torch.sigmoid(self.a).mean()
-            self.opt.zero_grad()
-            loss.backward()
-        self.a.grad, self.b.grad = all_reduce_mean([self.a.grad, self.b.grad])
-        self.opt.step()
-        return float(e_all)
+            return _log_ascent(e, self.opt, [self.a, self.b], self.penalty * torch.sigmoid(self.a).mean())
 
     def area(self) -> float:
         return float(torch.sigmoid(self.a.detach()).mean())
@@ -196,13 +205,7 @@ class TokenPrompt:
     def ascend(self, excess: Excess, x: torch.Tensor) -> float:
         with torch.enable_grad():
             e = excess(x, x, True, self.t).float().pow(2).sum(1).mean()
-            (e_all,) = all_reduce_mean([e.detach()])  # the log's gradient, over the whole batch (see MaskPrompt)
-            loss = -e / (e_all + 1e-12)
-            self.opt.zero_grad()
-            loss.backward()
-        (self.t.grad,) = all_reduce_mean([self.t.grad])
-        self.opt.step()
-        return float(e_all)
+            return _log_ascent(e, self.opt, [self.t])
 
     def area(self) -> None:
         return None  # no pixels
