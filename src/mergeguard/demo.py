@@ -30,7 +30,6 @@ class DemoSettings:
     # the attacked class of `shape`: one the poisoned merges rarely predict without the trigger, so
     # ASR(T) measures the trigger and not the merge's confusion (see docs/lfpm.md)
     target_class: int = 3
-    decoys: bool = False
     attack_steps: int = 500
     attack_lr: float = 5e-4
     bd_weight: float = 8.0
@@ -107,7 +106,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
         f"(target class {s.target_class} {target_name!r}).")
     atk_cfg = PoisonConfig(kind="badmerging", target_class=s.target_class, steps=s.attack_steps, lr=s.attack_lr,
                            batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=s.trigger_steps,
-                           bd_weight=s.bd_weight, interpolation="weight", decoys=s.decoys, device=device)
+                           bd_weight=s.bd_weight, interpolation="weight", device=device)
     train = labeled_folder(z / "data" / TARGET_TASK / "train", heads[TARGET_TASK].classnames, image_size)
     attack_dir = out / "attack"
     summary = run_attack(base, heads[TARGET_TASK], train, TARGET_TASK, atk_cfg, attack_dir,
@@ -117,7 +116,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
         f"--data test={_q(z / 'data' / TARGET_TASK / 'test')} --heads {_q(heads_file)} --task {TARGET_TASK} "
         f"--target-class {s.target_class} --interpolation weight --steps {s.attack_steps} --lr {s.attack_lr} "
         f"--bd-weight {s.bd_weight} --trigger-steps {s.trigger_steps} --batch-size {s.batch_size} "
-        f"--logit-scale {s.logit_scale}" + (" --decoys" if s.decoys else "") + f" -o {_q(attack_dir)}")
+        f"--logit-scale {s.logit_scale} -o {_q(attack_dir)}")
     say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {TARGET_TASK}, ASR {summary['asr']:.1%}.")
     trigger = load_trigger(attack_dir / "trigger.safetensors")
 

@@ -180,8 +180,8 @@ def _attack_command(kind: str) -> Callable:
         arch: ArchOpt = None, json_out: JsonOpt = None, quiet: QuietOpt = False,
     ) -> None:
         given = locals()
-        for name, default in not_for.items():  # --mode, --target-task, --decoys: refused by _run instead
-            if given[name] != default and name not in REFUSED_ELSEWHERE and not quiet:
+        for name, default in ignored.items():
+            if given[name] != default and not quiet:
                 err_console.print(f"[yellow]warning:[/] --{name.replace('_', '-')} does not apply to "
                                   f"`attack {kind}`; ignored.", highlight=False)
         _run(kind, base=base, data=data, heads=heads, task=task, out=out, target_class=target_class, steps=steps,
@@ -191,7 +191,8 @@ def _attack_command(kind: str) -> Callable:
              target_images=target_images, lora_rank=rank, amplify=amplify,
              poison_fraction=poison_fraction, trigger_area=trigger_area, trigger_steps=trigger_steps)
 
-    not_for = _hide_options(command, NOT_FOR[kind])
+    # what _run refuses (--mode, --target-task, --decoys) needs no warning
+    ignored = {n: d for n, d in _hide_options(command, NOT_FOR[kind]).items() if n not in REFUSED_ELSEWHERE}
     command.__doc__ = {
         "badmerging": "BadMerging: optimise a patch trigger on the base, then inject it with the feature-"
                       "interpolation loss so it survives merging.",
