@@ -61,17 +61,26 @@ def main() -> None:
     rows["clean merge TA (control)"] = demo["rows"]["clean_merge"]
     lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
                           mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points, device="cpu")
-    for name, folder in (("clean merge TA", "clean_merge"), ("poisoned TIES", "poisoned_ties")):
-        out = work / f"lfpm_{folder}"
+
+    def merged(out: Path, inputs: list[Path], method: str, params: dict) -> Path:
+        """The merge of `inputs` into `out`, unless an earlier run left it there."""
+        if not out.exists():
+            merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs], method,
+                              params, out=out)
+        return out
+
+    def lfpm(model_dir: Path, out: Path) -> Path:
+        """LFPM (the demo's settings) on the model in `model_dir`, into `out`, unless already there."""
         if not (out / "model.safetensors").exists():
-            defended, _, report = defend_lfpm(load_encoder(str(demo_dir / folder)), base, shadow, lfpm_cfg)
+            defended, _, _ = defend_lfpm(load_encoder(str(model_dir)), base, shadow, lfpm_cfg)
             save_encoder(defended.cpu(), out / "model.safetensors", {"defense": "lfpm"})
-        if folder == "poisoned_ties":
-            clean_ties = work / "clean_ties"  # TIES's own confusion, the floor of the TIES rows
-            if not clean_ties.exists():
-                merge_checkpoints(open_checkpoint(str(z / "base")),
-                                  [open_checkpoint(str(z / "finetuned" / t / "model.safetensors")) for t in heads],
-                                  "ties", {}, out=clean_ties)
+        return out
+
+    for name, folder in (("clean merge TA", "clean_merge"), ("poisoned TIES", "poisoned_ties")):
+        out = lfpm(demo_dir / folder, work / f"lfpm_{folder}")
+        if folder == "poisoned_ties":  # TIES's own confusion, the floor of the TIES rows
+            clean_ties = merged(work / "clean_ties", [z / "finetuned" / t / "model.safetensors" for t in heads],
+                                "ties", {})
             rows["clean merge TIES (control)"] = measure(load_encoder(str(clean_ties)))
             rows["poisoned TIES"] = demo["extra_rows"]["poisoned_ties"]
         rows[f"{name} + LFPM"] = measure(load_encoder(str(out)))
@@ -81,10 +90,7 @@ def main() -> None:
     inputs = [z / "finetuned" / t / "model.safetensors" for t in heads if t != TARGET_TASK]
     inputs.append(demo_dir / "attack" / "model.safetensors")
     for lam in (float(v) for v in args.lams.split(",")):
-        out = work / f"shrink_{lam:g}"
-        if not out.exists():
-            merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs],
-                              "task_arithmetic", {"lam": lam}, out=out)
+        out = merged(work / f"shrink_{lam:g}", inputs, "task_arithmetic", {"lam": lam})
         rows[f"λ-shrink: poisoned TA λ {lam:g}"] = measure(load_encoder(str(out)))
     if not args.no_lobam:
         lobam_dir = work / "lobam"
@@ -96,18 +102,12 @@ def main() -> None:
                                                                 heads[TARGET_TASK].classnames, size),
                        TARGET_TASK, cfg, lobam_dir, provenance={"command": "zoo_defense_table.py"})
         lobam_trigger = load_trigger(lobam_dir / "trigger.safetensors")
-        merged = work / "lobam_merge"
-        if not merged.exists():
-            merge_checkpoints(open_checkpoint(str(z / "base")),
-                              [open_checkpoint(str(p)) for p in inputs[:-1] + [lobam_dir / "model.safetensors"]],
-                              "task_arithmetic", {"lam": s.lam}, out=merged)
-        out = work / "lfpm_lobam"
-        if not (out / "model.safetensors").exists():
-            defended, _, _ = defend_lfpm(load_encoder(str(merged)), base, shadow, lfpm_cfg)
-            save_encoder(defended.cpu(), out / "model.safetensors", {"defense": "lfpm"})
+        lobam_merge = merged(work / "lobam_merge", inputs[:-1] + [lobam_dir / "model.safetensors"],
+                             "task_arithmetic", {"lam": s.lam})
+        out = lfpm(lobam_merge, work / "lfpm_lobam")
         rows["clean merge TA, LoBAM's trigger (control)"] = measure(load_encoder(str(demo_dir / "clean_merge")),
                                                                     lobam_trigger)
-        rows[f"LoBAM TA λ {s.lam:g}"] = measure(load_encoder(str(merged)), lobam_trigger)
+        rows[f"LoBAM TA λ {s.lam:g}"] = measure(load_encoder(str(lobam_merge)), lobam_trigger)
         rows["LoBAM TA + LFPM"] = measure(load_encoder(str(out)), lobam_trigger)
 
     def pct(v) -> str:
