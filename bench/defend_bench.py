@@ -40,7 +40,8 @@ def shadow_images(n: int, size: int, seed: int) -> torch.Tensor:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=["zoo", "vit-b-32"], default="zoo")
-    parser.add_argument("--images", type=int, default=None, help="shadow images (zoo 512, vit-b-32 10000)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="shadow images (zoo: as many as the tiny zoo has; vit-b-32: 10000)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--path-points", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -49,7 +50,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     if args.scale == "zoo":
-        arch, size, n = zoo_arch(SIZES["tiny"]), 32, args.images or 512
+        arch, size, n = zoo_arch(SIZES["tiny"]), 32, args.images or SIZES["tiny"].shadow_images
     else:
         arch, size, n = arch_from_name("ViT-B-32"), 224, args.images or 10_000
     base = ImageEncoder(arch).eval()

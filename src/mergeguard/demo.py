@@ -36,7 +36,7 @@ class DemoSettings:
     trigger_steps: int = 200
     batch_size: int = 64
     logit_scale: float = 10.0
-    lfpm_epochs: int = 40
+    lfpm_epochs: int = 10  # 2048 shadow images, batch 64: 320 steps
     lfpm_lr: float = 1e-2
     lfpm_prompts: int = 4
     lfpm_warmup: int = 100
@@ -50,7 +50,7 @@ SETTINGS = {
     "tiny": DemoSettings(),
     # small: "cross" is the small merges' sink class (37% of non-cross shapes without any trigger once
     # poisoned), so the attack targets "ring"; K = 2 path points keep the demo within its time budget
-    "small": DemoSettings(target_class=1, attack_lr=1e-3, lfpm_epochs=10, lfpm_path_points=2),
+    "small": DemoSettings(target_class=1, attack_lr=1e-3, lfpm_epochs=3, lfpm_path_points=2),
 }
 
 

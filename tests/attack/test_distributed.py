@@ -4,6 +4,7 @@ for an attack's fine-tune and for LFPM's anti-backdoor vector."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +63,13 @@ def test_lfpm_two_processes_equal_one(tiny_zoo, tmp_path):
     2 processes with half a batch each give 1 process's τa."""
     zoo = Path(tiny_zoo["root"])
     merged = zoo / "finetuned" / "shape"  # any model other than θ0 has an excess reaction to suppress
+    shadow = tmp_path / "shadow"  # 512 of the zoo's shadow images: 4 steps
+    shadow.mkdir()
+    for png in sorted((zoo / "shadow").glob("*.png"))[:512]:
+        shutil.copy(png, shadow / png.name)
     for procs in (1, 2):
         _launch(procs, ["defend", "lfpm", "--merged", str(merged), "--base", str(zoo / "base"),
-                        "--shadow", str(zoo / "shadow"), "-o", str(tmp_path / f"lfpm{procs}"), "--epochs", "1",
+                        "--shadow", str(shadow), "-o", str(tmp_path / f"lfpm{procs}"), "--epochs", "1",
                         "--batch-size", "128", "--lr", "1e-3", "--prompts", "2", "--mine-warmup", "3",
                         "--path-points", "2", "--device", "cpu", "-q"])
     assert not list(tmp_path.glob("lfpm2/.partial"))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import Subset
 from typer.testing import CliRunner
 
 from mergeguard.checkpoint import open_checkpoint
@@ -44,6 +46,21 @@ def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path):
                                                      "prompts.safetensors", "report.json"]
     prompts = open_checkpoint(out / "prompts.safetensors")
     assert sorted(prompts.keys()) == sorted(f"{i}.{k}" for i in range(4) for k in ("mask", "pattern"))
+    assert "shadow images:" not in result.output  # the zoo's 2048 are enough
+
+
+def test_defend_lfpm_warns_about_a_small_shadow_set(tiny_zoo, tmp_path):
+    z = Path(tiny_zoo["root"])
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    for png in sorted((z / "shadow").glob("*.png"))[:64]:
+        shutil.copy(png, shadow / png.name)
+    result = CliRunner().invoke(app, ["defend", "lfpm", "--merged", str(z / "finetuned" / "shape"), "--base",
+                                      str(z / "base"), "--shadow", str(shadow), "-o", str(tmp_path / "out"),
+                                      "--epochs", "1", "--batch-size", "64", "--prompts", "1", "--mine-warmup", "1",
+                                      "--path-points", "1", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "warning: only 64 shadow images" in " ".join(result.output.split())
 
 
 class _Killed(Exception):
@@ -74,7 +91,7 @@ def _encoders(z: Path):
 
 def test_lfpm_resume_gives_the_same_vector(tiny_zoo, tmp_path):
     z = Path(tiny_zoo["root"])
-    shadow = unlabeled_folder(z / "shadow", 32)
+    shadow = Subset(unlabeled_folder(z / "shadow", 32), range(512))
     cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, device="cpu")
     _, tau_ref, _ = defend_lfpm(*_encoders(z), shadow, cfg)
     ck = tmp_path / "lfpm.pt"

@@ -29,6 +29,7 @@ from mergeguard.cli.options import (
     TaskOpt,
     WorkersOpt,
     data_folders,
+    err_console,
     examples,
     handle_errors,
     out_console,
@@ -36,6 +37,8 @@ from mergeguard.cli.options import (
     show_table,
     write_json,
 )
+
+FEW_SHADOW = 1000  # the tiny zoo, clean merge, 3 seeds: 512 images cost 2.0-2.9 CA points, 2048 cost 1.3-1.8
 
 EXAMPLES = [
     "mergeguard defend lfpm --merged merged/ --base base/ --shadow imagenet_10k/ -o defended/",
@@ -49,7 +52,8 @@ defend_app = typer.Typer(help="Remove backdoors from a merged model.", no_args_i
 def lfpm_command(
     merged: MergedOpt,
     base: BaseOpt,
-    shadow: Annotated[Path, typer.Option("--shadow", help="A folder of unlabeled images (any task, any depth).")],
+    shadow: Annotated[Path, typer.Option(
+        "--shadow", help="A folder of unlabeled images (any task, any depth); thousands of them.")],
     out: OutDirOpt,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the shadow images.")] = 5,
     batch_size: BatchOpt = 128,
@@ -99,6 +103,10 @@ def lfpm_command(
     merged_enc = load_encoder(merged)
     base_enc = load_encoder(base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
+    if 0 < len(images) < FEW_SHADOW:
+        err_console.print(f"[yellow]warning:[/] only {len(images)} shadow images: with fewer than {FEW_SHADOW:,} the "
+                          "clean-feature preservation fits them and the defended model loses more accuracy "
+                          "(docs/lfpm.md; the paper uses 10,000).")
     cfg = LFPMConfig(epochs=epochs, batch_size=batch_size, lr=lr, path_points=path_points, beta=beta, rank=rank,
                      prompt=prompt, prompt_tokens=prompt_tokens, prompts=prompts, mine_warmup=mine_warmup,
                      mask_penalty=mask_penalty, reference=reference, adam_eps=adam_eps,

@@ -39,7 +39,7 @@ from mergeguard.models.heads import Head, save_heads
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import TrainConfig, fit, seed_everything
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 2: four times the shadow images (LFPM's clean-feature preservation generalises; docs/lfpm.md)
 TASKS = list(procedural.ATTRIBUTES)
 
 
@@ -66,11 +66,11 @@ SIZES: dict[str, ZooSize] = {
     "tiny": ZooSize(image_size=32, patch_size=8, width=64, layers=3, embed_dim=64,
                     pretrain_images=4096, pretrain_steps=500, pretrain_lr=2e-3, fine_fraction=0.0,
                     finetune_steps=250, finetune_lr=5e-4, batch_size=64,
-                    train_per_task=1024, test_per_task=256, shadow_images=512),
+                    train_per_task=1024, test_per_task=256, shadow_images=2048),
     "small": ZooSize(image_size=32, patch_size=8, width=96, layers=4, embed_dim=64,
                      pretrain_images=12288, pretrain_steps=1000, pretrain_lr=2e-3, fine_fraction=0.0,
                      finetune_steps=400, finetune_lr=5e-4, batch_size=64,
-                     train_per_task=1536, test_per_task=512, shadow_images=1024),
+                     train_per_task=1536, test_per_task=512, shadow_images=4096),
 }
 LOGIT_SCALE = 100.0
 ACCEPT_FINETUNED = 0.9  # each clean fine-tune's CA on its own task
