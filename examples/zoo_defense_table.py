@@ -10,7 +10,8 @@ into WORK/demo, unless it is already there, then adds what the demo does not:
   the clean merge with that trigger as its control). `--no-lobam` skips it (about 4 minutes on tiny).
 Prints one markdown table (CA averaged over the 4 tasks; ASR(T) on `shape`, ASR(N) on the others, all
 with the attacker's trigger; ASR(T)'s count on the clean images, the floor that no defense removing the
-trigger's effect goes below) and writes it to WORK/table.md and WORK/table.json.
+trigger's effect goes below) and writes it to WORK/table.md and WORK/table.json; then each bar of the
+defenses issue as met / NOT met (WORK/checks.txt). About 10 minutes on 2 idle cores (tiny).
 """
 
 from __future__ import annotations
@@ -121,7 +122,56 @@ def main() -> None:
     (work / "table.md").write_text(table + "\n")
     keys = ("ca_avg", "asr_t", "asr_t_no_trigger", "asr_n")
     (work / "table.json").write_text(json.dumps({k: {m: r.get(m) for m in keys} for k, r in rows.items()}, indent=2))
+    checks = issue_checks(rows, s.lam)
+    print("\nThe issue's bars (met / NOT met):")
+    for line in checks:
+        print(f"- {line}")
+    (work / "checks.txt").write_text("\n".join(checks) + "\n")
     print(f"work dir: {work}")
+
+
+def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
+    """Each bar of the defenses issue, evaluated on the table's rows (points are percentage points)."""
+    def mark(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    clean = rows["clean merge TA (control)"]
+    out = []
+    merges = [("task arithmetic", "poisoned TA λ 0.3", "poisoned TA + LFPM", clean),
+              ("TIES", "poisoned TIES", "poisoned TIES + LFPM", rows["clean merge TIES (control)"])]
+    if "LoBAM TA + LFPM" in rows:
+        merges.append(("LoBAM", f"LoBAM TA λ {lam:g}", "LoBAM TA + LFPM",
+                       rows["clean merge TA, LoBAM's trigger (control)"]))
+    for name, before_key, after_key, control in merges:
+        before, after = rows[before_key], rows[after_key]
+        drop = 100 * (before["ca_avg"] - after["ca_avg"])
+        out.append(f"{name}: ASR(T) {before['asr_t']:.1%} → {after['asr_t']:.1%} ≤ 5%: {mark(after['asr_t'] <= 0.05)} "
+                   f"(the same merge without the trigger: {after.get('asr_t_no_trigger') or 0:.1%}; "
+                   f"the clean merge of the same method with the trigger: {control['asr_t']:.1%})")
+        out.append(f"{name}: ASR(N) {after['asr_n']:.1%} ≤ the clean merge's {control['asr_n']:.1%} + 2 points: "
+                   f"{mark(after['asr_n'] <= control['asr_n'] + 0.02)}; not above the undefended "
+                   f"{before['asr_n']:.1%}: {mark(after['asr_n'] <= before['asr_n'])}")
+        out.append(f"{name}: CA {before['ca_avg']:.1%} → {after['ca_avg']:.1%} ({-drop:+.1f} points) loses ≤ 3 points: "
+                   f"{mark(drop <= 3)}")
+    moved = 100 * (rows["clean merge TA + LFPM"]["ca_avg"] - clean["ca_avg"])
+    out.append(f"clean merge: CA {clean['ca_avg']:.1%} → {rows['clean merge TA + LFPM']['ca_avg']:.1%} "
+               f"({moved:+.1f} points) within 2 points: {mark(abs(moved) <= 2)}; ASR(N) "
+               f"{clean['asr_n']:.1%} → {rows['clean merge TA + LFPM']['asr_n']:.1%}: "
+               f"{mark(rows['clean merge TA + LFPM']['asr_n'] <= clean['asr_n'])}")
+    lfpm = rows["poisoned TA + LFPM"]
+    shrink = [r for k, r in rows.items() if k.startswith("λ-shrink") and r["asr_t"] <= lfpm["asr_t"]]
+    if shrink:
+        best = max(r["ca_avg"] for r in shrink)
+        out.append(f"λ-shrink at LFPM's ASR(T) or lower keeps at most {best:.1%} CA, LFPM {lfpm['ca_avg']:.1%}: "
+                   f"{mark(lfpm['ca_avg'] > best)}")
+    else:
+        lowest = min((r for k, r in rows.items() if k.startswith("λ-shrink")), key=lambda r: r["asr_t"])
+        out.append(f"λ-shrink: no λ tried reaches LFPM's ASR(T) {lfpm['asr_t']:.1%} (the lowest: "
+                   f"{lowest['asr_t']:.1%} at CA {lowest['ca_avg']:.1%}; LFPM's CA {lfpm['ca_avg']:.1%}): met")
+    ibvs = rows["poisoned TA + IBVS"]
+    out.append(f"IBVS beside LFPM: CA {ibvs['ca_avg']:.1%}, ASR(T) {ibvs['asr_t']:.1%} "
+               f"(LFPM {lfpm['ca_avg']:.1%}, {lfpm['asr_t']:.1%})")
+    return out
 
 
 if __name__ == "__main__":
