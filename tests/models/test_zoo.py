@@ -59,3 +59,26 @@ def test_zoo_build_reuses_a_built_zoo(tiny_zoo):
     result = CliRunner().invoke(app, ["zoo", "build", "--out", tiny_zoo["root"], "--json", "-", "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["cached"] is True
+
+
+def test_a_concurrent_build_does_not_delete_the_finished_zoo(tmp_path, monkeypatch):
+    """Two processes building the same cache: the one that finishes second keeps the first one's
+    copy (which the first may be reading) instead of deleting it and renaming its own into place."""
+    root = tmp_path / "zoo"
+
+    def build_while_another_process_finishes(tmp, spec, size, seed, progress):
+        root.mkdir(exist_ok=True)
+        (root / "zoo.json").write_text(json.dumps({"version": zoo.ZOO_VERSION, "by": "the other process"}))
+        (root / "data.png").write_text("being read")
+        (tmp / "data.png").write_text("ours")
+        return {"version": zoo.ZOO_VERSION, "by": "this process"}
+
+    monkeypatch.setattr(zoo, "_build", build_while_another_process_finishes)
+    info = zoo.build_zoo(root, size="tiny")
+    assert info["by"] == "the other process" and info["cached"] is True
+    assert (root / "data.png").read_text() == "being read"
+    assert not list(tmp_path.glob(".zoo.tmp-*"))  # our copy is cleaned up
+    # with --force the new build replaces it, as before
+    info = zoo.build_zoo(root, size="tiny", force=True)
+    assert info["by"] == "this process" and json.loads((root / "zoo.json").read_text())["by"] == "this process"
+    assert (root / "data.png").read_text() == "ours"

@@ -209,6 +209,10 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
         info = _build(tmp, spec, size, seed, progress)
         info["seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "zoo.json").write_text(json.dumps(info, indent=2))
+        if (root / "zoo.json").exists() and not force:
+            # another process finished the same (deterministic) build meanwhile and may be reading it:
+            # keep its copy rather than deleting it under that process's feet
+            return {**json.loads((root / "zoo.json").read_text()), "root": str(root), "cached": True}
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
