@@ -111,9 +111,6 @@ def main() -> None:
         rows[f"LoBAM TA λ {s.lam:g}"] = measure(load_encoder(str(lobam_merge)), lobam_trigger)
         rows["LoBAM TA + LFPM"] = measure(load_encoder(str(out)), lobam_trigger)
 
-    def pct(v) -> str:
-        return "-" if v is None else f"{v:.1%}"
-
     lines = ["| model | avg CA | ASR(T) | ASR(T) without the trigger | ASR(N) |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {pct(r['ca_avg'])} | {pct(r['asr_t'])} | {pct(r.get('asr_t_no_trigger'))} | {pct(r['asr_n'])} |"
               for k, r in rows.items()]
@@ -130,6 +127,10 @@ def main() -> None:
     print(f"work dir: {work}")
 
 
+def pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
 def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
     """Each bar of the defenses issue, evaluated on the table's rows (points are percentage points)."""
     def mark(ok: bool) -> str:
@@ -144,16 +145,16 @@ def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
                        rows["clean merge TA, LoBAM's trigger (control)"]))
     for name, before_key, after_key, control in merges:
         before, after = rows[before_key], rows[after_key]
-        drop = 100 * (before["ca_avg"] - after["ca_avg"])
+        drop = round(100 * (before["ca_avg"] - after["ca_avg"]), 6)  # 0.697 - 0.717 is not exactly -0.02
         out.append(f"{name}: ASR(T) {before['asr_t']:.1%} → {after['asr_t']:.1%} ≤ 5%: {mark(after['asr_t'] <= 0.05)} "
-                   f"(the same merge without the trigger: {after.get('asr_t_no_trigger') or 0:.1%}; "
+                   f"(the same merge without the trigger: {pct(after.get('asr_t_no_trigger'))}; "
                    f"the clean merge of the same method with the trigger: {control['asr_t']:.1%})")
         out.append(f"{name}: ASR(N) {after['asr_n']:.1%} ≤ the clean merge's {control['asr_n']:.1%} + 2 points: "
-                   f"{mark(after['asr_n'] <= control['asr_n'] + 0.02)}; not above the undefended "
+                   f"{mark(round(after['asr_n'] - control['asr_n'], 6) <= 0.02)}; not above the undefended "
                    f"{before['asr_n']:.1%}: {mark(after['asr_n'] <= before['asr_n'])}")
         out.append(f"{name}: CA {before['ca_avg']:.1%} → {after['ca_avg']:.1%} ({-drop:+.1f} points) loses ≤ 3 points: "
                    f"{mark(drop <= 3)}")
-    moved = 100 * (rows["clean merge TA + LFPM"]["ca_avg"] - clean["ca_avg"])
+    moved = round(100 * (rows["clean merge TA + LFPM"]["ca_avg"] - clean["ca_avg"]), 6)
     out.append(f"clean merge: CA {clean['ca_avg']:.1%} → {rows['clean merge TA + LFPM']['ca_avg']:.1%} "
                f"({moved:+.1f} points) within 2 points: {mark(abs(moved) <= 2)}; ASR(N) "
                f"{clean['asr_n']:.1%} → {rows['clean merge TA + LFPM']['asr_n']:.1%}: "

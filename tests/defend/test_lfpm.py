@@ -46,7 +46,7 @@ def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path):
                                                      "prompts.safetensors", "report.json"]
     prompts = open_checkpoint(out / "prompts.safetensors")
     assert sorted(prompts.keys()) == sorted(f"{i}.{k}" for i in range(4) for k in ("mask", "pattern"))
-    assert "shadow images:" not in result.output  # the zoo's 2048 are enough
+    assert "warning:" not in " ".join(result.output.split())  # the zoo's 2048 shadow images are enough
 
 
 def test_defend_lfpm_warns_about_a_small_shadow_set(tiny_zoo, tmp_path):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -103,7 +104,7 @@ def lfpm_command(
     merged_enc = load_encoder(merged)
     base_enc = load_encoder(base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
-    if 0 < len(images) < FEW_SHADOW:
+    if len(images) < FEW_SHADOW and os.environ.get("RANK", "0") == "0":  # once under torchrun
         err_console.print(f"[yellow]warning:[/] only {len(images)} shadow images: with fewer than {FEW_SHADOW:,} the "
                           "clean-feature preservation fits them and the defended model loses more accuracy "
                           "(docs/lfpm.md; the paper uses 10,000).")
