@@ -154,11 +154,11 @@ def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
                    f"{before['asr_n']:.1%}: {mark(after['asr_n'] <= before['asr_n'])}")
         out.append(f"{name}: CA {before['ca_avg']:.1%} → {after['ca_avg']:.1%} ({-drop:+.1f} points) loses ≤ 3 points: "
                    f"{mark(drop <= 3)}")
-    moved = round(100 * (rows["clean merge TA + LFPM"]["ca_avg"] - clean["ca_avg"]), 6)
-    out.append(f"clean merge: CA {clean['ca_avg']:.1%} → {rows['clean merge TA + LFPM']['ca_avg']:.1%} "
-               f"({moved:+.1f} points) within 2 points: {mark(abs(moved) <= 2)}; ASR(N) "
-               f"{clean['asr_n']:.1%} → {rows['clean merge TA + LFPM']['asr_n']:.1%}: "
-               f"{mark(rows['clean merge TA + LFPM']['asr_n'] <= clean['asr_n'])}")
+    clean_lfpm = rows["clean merge TA + LFPM"]
+    moved = round(100 * (clean_lfpm["ca_avg"] - clean["ca_avg"]), 6)
+    out.append(f"clean merge: CA {clean['ca_avg']:.1%} → {clean_lfpm['ca_avg']:.1%} ({moved:+.1f} points) within "
+               f"2 points: {mark(abs(moved) <= 2)}; ASR(N) {clean['asr_n']:.1%} → {clean_lfpm['asr_n']:.1%}: "
+               f"{mark(clean_lfpm['asr_n'] <= clean['asr_n'])}")
     lfpm = rows["poisoned TA + LFPM"]
     shrink = [r for k, r in rows.items() if k.startswith("λ-shrink") and r["asr_t"] <= lfpm["asr_t"]]
     if shrink:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,18 @@ def tiny_zoo(tmp_path_factory):
     from mergeguard.models.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture
+def shadow_subset(tiny_zoo, tmp_path: Path):
+    """`shadow_subset(n)`: a folder holding the first n of the tiny zoo's shadow images, for runs that
+    need a fixed number of steps."""
+
+    def make(n: int) -> Path:
+        dest = tmp_path / f"shadow{n}"
+        dest.mkdir()
+        for png in sorted((Path(tiny_zoo["root"]) / "shadow").glob("*.png"))[:n]:
+            shutil.copy(png, dest / png.name)
+        return dest
+
+    return make

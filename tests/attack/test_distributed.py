@@ -4,7 +4,6 @@ for an attack's fine-tune and for LFPM's anti-backdoor vector."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,15 +57,12 @@ def test_two_processes_equal_one(tiny_zoo, tmp_path):
                  kind, atol=1e-4)  # lr 1e-3 × 6 steps
 
 
-def test_lfpm_two_processes_equal_one(tiny_zoo, tmp_path):
+def test_lfpm_two_processes_equal_one(tiny_zoo, tmp_path, shadow_subset):
     """The prompt's ascent (log of the whole batch's mean excess) and τa's steps are all-reduced, so
     2 processes with half a batch each give 1 process's τa."""
     zoo = Path(tiny_zoo["root"])
     merged = zoo / "finetuned" / "shape"  # any model other than θ0 has an excess reaction to suppress
-    shadow = tmp_path / "shadow"  # 512 of the zoo's shadow images: 4 steps
-    shadow.mkdir()
-    for png in sorted((zoo / "shadow").glob("*.png"))[:512]:
-        shutil.copy(png, shadow / png.name)
+    shadow = shadow_subset(512)  # 4 steps
     for procs in (1, 2):
         _launch(procs, ["defend", "lfpm", "--merged", str(merged), "--base", str(zoo / "base"),
                         "--shadow", str(shadow), "-o", str(tmp_path / f"lfpm{procs}"), "--epochs", "1",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,12 +48,9 @@ def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path):
     assert "warning:" not in " ".join(result.output.split())  # the zoo's 2048 shadow images are enough
 
 
-def test_defend_lfpm_warns_about_a_small_shadow_set(tiny_zoo, tmp_path):
+def test_defend_lfpm_warns_about_a_small_shadow_set(tiny_zoo, tmp_path, shadow_subset):
     z = Path(tiny_zoo["root"])
-    shadow = tmp_path / "shadow"
-    shadow.mkdir()
-    for png in sorted((z / "shadow").glob("*.png"))[:64]:
-        shutil.copy(png, shadow / png.name)
+    shadow = shadow_subset(64)
     result = CliRunner().invoke(app, ["defend", "lfpm", "--merged", str(z / "finetuned" / "shape"), "--base",
                                       str(z / "base"), "--shadow", str(shadow), "-o", str(tmp_path / "out"),
                                       "--epochs", "1", "--batch-size", "64", "--prompts", "1", "--mine-warmup", "1",

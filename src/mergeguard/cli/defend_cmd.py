@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -96,7 +95,7 @@ def lfpm_command(
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.defend import LFPMConfig, defend_lfpm
     from mergeguard.models.encoder import load_encoder, save_encoder
-    from mergeguard.trainer import distributed_rank
+    from mergeguard.trainer import distributed_rank, init_distributed
 
     partial = out / ".partial"
     if not (resume and partial.exists()):
@@ -104,7 +103,7 @@ def lfpm_command(
     merged_enc = load_encoder(merged)
     base_enc = load_encoder(base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
-    if len(images) < FEW_SHADOW and os.environ.get("RANK", "0") == "0":  # once under torchrun
+    if len(images) < FEW_SHADOW and init_distributed()[0] == 0:  # once under torchrun (LFPM joins the group anyway)
         err_console.print(f"[yellow]warning:[/] only {len(images)} shadow images: with fewer than {FEW_SHADOW:,} the "
                           "clean-feature preservation fits them and the defended model loses more accuracy "
                           "(docs/lfpm.md; the paper uses 10,000).")

@@ -187,6 +187,11 @@ def finetune(base: ImageEncoder, head: Head, images: torch.Tensor, labels: torch
     return model.eval()
 
 
+def _cached(root: Path) -> dict[str, Any]:
+    """A finished zoo's zoo.json, as build_zoo returns it."""
+    return {**json.loads((root / "zoo.json").read_text()), "root": str(root), "cached": True}
+
+
 def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 0, force: bool = False,
               progress: ProgressSink | None = None) -> dict[str, Any]:
     """Build (or load from the cache) the zoo; returns zoo.json's content with its `root`."""
@@ -195,8 +200,7 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
     progress = progress or NullProgress()
     root = Path(out) if out else default_zoo_dir(size, seed)
     if (root / "zoo.json").exists() and not force:
-        info = json.loads((root / "zoo.json").read_text())
-        return {**info, "root": str(root), "cached": True}
+        return _cached(root)
     if root.exists() and not force and any(root.iterdir()):
         raise MergeguardError(f"{root} exists and is not a zoo; pass --force or choose another --out.")
     start = time.perf_counter()
@@ -212,7 +216,7 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
         if (root / "zoo.json").exists() and not force:
             # another process finished the same (deterministic) build meanwhile and may be reading it:
             # keep its copy rather than deleting it under that process's feet
-            return {**json.loads((root / "zoo.json").read_text()), "root": str(root), "cached": True}
+            return _cached(root)
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
