@@ -131,6 +131,13 @@ def pct(v) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
+def share(row: dict) -> str:
+    """The trigger's own share of ASR(T): what it adds over the same model's count without it."""
+    if row.get("asr_t_no_trigger") is None:
+        return "-"
+    return f"{round(100 * (row['asr_t'] - row['asr_t_no_trigger']), 6):.1f} points"
+
+
 def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
     """Each bar of the defenses issue, evaluated on the table's rows (points are percentage points)."""
     def mark(ok: bool) -> str:
@@ -147,8 +154,9 @@ def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
         before, after = rows[before_key], rows[after_key]
         drop = round(100 * (before["ca_avg"] - after["ca_avg"]), 6)  # 0.697 - 0.717 is not exactly -0.02
         out.append(f"{name}: ASR(T) {before['asr_t']:.1%} → {after['asr_t']:.1%} ≤ 5%: {mark(after['asr_t'] <= 0.05)} "
-                   f"(the same merge without the trigger: {pct(after.get('asr_t_no_trigger'))}; "
-                   f"the clean merge of the same method with the trigger: {control['asr_t']:.1%})")
+                   f"(the same merge without the trigger: {pct(after.get('asr_t_no_trigger'))}, so the trigger's "
+                   f"share is {share(after)}; the clean merge of the same method with the trigger: "
+                   f"{control['asr_t']:.1%}, share {share(control)})")
         out.append(f"{name}: ASR(N) {after['asr_n']:.1%} ≤ the clean merge's {control['asr_n']:.1%} + 2 points: "
                    f"{mark(round(after['asr_n'] - control['asr_n'], 6) <= 0.02)}; not above the undefended "
                    f"{before['asr_n']:.1%}: {mark(after['asr_n'] <= before['asr_n'])}")
