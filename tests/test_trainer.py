@@ -89,3 +89,16 @@ def test_resume_refuses_a_checkpoint_of_other_shapes(tmp_path):
     with pytest.raises(MergeguardError, match="different run"):
         fit([b], lambda step: (b - 1).pow(2).sum(), cfg,
             checkpointing=Checkpointing(tmp_path / "s.pt", every=1, resume=True))
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "unknown --device 'foo'"),
+    ("meta", "runs on cpu or cuda"),
+] + ([] if torch.cuda.is_available() else [("cuda", "torch sees no CUDA GPU")]))
+def test_a_device_that_cannot_run_is_one_sentence(device, message):
+    from mergeguard.errors import MergeguardError
+    from mergeguard.trainer import resolve_device
+
+    with pytest.raises(MergeguardError, match=message):
+        resolve_device(device)
+    assert resolve_device("cpu") == torch.device("cpu")

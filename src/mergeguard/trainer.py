@@ -8,6 +8,7 @@ Its checkpoint is mergeguard's own state file, loaded with `torch.load(weights_o
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -35,10 +36,22 @@ class TrainConfig:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """'auto'/None -> cuda when present, else cpu."""
+    """'auto'/None -> cuda when present, else cpu; a device torch does not know, or a GPU that is not
+    there, is a MergeguardError."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise MergeguardError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N.") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeguardError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu (or auto).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MergeguardError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible.")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise MergeguardError(f"--device {device}: mergeguard runs on cpu or cuda.")
+    return dev
 
 
 def init_distributed() -> tuple[int, int]:
@@ -120,6 +133,10 @@ class Checkpointing:
     resume: bool = False
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     extra: Any = None  # anything else with state_dict() / load_state_dict() (e.g. LFPM's mined prompt)
+    # what must match for a resume to continue the same run (settings, inputs); JSON-able
+    fingerprint: dict[str, Any] | None = None
+    keep: bool = False  # keep the finished state (the caller removes it once its outputs are written)
+    resumed_at: int = 0  # set by `fit`: the step a resumed run continued from
 
 
 def _save_state(ck: Checkpointing, step: int, params, opt, sched, losses: list[float]) -> None:
@@ -132,6 +149,7 @@ def _save_state(ck: Checkpointing, step: int, params, opt, sched, losses: list[f
         "generators": {k: g.get_state() for k, g in ck.generators.items()},
         "torch_rng": torch.get_rng_state(),
         "extra": ck.extra.state_dict() if ck.extra is not None else None,
+        "fingerprint": json.dumps(ck.fingerprint, sort_keys=True, default=str),
     }
     ck.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = ck.path.with_name(ck.path.name + ".tmp")
@@ -146,6 +164,13 @@ def _load_state(ck: Checkpointing, params, opt, sched) -> tuple[int, list[float]
         raise MergeguardError(f"cannot resume from {ck.path}: {exc}") from exc
     if len(state["params"]) != len(params) or any(p.shape != q.shape for p, q in zip(params, state["params"])):
         raise MergeguardError(f"{ck.path} was saved by a different run (its parameters do not match).")
+    saved = json.loads(state.get("fingerprint") or "null") or {}
+    now = json.loads(json.dumps(ck.fingerprint, sort_keys=True, default=str)) or {}
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        raise MergeguardError(
+            f"cannot resume from {ck.path}: it was saved by a run with other settings or inputs "
+            f"({', '.join(changed)}); rerun with the same ones, or without --resume.")
     with torch.no_grad():
         for p, saved in zip(params, state["params"]):
             p.copy_(saved)
@@ -177,6 +202,7 @@ def fit(
     start = 0
     if checkpointing is not None and checkpointing.resume and checkpointing.path.exists():
         start, losses = _load_state(checkpointing, params, opt, sched)
+        checkpointing.resumed_at = start
     rank, world = distributed_rank()
     if rank != 0:
         progress = NullProgress()
@@ -193,12 +219,17 @@ def fit(
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
+        (logged,) = all_reduce_mean([loss.detach()]) if world > 1 else (loss.detach(),)
+        losses.append(float(logged))  # the global batch's loss, as one process would log it
         progress.advance()
         done = step + 1
         if (checkpointing is not None and rank == 0 and checkpointing.every and done % checkpointing.every == 0
                 and done < cfg.steps):
             _save_state(checkpointing, done, params, opt, sched, losses)
-    if checkpointing is not None and rank == 0 and checkpointing.path.exists():
-        checkpointing.path.unlink()  # finished: the output is the checkpoint now
+    if checkpointing is not None and rank == 0:
+        if checkpointing.keep:  # the caller still has work to do before its outputs exist
+            if start < cfg.steps:
+                _save_state(checkpointing, cfg.steps, params, opt, sched, losses)
+        elif checkpointing.path.exists():
+            checkpointing.path.unlink()  # finished: the output is the checkpoint now
     return losses

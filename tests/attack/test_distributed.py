@@ -3,6 +3,7 @@ for an attack's fine-tune and for LFPM's anti-backdoor vector."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,3 +76,6 @@ def test_lfpm_two_processes_equal_one(tiny_zoo, tmp_path, shadow_subset):
     p2 = open_checkpoint(tmp_path / "lfpm2" / "prompts.safetensors")
     for k in p1.keys():  # the mined prompts agree too
         torch.testing.assert_close(p2.get(k), p1.get(k), rtol=1e-3, atol=1e-3, msg=k)
+    # and the report's losses are the whole batch's, not the first process's half
+    losses = [json.loads((tmp_path / f"lfpm{procs}" / "report.json").read_text())["loss_per_epoch"] for procs in (1, 2)]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=0)

@@ -79,6 +79,9 @@ def test_attack_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         poison_finetune(base, head, data, "count", cfg, trigger=trigger, checkpoint=tmp_path / "t.pt")
     monkeypatch.setattr(trainer, "_save_state", real_save)
+    with pytest.raises(MergeguardError, match=r"other settings or inputs \(lr, steps\)"):  # not this run's state
+        poison_finetune(base, head, data, "count", replace(cfg, lr=1e-3, steps=12), trigger=trigger,
+                        checkpoint=tmp_path / "t.pt", resume=True)
     resumed, _, _ = poison_finetune(base, head, data, "count", cfg, trigger=trigger, checkpoint=tmp_path / "t.pt",
                                     resume=True)
     a, b = expected.tower_state_dict(), resumed.tower_state_dict()

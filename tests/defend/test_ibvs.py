@@ -32,3 +32,4 @@ def test_ibvs_subtracts_the_defenders_backdoor_direction(tiny_zoo):
     for k in m:
         torch.testing.assert_close(d[k], m[k] - 2.0 * (vb[k] - vc[k]))
     assert report["vb_minus_vc_norm"] > 0
+    assert report["runs"] == ["clean", "badnets"] and "kind" not in report["config"]  # two runs, one config

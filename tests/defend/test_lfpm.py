@@ -41,8 +41,13 @@ def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path):
     assert tau.is_task_vector and "mergeguard.arch" in defended.metadata
     for k in tau.keys():
         torch.testing.assert_close(m.get(k) + tau.get(k), defended.get(k), rtol=0, atol=1e-6)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "anti_backdoor_tv.safetensors", "model.safetensors",
-                                                     "prompts.safetensors", "report.json"]
+    # everything was written under OUT/.partial and renamed into OUT at the end; nothing else is left
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "anti_backdoor_tv.safetensors", "arch.json",
+                                                     "model.safetensors", "prompts.safetensors", "report.json"]
+    assert json.loads((out / "arch.json").read_text()) == load_encoder(str(merged)).arch
+    card = (out / "README.md").read_text()
+    assert "## Results" in card and "λ_eff start → end" in card
+    assert f"| merged | `{merged}` |" in card and f"| base | `{z / 'base'}` |" in card and "sha256" in card
     prompts = open_checkpoint(out / "prompts.safetensors")
     assert sorted(prompts.keys()) == sorted(f"{i}.{k}" for i in range(4) for k in ("mask", "pattern"))
     assert "warning:" not in " ".join(result.output.split())  # the zoo's 2048 shadow images are enough
@@ -89,15 +94,30 @@ def test_lfpm_resume_gives_the_same_vector(tiny_zoo, tmp_path):
     z = Path(tiny_zoo["root"])
     shadow = Subset(unlabeled_folder(z / "shadow", 32), range(512))
     cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, device="cpu")
-    _, tau_ref, _ = defend_lfpm(*_encoders(z), shadow, cfg)
+    _, tau_ref, ref_report = defend_lfpm(*_encoders(z), shadow, cfg)
+    assert ref_report["resumed_at_step"] == 0
     ck = tmp_path / "lfpm.pt"
     with pytest.raises(_Killed):  # 8 steps, checkpoints every step: killed after step 5
         defend_lfpm(*_encoders(z), shadow, cfg, _KillAt(5), checkpoint=ck)
     assert ck.exists()
-    _, tau, _ = defend_lfpm(*_encoders(z), shadow, cfg, checkpoint=ck, resume=True)
+    # another run's settings or merged model cannot continue from that checkpoint
+    with pytest.raises(MergeguardError, match=r"other settings or inputs \(lr\)"):
+        defend_lfpm(*_encoders(z), shadow, replace(cfg, lr=5e-2), checkpoint=ck, resume=True)
+    with pytest.raises(MergeguardError, match=r"\(merged_weights\)"):
+        defend_lfpm(load_encoder(str(z / "finetuned" / "colour")), _encoders(z)[1], shadow, cfg, checkpoint=ck,
+                    resume=True)
+    _, tau, report = defend_lfpm(*_encoders(z), shadow, replace(cfg, device="auto"), checkpoint=ck, resume=True)
     for k in tau_ref:
         torch.testing.assert_close(tau[k], tau_ref[k], rtol=1e-5, atol=1e-6)
-    assert not ck.exists()  # a finished run removes its checkpoint
+    assert report["resumed_at_step"] == 5 and report["mined_excess_start"] == ref_report["mined_excess_start"]
+    # the finished state stays until the caller's outputs exist (the CLI removes it then): a run killed
+    # while writing them resumes to the same result without training again
+    assert ck.exists()
+    # (8 steps in all: one more training step would raise _Killed)
+    _, tau_again, again = defend_lfpm(*_encoders(z), shadow, cfg, _KillAt(8), checkpoint=ck, resume=True)
+    assert again["resumed_at_step"] == again["steps"]
+    for k in tau_ref:
+        torch.testing.assert_close(tau_again[k], tau[k], rtol=0, atol=0)
 
 
 def test_lfpm_leaves_theta0_itself_alone(tiny_zoo):
@@ -117,10 +137,42 @@ def test_lfpm_leaves_theta0_itself_alone(tiny_zoo):
     assert drifting["tau_norm"] > 0 and drifting["idle_steps"] == 0
 
 
-def test_lfpm_rejects_an_unknown_prompt(tiny_zoo):
+@pytest.mark.parametrize("change, message", [
+    ({"prompt": "sticker"}, "unknown prompt 'sticker'"),
+    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
+    ({"path_points": 0}, "--path-points must be at least 1"),
+    ({"prompts": 0}, "--prompts must be at least 1"),
+    ({"rank": -1}, "--rank must be at least 0"),
+    ({"rank": 65}, "--rank 65 exceeds the feature dimension 64"),
+    ({"lr": float("nan")}, "--lr must be a positive number"),
+    ({"beta": -1.0}, "--beta must be 0 or more"),
+    ({"patch_fraction": 2.0}, r"--patch-fraction must be in \(0, 1\]"),
+    ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1"),
+    ({"device": "gpu7"}, "unknown --device 'gpu7'"),
+])
+def test_lfpm_rejects_settings_it_cannot_run_with(tiny_zoo, change, message):
     z = Path(tiny_zoo["root"])
-    with pytest.raises(MergeguardError, match="unknown prompt"):
-        defend_lfpm(*_encoders(z), unlabeled_folder(z / "shadow", 32), LFPMConfig(prompt="sticker"))
+    with pytest.raises(MergeguardError, match=message):
+        defend_lfpm(*_encoders(z), unlabeled_folder(z / "shadow", 32), replace(LFPMConfig(mine_warmup=0), **change))
+
+
+def test_lfpm_and_ibvs_reject_a_base_of_another_architecture(tiny_zoo):
+    from mergeguard.attack import PoisonConfig
+    from mergeguard.defend import defend_ibvs
+    from mergeguard.models.encoder import ImageEncoder
+    from mergeguard.models.heads import load_heads
+
+    z = Path(tiny_zoo["root"])
+    merged = load_encoder(str(z / "finetuned" / "shape"))
+    arch = json.loads(json.dumps(merged.arch))
+    arch["vision_cfg"]["layers"] += 1
+    other = ImageEncoder(arch)
+    with pytest.raises(MergeguardError, match="different architectures"):
+        defend_lfpm(merged, other, unlabeled_folder(z / "shadow", 32), LFPMConfig(device="cpu"))
+    head = load_heads(z / "heads.safetensors")["colour"]
+    with pytest.raises(MergeguardError, match="different architectures"):
+        defend_ibvs(merged, other, head, unlabeled_folder(z / "shadow", 32), "colour", PoisonConfig(device="cpu"))
 
 
 def test_lfpm_token_prompts(tiny_zoo, tmp_path):

@@ -339,3 +339,14 @@ def test_not_a_clip_checkpoint(tmp_path):
 def test_bad_vision_cfg_is_a_mergeguard_error():
     with pytest.raises(MergeguardError, match="vision_cfg"):
         ImageEncoder(make_arch(not_an_option=1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_one_sentence(tmp_path, bad):
+    enc = make_encoder(seed=5)
+    state = enc.tower_state_dict()
+    name = sorted(state)[0]
+    state[name] = state[name].clone().view(-1).index_fill(0, torch.tensor([0]), bad).view_as(state[name])
+    path = write_checkpoint(tmp_path / "damaged.safetensors", state, enc.metadata())
+    with pytest.raises(MergeguardError, match=f"tensor '{name}' of .* holds NaN or Inf"):
+        load_encoder(str(path))

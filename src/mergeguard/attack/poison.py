@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from mergeguard.checkpoint.writer import staged_outputs
 from mergeguard.data.triggers import Trigger, patch_trigger
 from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
@@ -165,6 +166,13 @@ def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None =
         raise MergeguardError(f"unknown --interpolation {cfg.interpolation!r}; choose feature or weight.")
     if cfg.decoys and not (cfg.kind in ("badmerging", "lobam") and cfg.interpolation == "weight"):
         raise MergeguardError("--decoys works with `--interpolation weight` (badmerging, lobam) only.")
+    for name in ("steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise MergeguardError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)}).")
+    if cfg.workers < 0:
+        raise MergeguardError(f"--workers must be 0 or more (got {cfg.workers}).")
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise MergeguardError(f"--lr must be a positive number (got {cfg.lr}).")
 
 
 def interpolated_params(model: torch.nn.Module, base_params: dict[str, torch.Tensor], r: float, *,
@@ -284,7 +292,9 @@ def poison_finetune(
 
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             warmup=min(cfg.warmup, cfg.steps // 10), seed=cfg.seed, device=str(dev))
-    ck = Checkpointing(checkpoint, every=max(1, cfg.steps // 10), resume=resume) if checkpoint else None
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "workers")}  # what a resume must share
+    ck = Checkpointing(checkpoint, every=max(1, cfg.steps // 10), resume=resume,
+                       fingerprint=settings) if checkpoint else None
     losses = fit(model.parameters(), loss_at, train_cfg, progress, f"fine-tuning {task} ({cfg.kind})", ck)
     if cfg.lora_rank:
         model.visual = model.visual.merge_and_unload()
@@ -406,6 +416,6 @@ def run_attack(
         summary["asr"] = result["tasks"][task].get("asr")
     rank, _ = init_distributed()
     if rank == 0:  # under torchrun every process holds the same model; one writes it
-        write_outputs(out_dir, model, base, trigger, cfg, task, provenance or {}, summary)
-        shutil.rmtree(partial, ignore_errors=True)
+        with staged_outputs(out_dir) as stage:
+            write_outputs(stage, model, base, trigger, cfg, task, provenance or {}, summary)
     return summary

@@ -14,8 +14,9 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -265,3 +266,17 @@ def write_tensors(out: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         for k, v in tensors.items():
             writer.write(k, v)
         return writer.commit()
+
+
+@contextmanager
+def staged_outputs(out: Path) -> Iterator[Path]:
+    """A folder to write a command's outputs into (OUT/.partial/outputs); when the block ends without an
+    error, each file is renamed into OUT and OUT/.partial (with the run's checkpoint) removed. A killed
+    run leaves OUT as it was, and its checkpoint, which `--resume` finishes from."""
+    stage = out / ".partial" / "outputs"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    yield stage
+    for item in sorted(stage.iterdir()):
+        os.replace(item, out / item.name)
+    shutil.rmtree(out / ".partial", ignore_errors=True)

@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from mergeguard.checkpoint.provenance import command_line
+from mergeguard.checkpoint.writer import staged_outputs
 from mergeguard.cli.options import (
     BaseOpt,
     BatchOpt,
@@ -28,6 +29,7 @@ from mergeguard.cli.options import (
     StepsOpt,
     TaskOpt,
     WorkersOpt,
+    _jsonable,
     data_folders,
     err_console,
     examples,
@@ -45,6 +47,9 @@ EXAMPLES = [
     "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --epochs 20 --lr 1e-2 --path-points 4",
     "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --resume    # after a killed run",
 ]
+
+IBVS_SETTINGS = ("steps", "lr", "weight_decay", "warmup", "batch_size", "logit_scale", "poison_fraction",
+                 "trigger_area", "target_class", "seed")  # what its two fine-tunes use (the model card's list)
 
 defend_app = typer.Typer(help="Remove backdoors from a merged model.", no_args_is_help=True)
 
@@ -80,6 +85,9 @@ def lfpm_command(
         "--patch-fraction", help="patch: side of the patch as a fraction of the image side.")] = 0.1,
     patch_lr: Annotated[float, typer.Option("--patch-lr", help="Step of the prompt's ascent.")] = 0.1,
     mine_steps: Annotated[int, typer.Option("--mine-steps", help="Prompt ascent steps per training step.")] = 1,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        "--checkpoint-every", help="Save the run's state to OUT/.partial every N steps (default: a tenth of the "
+                                   "run).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue a killed run from OUT/.partial (same settings, same result).")] = False,
     seed: SeedOpt = 0,
@@ -90,18 +98,16 @@ def lfpm_command(
     quiet: QuietOpt = False,
 ) -> None:
     """LFPM: optimise an anti-backdoor task vector in feature space on unlabeled images (no labels, no trigger)."""
-    from mergeguard.checkpoint.provenance import model_card
     from mergeguard.checkpoint.writer import write_tensors
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.defend import LFPMConfig, defend_lfpm
-    from mergeguard.models.encoder import load_encoder, save_encoder
+    from mergeguard.models.encoder import save_encoder
     from mergeguard.trainer import distributed_rank, init_distributed
 
     partial = out / ".partial"
     if not (resume and partial.exists()):
         require_empty(out, overwrite)
-    merged_enc = load_encoder(merged)
-    base_enc = load_encoder(base)
+    (merged_enc, base_enc), inputs = load_inputs(merged=merged, base=base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
     if len(images) < FEW_SHADOW and init_distributed()[0] == 0:  # once under torchrun (LFPM joins the group anyway)
         err_console.print(f"[yellow]warning:[/] only {len(images)} shadow images: with fewer than {FEW_SHADOW:,} the "
@@ -111,30 +117,33 @@ def lfpm_command(
                      prompt=prompt, prompt_tokens=prompt_tokens, prompts=prompts, mine_warmup=mine_warmup,
                      mask_penalty=mask_penalty, reference=reference, adam_eps=adam_eps,
                      patch_fraction=patch_fraction, patch_lr=patch_lr, mine_steps=mine_steps,
-                     seed=seed, device=device, workers=workers)
+                     seed=seed, device=device, workers=workers, checkpoint_every=checkpoint_every)
     with RichProgress(enabled=not quiet) as progress:
         defended, tau, report = defend_lfpm(merged_enc, base_enc, images, cfg, progress,
                                             checkpoint=partial / "lfpm.pt", resume=resume)
     prompt_tensors = report.pop("prompt")
     if distributed_rank()[0] != 0:
         return  # under torchrun every process holds the same result; the first one writes it
-    provenance = {"defense": "lfpm", "merged": merged, "base": base, "shadow": str(shadow), "params": report["config"]}
-    out.mkdir(parents=True, exist_ok=True)
+    provenance = {"defense": "lfpm", "command": command_line(), "shadow": str(shadow), "shadow_images": len(images),
+                  "inputs": inputs, "params": report["config"]}
     defended, merged_enc = defended.cpu(), merged_enc.cpu()
-    save_encoder(defended, out / "model.safetensors", provenance)
-    save_encoder(defended, out / "anti_backdoor_tv.safetensors", provenance, base=merged_enc)  # τa = θ − θm
-    write_tensors(out / "prompts.safetensors", prompt_tensors, overwrite=True)  # what stage I mined
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "README.md").write_text(model_card("Defended model (LFPM)", {**provenance, "method": "lfpm"}))
-    shutil.rmtree(partial, ignore_errors=True)
+    lam_eff = [report["lambda_eff_start"], report["lambda_eff_end"]]
+    results = {"λ_eff start → end": " → ".join("-" if v is None else f"{v:.4g}" for v in lam_eff),
+               "‖τa‖": f"{report['tau_norm']:.4g}", "steps": report["steps"]}
+    with staged_outputs(out) as stage:
+        save_encoder(defended, stage / "model.safetensors", provenance)
+        save_encoder(defended, stage / "anti_backdoor_tv.safetensors", provenance, base=merged_enc)  # τa = θ − θm
+        write_tensors(stage / "prompts.safetensors", prompt_tensors, overwrite=True)  # what stage I mined
+        write_card(stage, "Defended model (LFPM)", "lfpm", defended, provenance, report, results,
+                   "`anti_backdoor_tv.safetensors` is τa, the anti-backdoor task vector (defended = merged + τa); "
+                   "`prompts.safetensors` holds the prompts stage I mined; `report.json` has every number.")
     report["out"] = str(out)
     write_json(json_out, report)
     if show_table(quiet, json_out):
         table = Table(title=f"LFPM → {out}", show_header=False)
         table.add_row("steps", str(report["steps"]))
         table.add_row("loss per epoch", ", ".join(f"{v:.4f}" for v in report["loss_per_epoch"]))
-        lam = [report["lambda_eff_start"], report["lambda_eff_end"]]
-        table.add_row("λ_eff start → end", " → ".join("-" if v is None else f"{v:.4g}" for v in lam))
+        table.add_row("λ_eff start → end", results["λ_eff start → end"])
         table.add_row("‖τa‖", f"{report['tau_norm']:.4g}")
         table.add_row("time", f"{report['seconds']:.1f} s ({report['images_per_second']:.0f} images/s)")
         out_console.print(table)
@@ -160,26 +169,26 @@ def ibvs_command(
 ) -> None:
     """IBVS: subtract λ × (the defender's own backdoored minus clean task vector) from the merge."""
     from mergeguard.attack import PoisonConfig
-    from mergeguard.checkpoint.provenance import model_card
     from mergeguard.data.folders import labeled_folder
     from mergeguard.defend import defend_ibvs
-    from mergeguard.models.encoder import load_encoder, save_encoder
+    from mergeguard.models.encoder import save_encoder
     from mergeguard.models.heads import head_for, load_heads
 
     folder = data_folders([data], allowed=("train",))["train"]
     require_empty(out, overwrite)
     head = head_for(load_heads(heads), task, heads)
-    merged_enc, base_enc = load_encoder(merged), load_encoder(base)
+    (merged_enc, base_enc), inputs = load_inputs(merged=merged, base=base)
     dataset = labeled_folder(folder, head.classnames, base_enc.image_size)
     cfg = PoisonConfig(steps=steps, lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device)
     with RichProgress(enabled=not quiet) as progress:
         defended, report = defend_ibvs(merged_enc, base_enc, head, dataset, task, cfg, lam=lam,
                                        progress=progress)
-    provenance = {"defense": "ibvs", "merged": merged, "base": base, "data": folder, "params": {"lam": lam}}
-    out.mkdir(parents=True, exist_ok=True)
-    save_encoder(defended, out / "model.safetensors", provenance)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "README.md").write_text(model_card("Defended model (IBVS)", {**provenance, "method": "ibvs"}))
+    provenance = {"defense": "ibvs", "command": command_line(), "data": folder, "task": task, "inputs": inputs,
+                  "params": {"lam": lam, **{k: v for k, v in report["config"].items() if k in IBVS_SETTINGS}}}
+    with staged_outputs(out) as stage:
+        save_encoder(defended, stage / "model.safetensors", provenance)
+        write_card(stage, "Defended model (IBVS)", "ibvs", defended, provenance, report,
+                   {"‖Vb − Vc‖": f"{report['vb_minus_vc_norm']:.4g}"}, "`report.json` has every number.")
     report["out"] = str(out)
     write_json(json_out, report)
     if show_table(quiet, json_out):
@@ -187,6 +196,27 @@ def ibvs_command(
         table.add_row("λ", f"{lam:g}")
         table.add_row("‖Vb − Vc‖", f"{report['vb_minus_vc_norm']:.4g}")
         out_console.print(table)
+
+
+def load_inputs(**specs: str) -> tuple[list, list[dict]]:
+    """The encoders of the given checkpoints, and each one's record (role, spec, digest) for the outputs."""
+    from mergeguard.checkpoint.provenance import input_record
+    from mergeguard.checkpoint.resolve import open_checkpoint
+    from mergeguard.models.encoder import load_encoder
+
+    ckpts = {role: open_checkpoint(spec) for role, spec in specs.items()}
+    return [load_encoder(c) for c in ckpts.values()], [input_record(c, role) for role, c in ckpts.items()]
+
+
+def write_card(stage: Path, title: str, method: str, model, provenance: dict, report: dict, results: dict,
+               files: str) -> None:
+    """arch.json, report.json and the model card (README.md) of a defended model."""
+    from mergeguard.checkpoint.provenance import model_card
+
+    (stage / "arch.json").write_text(json.dumps(model.arch, indent=2) + "\n")
+    (stage / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    lines = ["## Results", "", *(f"- {k}: {v}" for k, v in results.items()), "", files]
+    (stage / "README.md").write_text(model_card(title, {**provenance, "method": method}, "\n".join(lines)))
 
 
 def register(app: typer.Typer) -> None:

@@ -5,6 +5,8 @@ data for, fine-tunes a backdoored `Vb` and a clean `Vc` from θ0, and subtracts 
 from __future__ import annotations
 
 import copy
+import math
+import time
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -13,6 +15,7 @@ from torch.utils.data import Dataset
 
 from mergeguard.attack.poison import PoisonConfig, poison_finetune
 from mergeguard.data.triggers import patch_trigger
+from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
@@ -22,6 +25,16 @@ def defend_ibvs(merged: ImageEncoder, base: ImageEncoder, head: Head, dataset: D
                 cfg: PoisonConfig, *, lam: float = 2.0,
                 progress: ProgressSink | None = None) -> tuple[ImageEncoder, dict[str, Any]]:
     """Returns (θm − λ (θ_b − θ_c), report); the defender's trigger is its own random patch."""
+    from mergeguard.attack.poison import check_config
+    from mergeguard.defend.lfpm import describe, same_shapes
+
+    if not math.isfinite(lam):
+        raise MergeguardError(f"--lam must be a number (got {lam}).")
+    if not same_shapes(merged, base):
+        raise MergeguardError("the merged model and the base have different architectures "
+                              f"({describe(merged)} vs {describe(base)}); IBVS needs the base the merge was made from.")
+    check_config(replace(cfg, kind="badnets"), head, task)
+    start = time.perf_counter()
     trigger = patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
                             seed=cfg.seed + 99)
     clean, _, _ = poison_finetune(base, head, dataset, task, replace(cfg, kind="clean"), progress=progress)
@@ -34,4 +47,6 @@ def defend_ibvs(merged: ImageEncoder, base: ImageEncoder, head: Head, dataset: D
             if value.is_floating_point():
                 value -= lam * (vb[name] - vc[name])
     norm = float(torch.sqrt(sum((vb[k] - vc[k]).float().pow(2).sum() for k in vb if vb[k].is_floating_point())))
-    return defended, {"defense": "ibvs", "lam": lam, "task": task, "config": asdict(cfg), "vb_minus_vc_norm": norm}
+    config = {k: v for k, v in asdict(cfg).items() if k != "kind"}  # both runs' settings: clean and badnets
+    return defended, {"defense": "ibvs", "lam": lam, "task": task, "runs": ["clean", "badnets"], "config": config,
+                      "vb_minus_vc_norm": norm, "seconds": time.perf_counter() - start}

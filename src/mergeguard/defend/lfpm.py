@@ -16,6 +16,8 @@ to get off the CA/ASR trade-off curve:
 from __future__ import annotations
 
 import copy
+import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -63,9 +65,72 @@ class LFPMConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
+    checkpoint_every: int | None = None  # steps between checkpoints; None: a tenth of the run
 
 
 PROMPTS = ("mask", "patch", "tokens")
+RUN_ONLY = ("device", "workers", "checkpoint_every")  # settings a resumed run may change
+
+
+def check_config(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder) -> None:
+    """One sentence for a setting or an input pair LFPM cannot run with."""
+    if cfg.prompt not in PROMPTS:
+        raise MergeguardError(f"unknown prompt {cfg.prompt!r}; choose one of: {', '.join(PROMPTS)}.")
+    at_least = {"epochs": 1, "batch_size": 1, "path_points": 1, "prompts": 1, "prompt_tokens": 1,
+                "mine_warmup": 0, "mine_steps": 0, "workers": 0, "rank": 0}
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise MergeguardError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(cfg, name)}).")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
+        raise MergeguardError(f"--checkpoint-every must be at least 1 (got {cfg.checkpoint_every}).")
+    for name in ("lr", "patch_lr", "adam_eps"):
+        if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+            raise MergeguardError(f"--{name.replace('_', '-')} must be a positive number (got {getattr(cfg, name)}).")
+    for name in ("beta", "mask_penalty", "reference"):
+        if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) < 0:
+            raise MergeguardError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)}).")
+    if not 0 < cfg.patch_fraction <= 1:
+        raise MergeguardError(f"--patch-fraction must be in (0, 1] (got {cfg.patch_fraction}).")
+    dim = merged.arch["embed_dim"]
+    if cfg.rank > dim:
+        raise MergeguardError(f"--rank {cfg.rank} exceeds the feature dimension {dim}.")
+    if not same_shapes(merged, base):
+        raise MergeguardError("the merged model and the base have different architectures "
+                              f"({describe(merged)} vs {describe(base)}); LFPM needs the base the merge was made from.")
+
+
+def same_shapes(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """The same parameter names and shapes (what adding one model's weights to the other's needs)."""
+    shapes = [{n: tuple(p.shape) for n, p in m.named_parameters()} for m in (a, b)]
+    return shapes[0] == shapes[1]
+
+
+def describe(encoder: ImageEncoder) -> str:
+    vc = encoder.arch["vision_cfg"]
+    return (f"{encoder.arch.get('name', 'ViT')}: width {vc.get('width')}, {vc.get('layers')} layers, "
+            f"{encoder.image_size} px, embedding {encoder.arch['embed_dim']}")
+
+
+def fingerprint(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder, shadow_size: int) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the checkpoint: the settings that shape the
+    result, the shadow set's size, and a checksum of both models' weights."""
+    def checksum(model: ImageEncoder) -> float:
+        with torch.no_grad():
+            return round(sum(float(p.double().abs().sum()) for p in model.parameters()), 6)
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
+    return {**settings, "shadow_images": shadow_size, "merged_weights": checksum(merged),
+            "base_weights": checksum(base)}
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (Unix), for CPU runs."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _images(dataset: Dataset, workers: int) -> torch.Tensor:
@@ -227,11 +292,13 @@ class PromptPool:
 
     def __init__(self, prompts: list):
         self.prompts = prompts
+        self.mined: list[float] = []  # E‖D‖² of each prompt after stage I (the report's, kept for a resume)
 
     def state_dict(self) -> dict[str, Any]:
-        return {str(i): p.state_dict() for i, p in enumerate(self.prompts)}
+        return {"mined": torch.tensor(self.mined), **{str(i): p.state_dict() for i, p in enumerate(self.prompts)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mined = state["mined"].tolist()
         for i, p in enumerate(self.prompts):
             p.load_state_dict(state[str(i)])
 
@@ -258,8 +325,7 @@ def defend_lfpm(
     progress = progress or NullProgress()
     if len(shadow) == 0:
         raise MergeguardError("the shadow image folder is empty.")
-    if cfg.prompt not in PROMPTS:
-        raise MergeguardError(f"unknown prompt {cfg.prompt!r}; choose one of: {', '.join(PROMPTS)}.")
+    check_config(cfg, merged, base)
     rank, world = init_distributed()  # under torchrun: each process trains on its share of every batch
     if cfg.batch_size % world:
         raise MergeguardError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes.")
@@ -314,16 +380,18 @@ def defend_lfpm(
 
     ck = None
     if checkpoint is not None:
-        ck = Checkpointing(checkpoint, every=max(1, steps // 10), resume=resume, generators={"lfpm": gen},
-                           extra=pool)
-    mined: list[float] = []
+        ck = Checkpointing(checkpoint, every=cfg.checkpoint_every or max(1, steps // 10), resume=resume,
+                           generators={"lfpm": gen}, extra=pool,
+                           fingerprint=fingerprint(cfg, merged, base, len(images)), keep=True)
     if not (ck and resume and checkpoint.exists()):  # stage I: mine the prompt before τa moves
         progress.stage("LFPM stage I: mining the visual prompts", cfg.mine_warmup * len(pool.prompts))
         for prompt in pool.prompts:
+            e = None
             for _ in range(cfg.mine_warmup):
                 e = prompt.ascend(excess_now, batch()[0])
                 progress.advance()
-            mined.append(e)
+            if e is not None:
+                pool.mined.append(e)
 
     def loss_at(step: int) -> torch.Tensor:
         x, idx = batch()
@@ -367,6 +435,9 @@ def defend_lfpm(
     train_cfg = TrainConfig(steps=steps, lr=cfg.lr, weight_decay=0.0, warmup=max(1, steps // 20), seed=cfg.seed,
                             device=str(dev), grad_clip=1.0, eps=cfg.adam_eps)
     history = fit(list(tau.values()), loss_at, train_cfg, progress, "LFPM stage II: anti-backdoor task vector", ck)
+    if not all(bool(torch.isfinite(t).all()) for t in tau.values()):
+        raise MergeguardError(f"LFPM diverged: the anti-backdoor vector holds NaN or Inf values; try a smaller "
+                              f"--lr than {cfg.lr:g}.")
     probe = (images[: cfg.batch_size], clean_target[: cfg.batch_size])
     lam_start = curvature(merged, theta_m, tau, *probe, at_start=True)
     lam_end = curvature(merged, theta_m, tau, *probe)
@@ -383,11 +454,13 @@ def defend_lfpm(
     seconds = time.perf_counter() - start
     per_epoch = [sum(history[e * steps_per_epoch:(e + 1) * steps_per_epoch]) / steps_per_epoch
                  for e in range(cfg.epochs)]
+    resumed_at = ck.resumed_at if ck else 0
     report = {
         "config": asdict(cfg),
         "steps": steps,
+        "resumed_at_step": resumed_at,  # 0: one uninterrupted run; `seconds` counts this process only
         "loss_per_epoch": per_epoch,
-        "mined_excess_start": mined or None,  # E‖D‖² of each prompt after stage I
+        "mined_excess_start": pool.mined or None,  # E‖D‖² of each prompt after stage I
         "mined_excess_end": final_excess,  # the same prompts' excess on the defended model
         "prompt_area": [pr.area() for pr in pool.prompts],
         "lambda_eff_start": lam_start,
@@ -395,8 +468,9 @@ def defend_lfpm(
         "tau_norm": float(torch.sqrt(sum(t.detach().pow(2).sum() for t in tau.values()))),
         "idle_steps": state.get("idle", 0),  # steps with nothing to remove, which left τa as it was
         "seconds": seconds,
-        "images_per_second": steps * cfg.batch_size / seconds,
+        "images_per_second": (steps - resumed_at) * cfg.batch_size / seconds,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     report["prompt"] = {f"{i}.{k}": v for i, pr in enumerate(pool.prompts) for k, v in pr.save().items()}
     return defended.requires_grad_(True), {n: t.detach().cpu() for n, t in tau.items()}, report

@@ -147,6 +147,9 @@ def load_encoder(
                 f"tensor {k!r} of {ckpt.spec} is {list(state[k].shape)} but the architecture expects "
                 f"{list(v.shape)}; is --arch right?"
             )
+    for k in expected:
+        if not bool(torch.isfinite(state[k]).all()):
+            raise MergeguardError(f"tensor {k!r} of {ckpt.spec} holds NaN or Inf values; the checkpoint is damaged.")
     encoder.visual.load_state_dict({k: state[k].float() for k in expected}, strict=True)
     return encoder
 
