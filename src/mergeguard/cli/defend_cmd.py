@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -107,7 +107,7 @@ def lfpm_command(
     partial = out / ".partial"
     if not (resume and partial.exists()):
         require_empty(out, overwrite)
-    (merged_enc, base_enc), inputs = load_inputs(merged=merged, base=base)
+    (merged_enc, base_enc), inputs, dtype = load_inputs(merged=merged, base=base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
     if len(images) < FEW_SHADOW and init_distributed()[0] == 0:  # once under torchrun (LFPM joins the group anyway)
         err_console.print(f"[yellow]warning:[/] only {len(images)} shadow images: with fewer than {FEW_SHADOW:,} the "
@@ -131,8 +131,8 @@ def lfpm_command(
     results = {"λ_eff start → end": " → ".join("-" if v is None else f"{v:.4g}" for v in lam_eff),
                "‖τa‖": f"{report['tau_norm']:.4g}", "steps": report["steps"]}
     with staged_outputs(out) as stage:
-        save_encoder(defended, stage / "model.safetensors", provenance)
-        save_encoder(defended, stage / "anti_backdoor_tv.safetensors", provenance, base=merged_enc)  # τa = θ − θm
+        save_encoder(defended, stage / "model.safetensors", provenance, dtype=dtype)  # the merged model's dtype
+        save_encoder(defended, stage / "anti_backdoor_tv.safetensors", provenance, base=merged_enc)  # τa, float32
         write_tensors(stage / "prompts.safetensors", prompt_tensors, overwrite=True)  # what stage I mined
         write_card(stage, "Defended model (LFPM)", "lfpm", defended, provenance, report, results,
                    "`anti_backdoor_tv.safetensors` is τa, the anti-backdoor task vector (defended = merged + τa); "
@@ -177,7 +177,7 @@ def ibvs_command(
     folder = data_folders([data], allowed=("train",))["train"]
     require_empty(out, overwrite)
     head = head_for(load_heads(heads), task, heads)
-    (merged_enc, base_enc), inputs = load_inputs(merged=merged, base=base)
+    (merged_enc, base_enc), inputs, dtype = load_inputs(merged=merged, base=base)
     dataset = labeled_folder(folder, head.classnames, base_enc.image_size)
     cfg = PoisonConfig(steps=steps, lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device)
     with RichProgress(enabled=not quiet) as progress:
@@ -186,9 +186,12 @@ def ibvs_command(
     provenance = {"defense": "ibvs", "command": command_line(), "data": folder, "task": task, "inputs": inputs,
                   "params": {"lam": lam, **{k: v for k, v in report["config"].items() if k in IBVS_SETTINGS}}}
     with staged_outputs(out) as stage:
-        save_encoder(defended, stage / "model.safetensors", provenance)
+        save_encoder(defended, stage / "model.safetensors", provenance, dtype=dtype)
+        save_encoder(defended, stage / "ibvs_tv.safetensors", provenance, base=merged_enc)  # −λ (Vb − Vc)
         write_card(stage, "Defended model (IBVS)", "ibvs", defended, provenance, report,
-                   {"‖Vb − Vc‖": f"{report['vb_minus_vc_norm']:.4g}"}, "`report.json` has every number.")
+                   {"‖Vb − Vc‖": f"{report['vb_minus_vc_norm']:.4g}"},
+                   "`ibvs_tv.safetensors` is the task vector IBVS added, −λ (Vb − Vc) (defended = merged + it); "
+                   "`report.json` has every number.")
     report["out"] = str(out)
     write_json(json_out, report)
     if show_table(quiet, json_out):
@@ -198,14 +201,22 @@ def ibvs_command(
         out_console.print(table)
 
 
-def load_inputs(**specs: str) -> tuple[list, list[dict]]:
-    """The encoders of the given checkpoints, and each one's record (role, spec, digest) for the outputs."""
+def load_inputs(**specs: str) -> tuple[list, list[dict], Any]:
+    """The encoders of the given checkpoints (computed in float32), each one's record (role, spec, digest)
+    for the outputs, and the first one's float dtype (the defended model is saved in the merged model's)."""
+    from collections import Counter
+
+    import torch
+
     from mergeguard.checkpoint.provenance import input_record
     from mergeguard.checkpoint.resolve import open_checkpoint
     from mergeguard.models.encoder import load_encoder
 
     ckpts = {role: open_checkpoint(spec) for role, spec in specs.items()}
-    return [load_encoder(c) for c in ckpts.values()], [input_record(c, role) for role, c in ckpts.items()]
+    first = next(iter(ckpts.values()))
+    floats = Counter(first.info(k).dtype for k in first.keys() if first.info(k).dtype.is_floating_point)
+    dtype = floats.most_common(1)[0][0] if floats else torch.float32
+    return [load_encoder(c) for c in ckpts.values()], [input_record(c, role) for role, c in ckpts.items()], dtype
 
 
 def write_card(stage: Path, title: str, method: str, model, provenance: dict, report: dict, results: dict,

@@ -90,10 +90,12 @@ class ImageEncoder(nn.Module):
 
 
 def save_encoder(encoder: ImageEncoder, out: str | Path, provenance: dict | None = None, *,
-                 base: ImageEncoder | None = None) -> Path:
+                 base: ImageEncoder | None = None, dtype: torch.dtype | None = None) -> Path:
     """Save an encoder's tower, or with `base` its task vector (float tensors minus the base's),
-    with the architecture in the metadata; replaces `out` if it exists."""
+    with the architecture in the metadata, its float tensors in `dtype` if given; replaces `out` if it exists."""
     tensors = encoder.tower_state_dict()
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     kind = "model"
     if base is not None:
         base_tensors = base.tower_state_dict()
