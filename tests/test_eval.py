@@ -115,6 +115,8 @@ def test_cli_eval_json_and_exit_codes(setup, tmp_path):
     crossed = runner.invoke(app, [*base, "--max-asr", str(max(0.0, report["asr_t"] - 0.01))])
     assert crossed.exit_code == 1 and "threshold crossed" in crossed.output
     assert runner.invoke(app, [*base, "--max-asr", "1.0", "--min-ca", "0.0"]).exit_code == 0
-    assert runner.invoke(app, [*base, "--min-ca", "1.01"]).exit_code == 1
+    for flag, value in (("--min-ca", "1.01"), ("--max-asr", "nan"), ("--max-asr", "5")):  # not a fraction: bad input
+        wrong = runner.invoke(app, [*base, flag, value])
+        assert wrong.exit_code == 2 and "is a fraction between 0 and 1" in wrong.output
     bad = runner.invoke(app, [*base[:4], "--task", "c=/nonexistent", "-q"])
     assert bad.exit_code == 2 and "no head for task 'c'" in bad.output

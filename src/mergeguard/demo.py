@@ -71,6 +71,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.models.encoder import load_encoder, save_encoder
     from mergeguard.models.heads import load_heads
     from mergeguard.models.zoo import build_zoo
+    from mergeguard.trainer import resolve_device
 
     if size not in SETTINGS:
         raise MergeguardError(f"unknown demo size {size!r}; choose one of: {', '.join(SETTINGS)}.")
@@ -78,6 +79,10 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     say = say or (lambda _text: None)
     s = SETTINGS[size]
     out = Path(out)
+    resolve_device(device)  # an unusable --device fails before an earlier demo's folder is cleared
+    if zoo is not None and Path(zoo).exists() and any(Path(zoo).iterdir()) and not (Path(zoo) / "zoo.json").exists():
+        raise MergeguardError(f"--zoo {zoo} is not a zoo (it has no zoo.json); name a zoo folder, or a new one "
+                              "to build the zoo into.")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise MergeguardError(f"{out} is not empty and holds no earlier demo; choose another --out.")
     if out.exists():

@@ -51,6 +51,18 @@ def evaluate(
                 f"the trigger's target task {target_task!r} is not among the evaluated tasks "
                 f"({', '.join(data)}); pass --target-task."
             )
+        classes = len(heads[target_task].classnames)
+        if not 0 <= trigger.target_class < classes:
+            raise MergeguardError(f"the trigger's target class {trigger.target_class} is outside task "
+                                  f"{target_task!r}'s {classes} classes.")
+        if tuple(trigger.pattern.shape[-2:]) != (encoder.image_size, encoder.image_size):
+            raise MergeguardError(f"the trigger is {list(trigger.pattern.shape[-2:])} px but the model takes "
+                                  f"{encoder.image_size} px images.")
+    dim = encoder.arch["embed_dim"]
+    for task in data:
+        if heads[task].weight.shape[1] != dim:
+            raise MergeguardError(f"the head of {task!r} reads {heads[task].weight.shape[1]}-d features but the model "
+                                  f"gives {dim}-d ones; use the heads built for this model.")
     dev = resolve_device(device)
     encoder = encoder.to(dev).eval()
     target = trigger.target_class if trigger is not None else None

@@ -19,6 +19,7 @@ import torch
 from mergeguard.checkpoint import Checkpoint, CheckpointWriter, PlannedTensor
 from mergeguard.checkpoint.provenance import build_metadata, command_line, input_record
 from mergeguard.checkpoint.reader import PARTIAL_KEY
+from mergeguard.checkpoint.writer import refuse_writing_over
 from mergeguard.errors import MergeguardError
 from mergeguard.merge.engine import check_finite, check_inputs, delta_of, parse_dtype
 from mergeguard.progress import NullProgress, ProgressSink
@@ -167,6 +168,7 @@ def extract_task_vector(
     """Write τ = θ_finetuned − θ_base (or a LoRA adapter's dense ΔW) as a task vector file."""
     progress = progress or NullProgress()
     out_dtype = parse_dtype(dtype)
+    refuse_writing_over(out, [base, finetuned])
     if base.is_task_vector:
         raise MergeguardError(f"the base {base.spec} is a task vector, not a model.")
     if finetuned.is_task_vector:

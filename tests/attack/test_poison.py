@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergeguard.attack import PoisonConfig, poison_finetune
+from mergeguard.attack import PoisonConfig, poison_finetune, run_attack
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
 from mergeguard.data.folders import labeled_folder
@@ -278,3 +278,30 @@ def test_lobam_resume_keeps_the_finished_benign_run(tiny_zoo, tmp_path, monkeypa
     resumed = open_checkpoint(tmp_path / "killed/model.safetensors")
     for name in whole.keys():
         torch.testing.assert_close(resumed.get(name), whole.get(name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trigger_area": 0.0}, r"--trigger-area must be in \(0, 1\]"),
+    ({"r_min": float("nan")}, r"--r-min must be in \[0, 1\]"),
+    ({"poison_fraction": 5.0}, r"--poison-fraction must be in \[0, 1\]"),
+    ({"bd_weight": float("nan")}, "--bd-weight must be 0 or more"),
+    ({"amplify": float("inf")}, "--amplify must be 0 or more"),
+    ({"logit_scale": -5.0}, "--logit-scale must be a positive number"),
+    ({"lora_rank": 0}, "--rank must be at least 1"),
+    ({"steps": 0}, "--steps must be at least 1"),
+    ({"lr": float("nan")}, "--lr must be a positive number"),
+    ({"device": "foo"}, "unknown --device 'foo'"),
+])
+def test_settings_an_attack_cannot_run_with_are_one_sentence(tiny_zoo, tmp_path, change, message):
+    head, base, data = _shape_task(tiny_zoo)
+    cfg = replace(PoisonConfig(kind="badmerging", target_class=1, steps=2, batch_size=8, device="cpu"), **change)
+    with pytest.raises(MergeguardError, match=message):
+        run_attack(base, head, data, "shape", cfg, tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # refused before OUTDIR/.partial exists
+
+
+def test_a_diverged_fine_tune_is_one_sentence(tiny_zoo):
+    head, base, data = _shape_task(tiny_zoo)
+    with pytest.raises(MergeguardError, match="diverged"):
+        poison_finetune(base, head, data, "shape", PoisonConfig(kind="clean", steps=3, batch_size=8, lr=1e30,
+                                                                warmup=0, device="cpu"))

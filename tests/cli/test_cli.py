@@ -177,10 +177,23 @@ def test_ctrl_c_leaves_no_output(family, tmp_path, monkeypatch):
 
 # -- regressions from review ---------------------------------------------------------
 def test_overwrite_never_deletes_files_mergeguard_did_not_write(family, tmp_path):
+    # the folder holding the inputs: refused before anything is read
     out = _one_error_line(invoke("merge", family["base_path"], family["paths"][0], "-o", family["dir"],
                                  "--overwrite"))
-    assert "did not write" in out
+    assert "would replace the input" in out
     assert family["base_path"].exists() and family["paths"][0].exists()
+    # an input file itself (extract-tv too)
+    before = family["paths"][0].read_bytes()
+    for command in (("merge", family["base_path"], family["paths"][0]), ("extract-tv", family["base_path"],
+                                                                         family["paths"][0])):
+        assert "would replace the input" in _one_error_line(invoke(*command, "-o", family["paths"][0], "--overwrite"))
+    assert family["paths"][0].read_bytes() == before
+    # a folder of someone else's files
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("mine")
+    out = _one_error_line(invoke("merge", family["base_path"], family["paths"][0], "-o", notes, "--overwrite"))
+    assert "did not write" in out and (notes / "thesis.txt").read_text() == "mine"
 
 
 def test_output_under_a_file_is_one_sentence(family, tmp_path):
@@ -234,3 +247,26 @@ def test_pickle_base_held_in_memory_is_not_changed_by_a_merge(family, tmp_path):
     a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(base.get("head.weight"), family["base"]["head.weight"])
+
+
+def test_non_finite_merge_parameter_is_one_sentence(family, tmp_path):
+    out = _one_error_line(invoke("merge", family["base_path"], *family["paths"], "-o", tmp_path / "m", "--lam", "nan"))
+    assert "must be a finite number" in out and not (tmp_path / "m").exists()
+
+
+def test_an_unforeseen_exception_is_one_line_and_exit_3(monkeypatch):
+    """Exit 1 means `eval`'s gate was crossed; a crash must not read as that, nor print a traceback."""
+    import typer
+
+    from mergeguard.cli.options import EXIT_INTERNAL, handle_errors
+
+    def broken():
+        raise RuntimeError("shapes cannot be multiplied")
+
+    monkeypatch.delenv("MERGEGUARD_DEBUG", raising=False)
+    with pytest.raises(typer.Exit) as stop:
+        handle_errors(broken)()
+    assert stop.value.exit_code == EXIT_INTERNAL == 3
+    monkeypatch.setenv("MERGEGUARD_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises(RuntimeError):
+        handle_errors(broken)()

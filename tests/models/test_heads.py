@@ -288,3 +288,16 @@ def test_heads_command_errors(tmp_path, task_arg, expected):
     assert result.exit_code == 2, result.output
     assert expected in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("weight_value, scale, message", [
+    (float("nan"), 100.0, "holds NaN or Inf"),
+    (0.5, float("nan"), "logit scale nan"),
+    (0.5, -3.0, "logit scale -3.0"),
+])
+def test_a_damaged_heads_file_is_one_sentence(tmp_path, weight_value, scale, message):
+    weight = torch.full((2, 4), 0.5)
+    weight[0, 0] = weight_value
+    path = save_heads({"cars": Head("cars", weight, ["sedan", "van"], scale)}, tmp_path / "h.safetensors")
+    with pytest.raises(MergeguardError, match=message):
+        load_heads(path)

@@ -6,10 +6,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from mergeguard.cli import app
+from mergeguard.errors import MergeguardError
 from mergeguard.models import zoo
 
 
@@ -82,3 +84,20 @@ def test_a_concurrent_build_does_not_delete_the_finished_zoo(tmp_path, monkeypat
     info = zoo.build_zoo(root, size="tiny", force=True)
     assert info["by"] == "this process" and json.loads((root / "zoo.json").read_text())["by"] == "this process"
     assert (root / "data.png").read_text() == "ours"
+
+
+def test_force_rebuilds_a_zoo_never_someone_elses_folder(tmp_path):
+    """--force replaces a zoo; a folder that is not one is refused, and a zoo of another size or seed is
+    not returned as the one asked for."""
+
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("mine")
+    with pytest.raises(MergeguardError, match="is not a zoo"):
+        zoo.build_zoo(mine, size="tiny", force=True)
+    assert (mine / "thesis.txt").read_text() == "mine"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zoo.json").write_text(json.dumps({"size": "small", "seed": 5}))
+    with pytest.raises(MergeguardError, match="holds the small zoo with seed 5"):
+        zoo.build_zoo(other, size="tiny", seed=0)

@@ -173,6 +173,22 @@ def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None =
         raise MergeguardError(f"--workers must be 0 or more (got {cfg.workers}).")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise MergeguardError(f"--lr must be a positive number (got {cfg.lr}).")
+    ranges = {"trigger_area": (0, 1, True), "poison_fraction": (0, 1, False), "r_min": (0, 1, False)}
+    for name, (low, high, open_low) in ranges.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            raise MergeguardError(f"--{name.replace('_', '-')} must be in {'(' if open_low else '['}{low}, {high}] "
+                                  f"(got {value}).")
+    for name in ("bd_weight", "amplify", "weight_decay"):
+        if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) < 0:
+            raise MergeguardError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)}).")
+    if cfg.logit_scale is not None and not (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0):
+        raise MergeguardError(f"--logit-scale must be a positive number (got {cfg.logit_scale}).")
+    if cfg.trigger_steps < 0 or cfg.warmup < 0:
+        raise MergeguardError("--trigger-steps and --warmup must be 0 or more.")
+    if cfg.lora_rank is not None and cfg.lora_rank < 1:
+        raise MergeguardError(f"--rank must be at least 1 (got {cfg.lora_rank}).")
+    resolve_device(cfg.device)  # before OUTDIR/.partial exists
 
 
 def interpolated_params(model: torch.nn.Module, base_params: dict[str, torch.Tensor], r: float, *,
@@ -298,6 +314,9 @@ def poison_finetune(
     losses = fit(model.parameters(), loss_at, train_cfg, progress, f"fine-tuning {task} ({cfg.kind})", ck)
     if cfg.lora_rank:
         model.visual = model.visual.merge_and_unload()
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise MergeguardError(f"fine-tuning {task} diverged: its weights hold NaN or Inf; try a smaller --lr than "
+                              f"{cfg.lr:g}.")
     return model.eval(), trigger, losses
 
 

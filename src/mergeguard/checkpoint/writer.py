@@ -280,3 +280,20 @@ def staged_outputs(out: Path) -> Iterator[Path]:
     for item in sorted(stage.iterdir()):
         os.replace(item, out / item.name)
     shutil.rmtree(out / ".partial", ignore_errors=True)
+
+
+def refuse_writing_over(out: str | Path, inputs) -> None:
+    """One sentence, before any work, when writing `out` would replace or delete an input: `out` is one
+    of an input's files or folders, or a folder that holds one (even --overwrite never allows that).
+    `inputs`: Checkpoints (their files and local spec) or paths."""
+    target = Path(out).expanduser().resolve()
+    for item in inputs:
+        paths = [Path(p) for p in getattr(item, "files", None) or []]
+        spec = getattr(item, "spec", item)
+        if spec is not None and Path(str(spec)).expanduser().exists():
+            paths.append(Path(str(spec)))
+        for path in paths:
+            path = path.expanduser().resolve()
+            if target == path or target in path.parents:
+                raise MergeguardError(f"the output {out} would replace the input {spec}; choose another --out.")
+

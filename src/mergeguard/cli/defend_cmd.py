@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from mergeguard.checkpoint.provenance import command_line
-from mergeguard.checkpoint.writer import staged_outputs
+from mergeguard.checkpoint.writer import refuse_writing_over, staged_outputs
 from mergeguard.cli.options import (
     BaseOpt,
     BatchOpt,
@@ -105,6 +105,7 @@ def lfpm_command(
     from mergeguard.trainer import distributed_rank, init_distributed
 
     partial = out / ".partial"
+    refuse_writing_over(out, [merged, base, shadow])
     if not (resume and partial.exists()):
         require_empty(out, overwrite)
     (merged_enc, base_enc), inputs, dtype = load_inputs(merged=merged, base=base)
@@ -175,6 +176,7 @@ def ibvs_command(
     from mergeguard.models.heads import head_for, load_heads
 
     folder = data_folders([data], allowed=("train",))["train"]
+    refuse_writing_over(out, [merged, base, heads, folder])
     require_empty(out, overwrite)
     head = head_for(load_heads(heads), task, heads)
     (merged_enc, base_enc), inputs, dtype = load_inputs(merged=merged, base=base)

@@ -71,6 +71,11 @@ def eval_command(
     from mergeguard.models.heads import head_for, load_heads
     if max_asr is not None and trigger is None:
         raise MergeguardError("--max-asr needs --trigger.")
+    for flag, value in (("--max-asr", max_asr), ("--min-ca", min_ca)):
+        if value is not None and not 0 <= value <= 1:  # NaN fails this too
+            raise MergeguardError(f"{flag} is a fraction between 0 and 1 (got {value}); e.g. 0.05 for 5%.")
+    if batch_size < 1 or workers < 0:
+        raise MergeguardError("--batch-size must be at least 1 and --workers 0 or more.")
     head_map = load_heads(heads)
     trig = load_trigger(trigger) if trigger else None
     encoder = load_encoder(model, arch=arch, allow_pickle=allow_pickle)

@@ -28,6 +28,7 @@ from mergeguard.cli.options import (
     show_table,
     write_json,
 )
+from mergeguard.errors import MergeguardError
 from mergeguard.taskvec import task_vector_stats
 
 EXAMPLES = [
@@ -50,6 +51,8 @@ def inspect_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Show tensors, dtypes and sizes; for task vectors, norms, cosines, sign conflicts and outliers."""
+    if not outlier_ratio > 1:  # NaN too
+        raise MergeguardError(f"--outlier-ratio must be above 1 (got {outlier_ratio}); 2 flags twice the median.")
     ckpts = [open_checkpoint(p, allow_pickle=allow_pickle) for p in paths]
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle) if base else None
     files = []

@@ -8,11 +8,13 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,6 +24,7 @@ from mergeguard.errors import MergeguardError
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3  # a bug, not the user's input: distinct from 1, which `eval`'s gates use
 EXIT_INTERRUPTED = 130
 
 out_console = Console()
@@ -33,6 +36,8 @@ def _check_json_target(value: str | None) -> str | None:
     """Fail before any work when the JSON report could not be written."""
     if value not in (None, "-") and not Path(value).expanduser().parent.is_dir():
         raise typer.BadParameter(f"the folder of {value} does not exist.")
+    if value not in (None, "-") and Path(value).expanduser().is_dir():
+        raise typer.BadParameter(f"{value} is a folder; name a file.")
     return value
 
 
@@ -107,6 +112,14 @@ def handle_errors(fn: Callable) -> Callable:
             where = f" {exc.filename}" if exc.filename else ""
             err_console.print(f"[bold red]error:[/] cannot use{where}: {exc.strerror or exc}.", highlight=False)
             raise typer.Exit(EXIT_BAD_INPUT) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as exc:  # an input no check foresaw, or a bug: one line and its own exit code
+            if os.environ.get("MERGEGUARD_DEBUG"):
+                raise
+            err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set MERGEGUARD_DEBUG=1 "
+                              "for the traceback, and please report it).", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
 

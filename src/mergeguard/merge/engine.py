@@ -22,6 +22,7 @@ import torch
 
 from mergeguard.checkpoint import Checkpoint, CheckpointWriter, PlannedTensor
 from mergeguard.checkpoint.provenance import build_metadata, command_line, input_record, model_card
+from mergeguard.checkpoint.writer import refuse_writing_over
 from mergeguard.errors import MergeguardError
 from mergeguard.merge.registry import MergeMethod, TensorContext, get_method
 from mergeguard.progress import NullProgress, ProgressSink
@@ -191,6 +192,7 @@ def merge_checkpoints(
     if method.name == "average" and sum(weights) == 0:
         raise MergeguardError("average needs weights that do not sum to zero.")
     out_dtype = parse_dtype(dtype)
+    refuse_writing_over(out, [base, *inputs, *([reference] if reference is not None else [])])
 
     plan = check_inputs(base, inputs, allow_missing=allow_missing, reference=reference)
     weight_t = torch.tensor(weights, dtype=torch.float32)

@@ -7,6 +7,7 @@ against it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,8 @@ class Param:
             raise MergeguardError(
                 f"{self.flag} for {method} must be a {self.type.__name__}, got {value!r}."
             ) from exc
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MergeguardError(f"{self.flag} for {method} must be a finite number, got {value}.")
         if self.choices is not None and value not in self.choices:
             raise MergeguardError(
                 f"{self.flag} for {method} must be one of {', '.join(self.choices)}, got {value!r}."

@@ -9,6 +9,7 @@ names and logit scale per task).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -89,7 +90,15 @@ def load_heads(path: str | Path) -> dict[str, Head]:
         names = classnames.get(task) or [str(i) for i in range(weight.shape[0])]
         if len(names) != weight.shape[0]:
             raise MergeguardError(f"{path}: head {task!r} has {weight.shape[0]} rows but {len(names)} class names.")
-        heads[task] = Head(task, weight, names, float(scales.get(task, 100.0)))
+        if not bool(torch.isfinite(weight).all()):
+            raise MergeguardError(f"{path}: head {task!r} holds NaN or Inf values; the heads file is damaged.")
+        try:
+            scale = float(scales.get(task, 100.0))
+        except (TypeError, ValueError) as exc:
+            raise MergeguardError(f"{path}: head {task!r} has a logit scale that is not a number.") from exc
+        if not math.isfinite(scale) or scale <= 0:
+            raise MergeguardError(f"{path}: head {task!r} has logit scale {scale}; it must be a positive number.")
+        heads[task] = Head(task, weight, names, scale)
     return heads
 
 

@@ -200,9 +200,14 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
     progress = progress or NullProgress()
     root = Path(out) if out else default_zoo_dir(size, seed)
     if (root / "zoo.json").exists() and not force:
-        return _cached(root)
-    if root.exists() and not force and any(root.iterdir()):
-        raise MergeguardError(f"{root} exists and is not a zoo; pass --force or choose another --out.")
+        cached = _cached(root)
+        if (cached.get("size"), cached.get("seed")) != (size, seed):
+            raise MergeguardError(f"{root} holds the {cached.get('size')} zoo with seed {cached.get('seed')}, not the "
+                                  f"{size} one with seed {seed}; choose another --out, or --force to rebuild it.")
+        return cached
+    if root.exists() and any(root.iterdir()) and not (root / "zoo.json").exists():
+        # --force rebuilds a zoo; it never deletes a folder of something else
+        raise MergeguardError(f"{root} exists and is not a zoo; choose another --out.")
     start = time.perf_counter()
     spec = SIZES[size]
     root.parent.mkdir(parents=True, exist_ok=True)
