@@ -164,9 +164,9 @@ def _load_state(ck: Checkpointing, params, opt, sched) -> tuple[int, list[float]
         raise MergeguardError(f"cannot resume from {ck.path}: {exc}") from exc
     if len(state["params"]) != len(params) or any(p.shape != q.shape for p, q in zip(params, state["params"])):
         raise MergeguardError(f"{ck.path} was saved by a different run (its parameters do not match).")
-    saved = json.loads(state.get("fingerprint") or "null") or {}
+    recorded = json.loads(state.get("fingerprint") or "null") or {}
     now = json.loads(json.dumps(ck.fingerprint, sort_keys=True, default=str)) or {}
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
     if changed:
         raise MergeguardError(
             f"cannot resume from {ck.path}: it was saved by a run with other settings or inputs "
