@@ -270,3 +270,9 @@ def test_an_unforeseen_exception_is_one_line_and_exit_3(monkeypatch):
     monkeypatch.setenv("MERGEGUARD_DEBUG", "1")  # the traceback, for a bug report
     with pytest.raises(RuntimeError):
         handle_errors(broken)()
+
+
+def test_invalid_yaml_config_is_one_sentence(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: ties\n  lam: [0.3\n")
+    out = _one_error_line(invoke("merge", "--config", tmp_path / "c.yaml"))
+    assert "is not valid YAML (line 2, column 6)" in out and len(out.strip().splitlines()) == 1

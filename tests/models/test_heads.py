@@ -301,3 +301,11 @@ def test_a_damaged_heads_file_is_one_sentence(tmp_path, weight_value, scale, mes
     path = save_heads({"cars": Head("cars", weight, ["sedan", "van"], scale)}, tmp_path / "h.safetensors")
     with pytest.raises(MergeguardError, match=message):
         load_heads(path)
+
+
+def test_open_clip_text_tower_needs_a_pretrained_tag():
+    """Without @TAG open_clip builds a random text tower; heads from it would be noise."""
+    from mergeguard.models.heads import load_text_model
+
+    with pytest.raises(MergeguardError, match="names no pretrained weights; add a tag, e.g. open_clip:ViT-B-32@openai"):
+        load_text_model("open_clip:ViT-B-32", None)

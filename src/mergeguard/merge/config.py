@@ -38,7 +38,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise MergeguardError(f"cannot read the config {path}: {exc.strerror or exc}.") from exc
     except yaml.YAMLError as exc:
-        raise MergeguardError(f"the config {path} is not valid YAML: {exc}.") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MergeguardError(f"the config {path} is not valid YAML{where}: {problem}.") from exc
     if not isinstance(raw, dict):
         raise MergeguardError(f"the config {path} must be a mapping of settings.")
     settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
