@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,19 @@ def test_cli_eval_json_and_exit_codes(setup, tmp_path):
         assert wrong.exit_code == 2 and "is a fraction between 0 and 1" in wrong.output
     bad = runner.invoke(app, [*base[:4], "--task", "c=/nonexistent", "-q"])
     assert bad.exit_code == 2 and "no head for task 'c'" in bad.output
+
+
+def test_a_bad_image_read_by_a_worker_process_is_one_sentence(tiny_zoo, tmp_path):
+    """A DataLoader worker re-raises the error wrapped in its own traceback text; the user sees the sentence."""
+    import shutil
+
+    z = Path(tiny_zoo["root"])
+    for cls in ("red", "green"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for png in sorted((z / "data/colour/test" / cls).glob("*.png"))[:2]:
+            shutil.copy(png, tmp_path / "data" / cls)
+    (tmp_path / "data/red/broken.png").write_text("not an image")
+    result = CliRunner().invoke(app, ["eval", str(z / "base"), "--heads", str(z / "heads.safetensors"),
+                                      "--task", f"colour={tmp_path / 'data'}", "--workers", "1", "-q"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and "cannot read the image" in result.output

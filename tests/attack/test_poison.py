@@ -305,3 +305,20 @@ def test_a_diverged_fine_tune_is_one_sentence(tiny_zoo):
     with pytest.raises(MergeguardError, match="diverged"):
         poison_finetune(base, head, data, "shape", PoisonConfig(kind="clean", steps=3, batch_size=8, lr=1e30,
                                                                 warmup=0, device="cpu"))
+
+
+def test_a_broken_training_image_leaves_no_folder_behind(tiny_zoo, tmp_path):
+    import shutil
+
+    z = Path(tiny_zoo["root"])
+    data = tmp_path / "train"
+    for cls in ("disc", "ring", "triangle", "cross"):
+        (data / cls).mkdir(parents=True)
+        for png in sorted((z / "data/shape/train" / cls).glob("*.png"))[:4]:
+            shutil.copy(png, data / cls)
+    (data / "disc" / "broken.png").write_text("not an image")
+    result = CliRunner().invoke(app, [
+        "finetune", "--base", str(z / "base"), "--data", f"train={data}", "--heads", str(z / "heads.safetensors"),
+        "--task", "shape", "-o", str(tmp_path / "o"), "--steps", "4", "--batch-size", "16", "--device", "cpu", "-q"])
+    assert result.exit_code == 2 and "cannot read the image" in result.output
+    assert not (tmp_path / "o").exists()  # nothing was saved, so no OUTDIR/.partial to resume from

@@ -405,8 +405,7 @@ def run_attack(
     from mergeguard.eval import evaluate
 
     check_config(cfg, head, task, shadow)  # before OUTDIR/.partial exists
-    partial = out_dir / ".partial"
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / ".partial"  # made by the first thing saved there: a run that fails earlier leaves no folder
     trigger_file = partial / "trigger.safetensors"
     trigger = None
     if resume and trigger_file.exists():
@@ -418,6 +417,7 @@ def run_attack(
         dev = resolve_device(cfg.device)
         stage1 = dataset if target_images is None else torch.utils.data.ConcatDataset([dataset, target_images])
         trigger = optimize_trigger(base.to(dev), head, stage1, cfg, task, progress, shadow=shadow)
+        partial.mkdir(parents=True, exist_ok=True)
         trigger.save(trigger_file, overwrite=True)
     if cfg.kind == "lobam":
         model, trigger, losses = lobam(base, head, dataset, task, cfg, partial, trigger, resume=resume,

@@ -95,6 +95,14 @@ def require_empty(out: Path, overwrite: bool) -> None:
         raise MergeguardError(f"{out} is not empty; choose another --out or pass --overwrite.")
 
 
+def _sentence(exc: MergeguardError) -> str:
+    """The error's sentence; a DataLoader worker's re-raise wraps it in the worker's traceback text."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        return text.strip().splitlines()[-1].split("MergeguardError: ", 1)[-1]
+    return text
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn user errors into one red sentence and exit 2; Ctrl-C into exit 130."""
 
@@ -103,7 +111,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MergeguardError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {_sentence(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted:[/] nothing was written.")

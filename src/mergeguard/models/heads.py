@@ -117,10 +117,10 @@ def load_text_model(source: str, arch: dict[str, Any] | None) -> tuple[Any, Any]
 
     if source.startswith("open_clip:"):
         name, _, tag = source.removeprefix("open_clip:").partition("@")
-        if not tag:  # open_clip would build a randomly initialised text tower: heads of noise
+        if not tag and not name.startswith("hf-hub:"):  # open_clip would build a random text tower: heads of noise
             raise MergeguardError(f"{source} names no pretrained weights; add a tag, e.g. open_clip:{name}@openai.")
         try:
-            model = open_clip.create_model(name, pretrained=tag)
+            model = open_clip.create_model(name, pretrained=tag or None)
         except Exception as exc:  # open_clip raises RuntimeError / HF errors for missing weights
             raise MergeguardError(f"could not load open_clip {name} with pretrained={tag!r}: {exc}") from exc
         return model.eval(), open_clip.get_tokenizer(name)
