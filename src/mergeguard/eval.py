@@ -55,9 +55,6 @@ def evaluate(
         if not 0 <= trigger.target_class < classes:
             raise MergeguardError(f"the trigger's target class {trigger.target_class} is outside task "
                                   f"{target_task!r}'s {classes} classes.")
-        if tuple(trigger.pattern.shape[-2:]) != (encoder.image_size, encoder.image_size):
-            raise MergeguardError(f"the trigger is {list(trigger.pattern.shape[-2:])} px but the model takes "
-                                  f"{encoder.image_size} px images.")
     dim = encoder.arch["embed_dim"]
     for task in data:
         if heads[task].weight.shape[1] != dim:

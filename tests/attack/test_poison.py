@@ -322,3 +322,19 @@ def test_a_broken_training_image_leaves_no_folder_behind(tiny_zoo, tmp_path):
         "--task", "shape", "-o", str(tmp_path / "o"), "--steps", "4", "--batch-size", "16", "--device", "cpu", "-q"])
     assert result.exit_code == 2 and "cannot read the image" in result.output
     assert not (tmp_path / "o").exists()  # nothing was saved, so no OUTDIR/.partial to resume from
+
+
+def test_resume_into_the_base_folder_is_refused(tiny_zoo, tmp_path):
+    """--resume skips the empty-OUTDIR check; the outputs would still replace the base's model file."""
+    import shutil
+
+    z = Path(tiny_zoo["root"])
+    base = tmp_path / "base"
+    shutil.copytree(z / "base", base)
+    before = (base / "model.safetensors").read_bytes()
+    result = CliRunner().invoke(app, [
+        "finetune", "--base", str(base), "--data", f"train={z / 'data/shape/train'}", "--heads",
+        str(z / "heads.safetensors"), "--task", "shape", "-o", str(base), "--resume", "--steps", "2", "--device", "cpu",
+        "-q"])
+    assert result.exit_code == 2 and "would replace the input" in result.output
+    assert (base / "model.safetensors").read_bytes() == before

@@ -148,3 +148,23 @@ def test_header_checks_match_the_safetensors_library(tmp_path):
               b"\0" * 4)
     with pytest.raises(MergeguardError, match="corrupt"):
         open_checkpoint(tmp_path / "neg.safetensors")
+
+
+def test_refuse_writing_over_an_input(tmp_path):
+    from mergeguard.checkpoint.writer import refuse_writing_over
+    from mergeguard.errors import MergeguardError
+
+    model = tmp_path / "merged" / "model.safetensors"
+    model.parent.mkdir()
+    model.write_bytes(b"x")
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    # the file, its folder, a folder holding it, a new file inside an input folder
+    for out in (model, model.parent, tmp_path, shadow / "defended.safetensors"):
+        with pytest.raises(MergeguardError, match="would replace the input"):
+            refuse_writing_over(out, [model.parent, shadow])
+    # a command that writes known names into OUT: only OUT/name counts
+    refuse_writing_over(tmp_path, [model.parent, shadow], ("model.safetensors", "report.json"))
+    with pytest.raises(MergeguardError, match="would replace the input"):
+        refuse_writing_over(model.parent, [model.parent], ("model.safetensors", "report.json"))
+    refuse_writing_over(tmp_path / "new", ["org/repo-on-the-hub", "open_clip:ViT-B-32@openai"])  # not paths here

@@ -196,3 +196,20 @@ def test_lfpm_token_prompts(tiny_zoo, tmp_path):
     cfg = LFPMConfig(epochs=1, batch_size=64, prompt="tokens", prompts=1, mine_warmup=3, device="cpu")
     _, _, on_theta0 = defend_lfpm(load_encoder(str(z / "base")), base, unlabeled_folder(z / "shadow", 32), cfg)
     assert on_theta0["mined_excess_start"][0] < 1e-8
+
+
+def test_an_open_clip_base_is_loaded_through_open_clip_and_recorded_by_name(tiny_zoo, monkeypatch):
+    """`--base open_clip:NAME@TAG` has no checkpoint file: it goes to load_encoder as is, and the outputs
+    record its name (no digest); the dtype comes from the merged model's file."""
+    import mergeguard.models.encoder as encoder_module
+    from mergeguard.cli.defend_cmd import load_inputs
+
+    z = Path(tiny_zoo["root"])
+    real = encoder_module.load_encoder
+    monkeypatch.setattr(encoder_module, "load_encoder",
+                        lambda src, **kw: ("open_clip", src) if isinstance(src, str) else real(src, **kw))
+    (merged, base), records, dtype = load_inputs(merged=str(z / "finetuned" / "shape"),
+                                                 base="open_clip:ViT-B-32@openai")
+    assert base == ("open_clip", "open_clip:ViT-B-32@openai") and merged.image_size == 32
+    assert records[1] == {"role": "base", "spec": "open_clip:ViT-B-32@openai"} and "sha256" in records[0]
+    assert dtype == torch.float32

@@ -1,6 +1,6 @@
 """The `mergeguard` command-line tool: one thin module per command.
 
-Exit codes: 0 success, 1 a threshold was crossed (eval), 2 bad input, 130 interrupted.
+Exit codes: 0 success, 1 a threshold was crossed (eval), 2 bad input, 3 internal error, 130 interrupted.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from mergeguard.checkpoint.writer import refuse_writing_over
 from mergeguard.cli.options import (
     BaseOpt,
     BatchOpt,
@@ -47,6 +48,7 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="open_clip name or architecture JSON.")]
 TargetOpt = Annotated[int, typer.Option("--target-class", help="Index of the target class in the task's head.")]
 
+ATTACK_OUTPUTS = ("model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json")
 EXAMPLES = {
     "badmerging": [
         "mergeguard attack badmerging --base BASE --data train=data/cars/train --data test=data/cars/test "
@@ -88,6 +90,8 @@ def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: P
     if mode == "on-task" and (target_task or target_images):
         raise MergeguardError("--target-task and --target-images belong to --mode off-task.")
     folders = data_folders(data)
+    refuse_writing_over(out, [base, heads, *folders.values(), *([target_images] if target_images else [])],
+                        ATTACK_OUTPUTS + (".partial",))
     head_map = load_heads(heads)
     head = head_for(head_map, task, heads)
     shadow = shadow_head(head_map, target_task, target_class) if mode == "off-task" else None

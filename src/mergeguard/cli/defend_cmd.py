@@ -48,6 +48,9 @@ EXAMPLES = [
     "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --resume    # after a killed run",
 ]
 
+LFPM_OUTPUTS = ("model.safetensors", "anti_backdoor_tv.safetensors", "prompts.safetensors", "arch.json",
+                "report.json", "README.md")
+IBVS_OUTPUTS = ("model.safetensors", "ibvs_tv.safetensors", "arch.json", "report.json", "README.md")
 IBVS_SETTINGS = ("steps", "lr", "weight_decay", "warmup", "batch_size", "logit_scale", "poison_fraction",
                  "trigger_area", "target_class", "seed")  # what its two fine-tunes use (the model card's list)
 
@@ -105,7 +108,7 @@ def lfpm_command(
     from mergeguard.trainer import distributed_rank, init_distributed
 
     partial = out / ".partial"
-    refuse_writing_over(out, [merged, base, shadow])
+    refuse_writing_over(out, [merged, base, shadow], LFPM_OUTPUTS + (".partial",))
     if not (resume and partial.exists()):
         require_empty(out, overwrite)
     (merged_enc, base_enc), inputs, dtype = load_inputs(merged=merged, base=base)
@@ -176,7 +179,7 @@ def ibvs_command(
     from mergeguard.models.heads import head_for, load_heads
 
     folder = data_folders([data], allowed=("train",))["train"]
-    refuse_writing_over(out, [merged, base, heads, folder])
+    refuse_writing_over(out, [merged, base, heads, folder], IBVS_OUTPUTS + (".partial",))
     require_empty(out, overwrite)
     head = head_for(load_heads(heads), task, heads)
     (merged_enc, base_enc), inputs, dtype = load_inputs(merged=merged, base=base)
@@ -214,11 +217,14 @@ def load_inputs(**specs: str) -> tuple[list, list[dict], Any]:
     from mergeguard.checkpoint.resolve import open_checkpoint
     from mergeguard.models.encoder import load_encoder
 
-    ckpts = {role: open_checkpoint(spec) for role, spec in specs.items()}
+    # open_clip:NAME@TAG comes from open_clip's own cache: no checkpoint file to record or take a dtype from
+    ckpts = {role: spec if spec.startswith("open_clip:") else open_checkpoint(spec) for role, spec in specs.items()}
     first = next(iter(ckpts.values()))
-    floats = Counter(first.info(k).dtype for k in first.keys() if first.info(k).dtype.is_floating_point)
+    floats = Counter() if isinstance(first, str) else \
+        Counter(first.info(k).dtype for k in first.keys() if first.info(k).dtype.is_floating_point)
     dtype = floats.most_common(1)[0][0] if floats else torch.float32
-    return [load_encoder(c) for c in ckpts.values()], [input_record(c, role) for role, c in ckpts.items()], dtype
+    records = [{"role": role, "spec": c} if isinstance(c, str) else input_record(c, role) for role, c in ckpts.items()]
+    return [load_encoder(c) for c in ckpts.values()], records, dtype
 
 
 def write_card(stage: Path, title: str, method: str, model, provenance: dict, report: dict, results: dict,

@@ -123,7 +123,7 @@ def handle_errors(fn: Callable) -> Callable:
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except Exception as exc:  # an input no check foresaw, or a bug: one line and its own exit code
-            if os.environ.get("MERGEGUARD_DEBUG"):
+            if os.environ.get("MERGEGUARD_DEBUG", "0") not in ("", "0"):
                 raise
             err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set MERGEGUARD_DEBUG=1 "
                               "for the traceback, and please report it).", highlight=False, soft_wrap=True)

@@ -75,8 +75,8 @@ def load_trigger(path: str | Path) -> Trigger:
         raise MergeguardError(f"{path}: pattern must be (3, H, W) and mask (1, H, W) of the same size.")
     if mask.dim() == 2:
         mask = mask[None]
-    if mask.dim() != 3 or mask.shape[0] != 1:
-        raise MergeguardError(f"{path}: mask must be (1, H, W) or (H, W), not {list(mask.shape)}.")
+    if mask.dim() != 3 or mask.shape[0] not in (1, 3):
+        raise MergeguardError(f"{path}: mask must be (H, W), (1, H, W) or (3, H, W), not {list(mask.shape)}.")
     try:
         target_class = int(meta.get("target_class", "0"))
     except ValueError as exc:

@@ -16,6 +16,7 @@ to get off the CA/ASR trade-off curve:
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import sys
 import time
@@ -113,10 +114,13 @@ def describe(encoder: ImageEncoder) -> str:
 
 def fingerprint(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder, shadow_size: int) -> dict[str, Any]:
     """What a resumed run must share with the run that saved the checkpoint: the settings that shape the
-    result, the shadow set's size, and a checksum of both models' weights."""
-    def checksum(model: ImageEncoder) -> float:
-        with torch.no_grad():
-            return round(sum(float(p.double().abs().sum()) for p in model.parameters()), 6)
+    result, the shadow set's size, and a digest of both models' weights (their bytes: exact on any device)."""
+    def checksum(model: ImageEncoder) -> str:
+        digest = hashlib.sha256()
+        for name, p in model.named_parameters():
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
     return {**settings, "shadow_images": shadow_size, "merged_weights": checksum(merged),

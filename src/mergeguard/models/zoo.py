@@ -202,8 +202,9 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
     if (root / "zoo.json").exists() and not force:
         cached = _cached(root)
         if (cached.get("size"), cached.get("seed")) != (size, seed):
-            raise MergeguardError(f"{root} holds the {cached.get('size')} zoo with seed {cached.get('seed')}, not the "
-                                  f"{size} one with seed {seed}; choose another --out, or --force to rebuild it.")
+            raise MergeguardError(f"{root} holds the {cached.get('size')} zoo with seed {cached.get('seed')}, not "
+                                  f"the {size} one with seed {seed}; name another folder, or rebuild it "
+                                  "(zoo build --force).")
         return cached
     if root.exists() and any(root.iterdir()) and not (root / "zoo.json").exists():
         # --force rebuilds a zoo; it never deletes a folder of something else
