@@ -115,7 +115,7 @@ def describe(encoder: ImageEncoder) -> str:
 def fingerprint(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder, shadow_size: int) -> dict[str, Any]:
     """What a resumed run must share with the run that saved the checkpoint: the settings that shape the
     result, the shadow set's size, and a digest of both models' weights (their bytes: exact on any device)."""
-    def checksum(model: ImageEncoder) -> str:
+    def digest_of(model: ImageEncoder) -> str:
         digest = hashlib.sha256()
         for name, p in model.named_parameters():
             digest.update(name.encode())
@@ -123,8 +123,8 @@ def fingerprint(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder, shado
         return digest.hexdigest()
 
     settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
-    return {**settings, "shadow_images": shadow_size, "merged_weights": checksum(merged),
-            "base_weights": checksum(base)}
+    return {**settings, "shadow_images": shadow_size, "merged_weights": digest_of(merged),
+            "base_weights": digest_of(base)}
 
 
 def peak_rss_bytes() -> int | None:
