@@ -70,7 +70,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.merge.engine import merge_checkpoints
     from mergeguard.models.encoder import load_encoder, save_encoder
     from mergeguard.models.heads import load_heads
-    from mergeguard.models.zoo import build_zoo
+    from mergeguard.models.zoo import build_zoo, holds_something_else
     from mergeguard.trainer import resolve_device
 
     if size not in SETTINGS:
@@ -80,7 +80,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     s = SETTINGS[size]
     out = Path(out)
     resolve_device(device)  # an unusable --device fails before an earlier demo's folder is cleared
-    if zoo is not None and Path(zoo).exists() and any(Path(zoo).iterdir()) and not (Path(zoo) / "zoo.json").exists():
+    if zoo is not None and holds_something_else(Path(zoo)):
         raise MergeguardError(f"--zoo {zoo} is not a zoo (it has no zoo.json); name a zoo folder, or a new one "
                               "to build the zoo into.")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():

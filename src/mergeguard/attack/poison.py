@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mergeguard.checkpoint.writer import staged_outputs
 from mergeguard.data.triggers import Trigger, patch_trigger
-from mergeguard.errors import MergeguardError
+from mergeguard.errors import MergeguardError, check_settings
 from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import NullProgress, ProgressSink
@@ -166,26 +166,16 @@ def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None =
         raise MergeguardError(f"unknown --interpolation {cfg.interpolation!r}; choose feature or weight.")
     if cfg.decoys and not (cfg.kind in ("badmerging", "lobam") and cfg.interpolation == "weight"):
         raise MergeguardError("--decoys works with `--interpolation weight` (badmerging, lobam) only.")
-    for name in ("steps", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise MergeguardError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)}).")
-    if cfg.workers < 0:
-        raise MergeguardError(f"--workers must be 0 or more (got {cfg.workers}).")
-    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise MergeguardError(f"--lr must be a positive number (got {cfg.lr}).")
+    check_settings(cfg, at_least={"steps": 1, "batch_size": 1}, positive=("lr",),
+                   non_negative=("workers", "bd_weight", "amplify", "weight_decay", "trigger_steps", "warmup"))
     ranges = {"trigger_area": (0, 1, True), "poison_fraction": (0, 1, False), "r_min": (0, 1, False)}
     for name, (low, high, open_low) in ranges.items():
         value = getattr(cfg, name)
         if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
             raise MergeguardError(f"--{name.replace('_', '-')} must be in {'(' if open_low else '['}{low}, {high}] "
                                   f"(got {value}).")
-    for name in ("bd_weight", "amplify", "weight_decay"):
-        if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) < 0:
-            raise MergeguardError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)}).")
     if cfg.logit_scale is not None and not (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0):
         raise MergeguardError(f"--logit-scale must be a positive number (got {cfg.logit_scale}).")
-    if cfg.trigger_steps < 0 or cfg.warmup < 0:
-        raise MergeguardError("--trigger-steps and --warmup must be 0 or more.")
     if cfg.lora_rank is not None and cfg.lora_rank < 1:
         raise MergeguardError(f"--rank must be at least 1 (got {cfg.lora_rank}).")
     resolve_device(cfg.device)  # before OUTDIR/.partial exists

@@ -26,13 +26,11 @@ def defend_ibvs(merged: ImageEncoder, base: ImageEncoder, head: Head, dataset: D
                 progress: ProgressSink | None = None) -> tuple[ImageEncoder, dict[str, Any]]:
     """Returns (θm − λ (θ_b − θ_c), report); the defender's trigger is its own random patch."""
     from mergeguard.attack.poison import check_config
-    from mergeguard.defend.lfpm import describe, same_shapes
+    from mergeguard.defend.lfpm import check_same_architecture
 
     if not math.isfinite(lam):
         raise MergeguardError(f"--lam must be a number (got {lam}).")
-    if not same_shapes(merged, base):
-        raise MergeguardError("the merged model and the base have different architectures "
-                              f"({describe(merged)} vs {describe(base)}); IBVS needs the base the merge was made from.")
+    check_same_architecture(merged, base, "IBVS")
     check_config(replace(cfg, kind="badnets"), head, task)
     start = time.perf_counter()
     trigger = patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import torch
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
-from mergeguard.errors import MergeguardError
+from mergeguard.errors import MergeguardError, check_settings
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import (
@@ -77,39 +76,34 @@ def check_config(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder) -> N
     """One sentence for a setting or an input pair LFPM cannot run with."""
     if cfg.prompt not in PROMPTS:
         raise MergeguardError(f"unknown prompt {cfg.prompt!r}; choose one of: {', '.join(PROMPTS)}.")
-    at_least = {"epochs": 1, "batch_size": 1, "path_points": 1, "prompts": 1, "prompt_tokens": 1,
-                "mine_warmup": 0, "mine_steps": 0, "workers": 0, "rank": 0}
-    for name, low in at_least.items():
-        if getattr(cfg, name) < low:
-            raise MergeguardError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(cfg, name)}).")
+    check_settings(cfg, at_least={"epochs": 1, "batch_size": 1, "path_points": 1, "prompts": 1, "prompt_tokens": 1,
+                                  "mine_warmup": 0, "mine_steps": 0, "workers": 0, "rank": 0},
+                   positive=("lr", "patch_lr", "adam_eps"), non_negative=("beta", "mask_penalty", "reference"))
     if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
         raise MergeguardError(f"--checkpoint-every must be at least 1 (got {cfg.checkpoint_every}).")
-    for name in ("lr", "patch_lr", "adam_eps"):
-        if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) <= 0:
-            raise MergeguardError(f"--{name.replace('_', '-')} must be a positive number (got {getattr(cfg, name)}).")
-    for name in ("beta", "mask_penalty", "reference"):
-        if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) < 0:
-            raise MergeguardError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)}).")
     if not 0 < cfg.patch_fraction <= 1:
         raise MergeguardError(f"--patch-fraction must be in (0, 1] (got {cfg.patch_fraction}).")
     dim = merged.arch["embed_dim"]
     if cfg.rank > dim:
         raise MergeguardError(f"--rank {cfg.rank} exceeds the feature dimension {dim}.")
-    if not same_shapes(merged, base):
+    check_same_architecture(merged, base, "LFPM")
+
+
+def check_same_architecture(merged: ImageEncoder, base: ImageEncoder, defense: str) -> None:
+    """One sentence unless both models have the same parameter names and shapes (what adding one model's
+    weights to the other's needs)."""
+    def shapes(model: ImageEncoder) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    def describe(encoder: ImageEncoder) -> str:
+        vc = encoder.arch["vision_cfg"]
+        return (f"{encoder.arch.get('name', 'ViT')}: width {vc.get('width')}, {vc.get('layers')} layers, "
+                f"{encoder.image_size} px, embedding {encoder.arch['embed_dim']}")
+
+    if shapes(merged) != shapes(base):
         raise MergeguardError("the merged model and the base have different architectures "
-                              f"({describe(merged)} vs {describe(base)}); LFPM needs the base the merge was made from.")
-
-
-def same_shapes(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """The same parameter names and shapes (what adding one model's weights to the other's needs)."""
-    shapes = [{n: tuple(p.shape) for n, p in m.named_parameters()} for m in (a, b)]
-    return shapes[0] == shapes[1]
-
-
-def describe(encoder: ImageEncoder) -> str:
-    vc = encoder.arch["vision_cfg"]
-    return (f"{encoder.arch.get('name', 'ViT')}: width {vc.get('width')}, {vc.get('layers')} layers, "
-            f"{encoder.image_size} px, embedding {encoder.arch['embed_dim']}")
+                              f"({describe(merged)} vs {describe(base)}); {defense} needs the base the merge was "
+                              "made from.")
 
 
 def fingerprint(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder, shadow_size: int) -> dict[str, Any]:

@@ -187,6 +187,11 @@ def finetune(base: ImageEncoder, head: Head, images: torch.Tensor, labels: torch
     return model.eval()
 
 
+def holds_something_else(root: Path) -> bool:
+    """A non-empty folder that is not a zoo (no zoo.json): never built into, never deleted."""
+    return root.is_dir() and any(root.iterdir()) and not (root / "zoo.json").exists()
+
+
 def _cached(root: Path) -> dict[str, Any]:
     """A finished zoo's zoo.json, as build_zoo returns it."""
     return {**json.loads((root / "zoo.json").read_text()), "root": str(root), "cached": True}
@@ -206,8 +211,7 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
                                   f"the {size} one with seed {seed}; name another folder, or rebuild it "
                                   "(zoo build --force).")
         return cached
-    if root.exists() and any(root.iterdir()) and not (root / "zoo.json").exists():
-        # --force rebuilds a zoo; it never deletes a folder of something else
+    if holds_something_else(root):  # --force rebuilds a zoo; it never deletes a folder of something else
         raise MergeguardError(f"{root} exists and is not a zoo; choose another --out.")
     start = time.perf_counter()
     spec = SIZES[size]
