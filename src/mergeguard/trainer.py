@@ -113,11 +113,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The precision `autocast` computes in on `device`: bf16 on GPU, None (fp32) on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def autocast(device: torch.device):
     """bf16 autocast on GPU, nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @dataclass

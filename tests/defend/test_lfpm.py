@@ -137,6 +137,36 @@ def test_lfpm_leaves_theta0_itself_alone(tiny_zoo):
     assert drifting["tau_norm"] > 0 and drifting["idle_steps"] == 0
 
 
+def _flat(tau: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tau[k].flatten() for k in sorted(tau)])
+
+
+def test_lfpm_under_bf16_autocast_as_on_one_gpu(tiny_zoo, monkeypatch):
+    """One GPU runs LFPM under bf16 autocast; CPU bf16 autocast runs the same code here. On θ0 τa must
+    stay 0 (θm's clean features were computed in fp32 and compared with bf16 ones: a loss of ~2e-5,
+    which the idle gate let through, and ‖τa‖ grew to 7.7 in 8 steps); on a merge, τa must point where
+    the fp32 run's does."""
+    import mergeguard.defend.lfpm as lfpm_module
+    import mergeguard.trainer as trainer_module
+
+    z = Path(tiny_zoo["root"])
+    shadow = Subset(unlabeled_folder(z / "shadow", 32), range(512))
+    cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, device="cpu")
+    _, tau_fp32, _ = defend_lfpm(*_encoders(z), shadow, cfg)
+    bf16 = lambda device: torch.bfloat16  # noqa: E731
+    monkeypatch.setattr(trainer_module, "autocast_dtype", bf16)
+    monkeypatch.setattr(lfpm_module, "autocast_dtype", bf16)
+    with trainer_module.autocast(torch.device("cpu")):  # the patch took: this is bf16 now
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    _, tau_bf16, report = defend_lfpm(*_encoders(z), shadow, cfg)
+    assert report["idle_steps"] == 0 and torch.isfinite(_flat(tau_bf16)).all()
+    cos = torch.nn.functional.cosine_similarity(_flat(tau_bf16), _flat(tau_fp32), dim=0)
+    assert float(cos) > 0.95  # measured 0.99 after 16 steps
+    base = load_encoder(str(z / "base"))
+    _, tau0, idle = defend_lfpm(load_encoder(str(z / "base")), base, shadow, cfg)
+    assert idle["idle_steps"] == idle["steps"] and float(_flat(tau0).abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("change, message", [
     ({"prompt": "sticker"}, "unknown prompt 'sticker'"),
     ({"epochs": 0}, "--epochs must be at least 1"),

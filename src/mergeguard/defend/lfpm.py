@@ -35,6 +35,8 @@ from mergeguard.trainer import (
     Checkpointing,
     TrainConfig,
     all_reduce_mean,
+    autocast,
+    autocast_dtype,
     fit,
     init_distributed,
     resolve_device,
@@ -61,7 +63,8 @@ class LFPMConfig:
     prompts: int = 4  # independently mined prompts, used in turn (each step trains on one)
     reference: float = 1.0  # γ: training suppresses reaction − γ · θ0's reaction (1: the excess only)
     adam_eps: float = 1e-8  # Adam's ε for τa
-    idle_tolerance: float = 1e-9  # a step whose loss is below this × E‖f_θm(x)‖² does not move τa
+    idle_tolerance: float = 1e-9  # a step whose loss is below this × E‖f_θm(x)‖² does not move τa (fp32;
+    # under bf16 autocast at least BF16_IDLE_TOLERANCE)
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -70,6 +73,10 @@ class LFPMConfig:
 
 PROMPTS = ("mask", "patch", "tokens")
 RUN_ONLY = ("device", "workers", "checkpoint_every")  # settings a resumed run may change
+# bf16 rounds features to ~3 significant digits: θ0 compared with itself in other batch shapes, or with
+# fp32 features, leaves a loss of ~2e-5 × E‖f‖² (tiny zoo), which Adam would turn into lr-sized steps;
+# the smallest real loss measured, a clean merge's first step, is ~1e-2 × E‖f‖²
+BF16_IDLE_TOLERANCE = 1e-4
 
 
 def check_config(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder) -> None:
@@ -337,9 +344,10 @@ def defend_lfpm(
     for p in list(merged.parameters()) + list(base.parameters()):
         p.requires_grad_(False)
     images = _images(shadow, cfg.workers).to(dev)
-    with torch.no_grad():  # θm's clean features, once
+    with torch.no_grad(), autocast(dev):  # θm's clean features, once, in the precision stage II compares them in
         clean_target = torch.cat([merged(chunk) for chunk in images.split(256)])
-    idle = cfg.idle_tolerance * float(clean_target.float().pow(2).sum(1).mean())
+    tolerance = cfg.idle_tolerance if autocast_dtype(dev) is None else max(cfg.idle_tolerance, BF16_IDLE_TOLERANCE)
+    idle = tolerance * float(clean_target.float().pow(2).sum(1).mean())
     theta_m = {n: p.detach() for n, p in merged.named_parameters()}
     tau = {n: torch.zeros_like(p, requires_grad=True) for n, p in theta_m.items()}
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -386,7 +394,8 @@ def defend_lfpm(
         for prompt in pool.prompts:
             e = None
             for _ in range(cfg.mine_warmup):
-                e = prompt.ascend(excess_now, batch()[0])
+                with autocast(dev):  # bf16 on GPU, as stage II's re-mining inside the trainer core
+                    e = prompt.ascend(excess_now, batch()[0])
                 progress.advance()
             if e is not None:
                 pool.mined.append(e)
