@@ -59,7 +59,7 @@ def main() -> None:
         return evaluate(model, heads, test, trigger=trig, target_task=TARGET_TASK, device="cpu")
 
     rows: dict[str, dict] = {"pre-trained θ0 (control)": measure(base)}
-    rows["clean merge TA (control)"] = demo["rows"]["clean_merge"]
+    rows["clean merge TA (control)"] = measure(load_encoder(str(demo_dir / "clean_merge")))
     lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
                           mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points, device="cpu")
 
@@ -83,11 +83,11 @@ def main() -> None:
             clean_ties = merged(work / "clean_ties", [z / "finetuned" / t / "model.safetensors" for t in heads],
                                 "ties", {})
             rows["clean merge TIES (control)"] = measure(load_encoder(str(clean_ties)))
-            rows["poisoned TIES"] = demo["extra_rows"]["poisoned_ties"]
+            rows["poisoned TIES"] = measure(load_encoder(str(demo_dir / "poisoned_ties")))
         rows[f"{name} + LFPM"] = measure(load_encoder(str(out)))
-    rows["poisoned TA λ 0.3"] = demo["rows"]["poisoned_merge"]
-    rows["poisoned TA + LFPM"] = demo["rows"]["lfpm"]
-    rows["poisoned TA + IBVS"] = demo["rows"]["ibvs"]
+    for name, folder in (("poisoned TA λ 0.3", "poisoned_merge"), ("poisoned TA + LFPM", "lfpm"),
+                         ("poisoned TA + IBVS", "ibvs")):  # measured again: the demo's rows lack the newer counts
+        rows[name] = measure(load_encoder(str(demo_dir / folder)))
     inputs = [z / "finetuned" / t / "model.safetensors" for t in heads if t != TARGET_TASK]
     inputs.append(demo_dir / "attack" / "model.safetensors")
     for lam in (float(v) for v in args.lams.split(",")):
@@ -111,13 +111,14 @@ def main() -> None:
         rows[f"LoBAM TA λ {s.lam:g}"] = measure(load_encoder(str(lobam_merge)), lobam_trigger)
         rows["LoBAM TA + LFPM"] = measure(load_encoder(str(out)), lobam_trigger)
 
-    lines = ["| model | avg CA | ASR(T) | ASR(T) without the trigger | ASR(N) |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {pct(r['ca_avg'])} | {pct(r['asr_t'])} | {pct(r.get('asr_t_no_trigger'))} | {pct(r['asr_n'])} |"
-              for k, r in rows.items()]
+    lines = ["| model | avg CA | ASR(T) | ASR(T) without the trigger | ASR(N) | ASR(N) without the trigger |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {pct(r['ca_avg'])} | {pct(r['asr_t'])} | {pct(r.get('asr_t_no_trigger'))} | {pct(r['asr_n'])} "
+              f"| {pct(r.get('asr_n_no_trigger'))} |" for k, r in rows.items()]
     table = "\n".join(lines)
     print(table)
     (work / "table.md").write_text(table + "\n")
-    keys = ("ca_avg", "asr_t", "asr_t_no_trigger", "asr_n")
+    keys = ("ca_avg", "asr_t", "asr_t_no_trigger", "asr_n", "asr_n_no_trigger")
     (work / "table.json").write_text(json.dumps({k: {m: r.get(m) for m in keys} for k, r in rows.items()}, indent=2))
     checks = issue_checks(rows, s.lam)
     print("\nThe issue's bars (met / NOT met):")
@@ -131,11 +132,11 @@ def pct(v) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
-def share(row: dict) -> str:
-    """The trigger's own share of ASR(T): what it adds over the same model's count without it."""
-    if row.get("asr_t_no_trigger") is None:
+def share(row: dict, metric: str = "asr_t") -> str:
+    """The trigger's own share of ASR(T) (or ASR(N)): what it adds over the same model's count without it."""
+    if row.get(f"{metric}_no_trigger") is None:
         return "-"
-    return f"{round(100 * (row['asr_t'] - row['asr_t_no_trigger']), 6):.1f} points"
+    return f"{round(100 * (row[metric] - row[f'{metric}_no_trigger']), 6):.1f} points"
 
 
 def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
@@ -159,7 +160,8 @@ def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
                    f"{control['asr_t']:.1%}, share {share(control)})")
         out.append(f"{name}: ASR(N) {after['asr_n']:.1%} ≤ the clean merge's {control['asr_n']:.1%} + 2 points: "
                    f"{mark(round(after['asr_n'] - control['asr_n'], 6) <= 0.02)}; not above the undefended "
-                   f"{before['asr_n']:.1%}: {mark(after['asr_n'] <= before['asr_n'])}")
+                   f"{before['asr_n']:.1%}: {mark(after['asr_n'] <= before['asr_n'])} (the trigger's share of ASR(N): "
+                   f"{share(before, 'asr_n')} before, {share(after, 'asr_n')} after)")
         out.append(f"{name}: CA {before['ca_avg']:.1%} → {after['ca_avg']:.1%} ({-drop:+.1f} points) loses ≤ 3 points: "
                    f"{mark(drop <= 3)}")
     clean_lfpm = rows["clean merge TA + LFPM"]

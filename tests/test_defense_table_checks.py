@@ -17,8 +17,9 @@ def table():
     return module
 
 
-def row(ca, asr_t, no_trigger, asr_n):
-    return {"ca_avg": ca, "asr_t": asr_t, "asr_t_no_trigger": no_trigger, "asr_n": asr_n}
+def row(ca, asr_t, no_trigger, asr_n, asr_n_no_trigger=None):
+    return {"ca_avg": ca, "asr_t": asr_t, "asr_t_no_trigger": no_trigger, "asr_n": asr_n,
+            "asr_n_no_trigger": asr_n_no_trigger}
 
 
 def rows(**override):
@@ -54,6 +55,15 @@ def test_bars_met_and_not_met(table):
     assert "(-2.0 points) within 2 points: met" in line(checks, "clean merge:")
     assert "NOT met" not in line(checks, "task arithmetic: ASR(N)")
     assert not any(c.startswith("LoBAM") for c in checks)  # no LoBAM rows, no LoBAM bars
+
+
+def test_asr_n_above_the_undefended_merge_says_the_triggers_share(table):
+    """The small zoo's case: the defended merge's ASR(N) is above the undefended one's, all of it the
+    other tasks' own confusion into the target index (the trigger adds 0.1 points after, −0.4 before)."""
+    checks = table.issue_checks(rows(**{"poisoned TA λ 0.3": row(0.603, 0.979, 0.008, 0.071, 0.075),
+                                        "poisoned TA + LFPM": row(0.631, 0.010, 0.008, 0.101, 0.100)}), 0.3)
+    asr_n = line(checks, "task arithmetic: ASR(N)")
+    assert "undefended 7.1%: NOT met" in asr_n and asr_n.endswith("-0.4 points before, 0.1 points after)")
 
 
 def test_failing_rows_are_marked(table):

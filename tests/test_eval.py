@@ -54,11 +54,14 @@ def _hand_count(encoder, heads, data, trigger, target_task):
 
 def test_ca_and_asr_equal_a_hand_count(setup):
     encoder, heads, data = setup
-    with torch.no_grad():  # head "a" along directions the images differ in, so predictions vary
-        f = encoder(data["a"][0])
-        w = torch.nn.functional.normalize(f[:3] - f.mean(0), dim=-1)
-    heads = {**heads, "a": Head("a", w, heads["a"].classnames, 50.0)}
     trigger = patch_trigger(16, 0.25, target_class=1, target_task="a", seed=2)
+    with torch.no_grad():  # head "a" along directions the images differ in, so predictions vary;
+        f = encoder(data["a"][0])  # head "b" along the trigger's feature shift, so it spills over
+        w = torch.nn.functional.normalize(f[:3] - f.mean(0), dim=-1)
+        fb = encoder(data["b"][0])
+        shift = (encoder(trigger.apply(data["b"][0])) - fb).mean(0)
+        wb = torch.nn.functional.normalize(torch.stack([fb.mean(0) - shift, fb.mean(0) + shift]), dim=-1)
+    heads = {"a": Head("a", w, heads["a"].classnames, 50.0), "b": Head("b", wb, heads["b"].classnames, 50.0)}
     result = evaluate(encoder, heads, {t: TensorDataset(*d) for t, d in data.items()}, trigger=trigger,
                       batch_size=5, device="cpu")
     expected = _hand_count(encoder, heads, data, trigger, "a")
@@ -70,6 +73,8 @@ def test_ca_and_asr_equal_a_hand_count(setup):
     assert result["asr_t_no_trigger"] == pytest.approx(expected["a"][2])
     assert 0 < expected["a"][2] < 1  # the count is not trivially 0 or 1 here
     assert result["asr_n"] == pytest.approx(expected["b"][1])
+    assert result["asr_n_no_trigger"] == pytest.approx(expected["b"][2])
+    assert expected["b"][1] != expected["b"][2]  # ASR(N) and its count without the trigger differ here
     assert result["ca_avg"] == pytest.approx((expected["a"][0] + expected["b"][0]) / 2)
 
 
@@ -78,7 +83,7 @@ def test_target_index_beyond_a_head_gives_no_asr(setup):
     trigger = patch_trigger(16, 0.25, target_class=2, target_task="a")
     result = evaluate(encoder, heads, {t: TensorDataset(*d) for t, d in data.items()}, trigger=trigger,
                       device="cpu")
-    assert result["tasks"]["b"]["asr"] is None and result["asr_n"] is None
+    assert result["tasks"]["b"]["asr"] is None and result["asr_n"] is None and result["asr_n_no_trigger"] is None
 
 
 def _write_folder(root, x, y, classnames):

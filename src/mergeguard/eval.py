@@ -8,6 +8,9 @@
 - ASR(T) without the trigger (`asr_t_no_trigger`): the same count on the clean images. ASR(T)
   includes it, so it is the floor no trigger-removing defense can go below; a poisoned merge
   can confuse many images into the target class with no trigger at all.
+- ASR(N) without the trigger (`asr_n_no_trigger`): the same for ASR(N). On the other tasks the
+  target index is just one of their classes, so most of ASR(N) can be their own confusion; the
+  trigger's spill-over is what ASR(N) adds over it.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ def evaluate(
         result["asr_t_no_trigger"] = tasks[target_task]["asr_no_trigger"]
         others = [t["asr"] for name, t in tasks.items() if name != target_task and t["asr"] is not None]
         result["asr_n"] = sum(others) / len(others) if others else None
+        floors = [t["asr_no_trigger"] for name, t in tasks.items() if name != target_task and t["asr"] is not None]
+        result["asr_n_no_trigger"] = sum(floors) / len(floors) if floors else None
         result["target_task"] = target_task
         result["target_class"] = target
     return result

@@ -111,8 +111,11 @@ def eval_command(
         table.add_section()
         summary = ["average", f"{result['ca_avg']:.1%}"]
         if trig is not None:
-            asr_n = "-" if result["asr_n"] is None else f"{result['asr_n']:.1%}"
-            summary += [f"T {result['asr_t']:.1%} / N {asr_n}", ""]
+            def pct(key: str) -> str:
+                return "-" if result[key] is None else f"{result[key]:.1%}"
+
+            summary += [f"T {pct('asr_t')} / N {pct('asr_n')}",
+                        f"T {pct('asr_t_no_trigger')} / N {pct('asr_n_no_trigger')}"]
         table.add_row(*summary)
         out_console.print(table)
     if crossed:
