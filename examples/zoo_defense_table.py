@@ -1,6 +1,6 @@
 """The defense table on the built-in zoo (CPU, offline): LFPM on every merge, beside the free baseline.
 
-    python examples/zoo_defense_table.py [--size tiny|small] [--work DIR]
+    python examples/zoo_defense_table.py [--size tiny|small] [--work DIR] [--beta B]
 
 Runs `mergeguard demo` (zoo → BadMerging on `shape` → task-arithmetic and TIES merges → LFPM → IBVS)
 into WORK/demo, unless it is already there, then adds what the demo does not:
@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--lams", default="0.2,0.15,0.1", help="λ values of the shrink baseline")
     ap.add_argument("--no-lobam", action="store_true", help="skip the LoBAM rows")
+    ap.add_argument("--beta", type=float, default=None,
+                    help="LFPM's β for every LFPM row, the demo's poisoned merge included (default: the demo's, 1)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mergeguard-table-"))
     demo_dir = work / "demo"
@@ -62,6 +64,9 @@ def main() -> None:
     rows["clean merge TA (control)"] = measure(load_encoder(str(demo_dir / "clean_merge")))
     lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
                           mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points, device="cpu")
+    suffix = ""
+    if args.beta is not None:
+        lfpm_cfg.beta, suffix = args.beta, f"_beta{args.beta:g}"
 
     def merged(out: Path, inputs: list[Path], method: str, params: dict) -> Path:
         """The merge of `inputs` into `out`, unless an earlier run left it there."""
@@ -78,16 +83,18 @@ def main() -> None:
         return out
 
     for name, folder in (("clean merge TA", "clean_merge"), ("poisoned TIES", "poisoned_ties")):
-        out = lfpm(demo_dir / folder, work / f"lfpm_{folder}")
+        out = lfpm(demo_dir / folder, work / f"lfpm_{folder}{suffix}")
         if folder == "poisoned_ties":  # TIES's own confusion, the floor of the TIES rows
             clean_ties = merged(work / "clean_ties", [z / "finetuned" / t / "model.safetensors" for t in heads],
                                 "ties", {})
             rows["clean merge TIES (control)"] = measure(load_encoder(str(clean_ties)))
             rows["poisoned TIES"] = measure(load_encoder(str(demo_dir / "poisoned_ties")))
         rows[f"{name} + LFPM"] = measure(load_encoder(str(out)))
-    for name, folder in (("poisoned TA λ 0.3", "poisoned_merge"), ("poisoned TA + LFPM", "lfpm"),
-                         ("poisoned TA + IBVS", "ibvs")):  # measured again: the demo's rows lack the newer counts
-        rows[name] = measure(load_encoder(str(demo_dir / folder)))
+    defended_ta = demo_dir / "lfpm" if args.beta is None else lfpm(demo_dir / "poisoned_merge",
+                                                                    work / f"lfpm_poisoned_merge{suffix}")
+    for name, folder in (("poisoned TA λ 0.3", demo_dir / "poisoned_merge"), ("poisoned TA + LFPM", defended_ta),
+                         ("poisoned TA + IBVS", demo_dir / "ibvs")):  # measured again: the demo rows lack newer counts
+        rows[name] = measure(load_encoder(str(folder)))
     inputs = [z / "finetuned" / t / "model.safetensors" for t in heads if t != TARGET_TASK]
     inputs.append(demo_dir / "attack" / "model.safetensors")
     for lam in (float(v) for v in args.lams.split(",")):
@@ -105,7 +112,7 @@ def main() -> None:
         lobam_trigger = load_trigger(lobam_dir / "trigger.safetensors")
         lobam_merge = merged(work / "lobam_merge", inputs[:-1] + [lobam_dir / "model.safetensors"],
                              "task_arithmetic", {"lam": s.lam})
-        out = lfpm(lobam_merge, work / "lfpm_lobam")
+        out = lfpm(lobam_merge, work / f"lfpm_lobam{suffix}")
         rows["clean merge TA, LoBAM's trigger (control)"] = measure(load_encoder(str(demo_dir / "clean_merge")),
                                                                     lobam_trigger)
         rows[f"LoBAM TA λ {s.lam:g}"] = measure(load_encoder(str(lobam_merge)), lobam_trigger)
@@ -116,6 +123,8 @@ def main() -> None:
     lines += [f"| {k} | {pct(r['ca_avg'])} | {pct(r['asr_t'])} | {pct(r.get('asr_t_no_trigger'))} | {pct(r['asr_n'])} "
               f"| {pct(r.get('asr_n_no_trigger'))} |" for k, r in rows.items()]
     table = "\n".join(lines)
+    print(f"LFPM: {lfpm_cfg.epochs} epochs, K {lfpm_cfg.path_points}, β {lfpm_cfg.beta:g}, lr {lfpm_cfg.lr:g}, "
+          f"{lfpm_cfg.prompts} prompts, {len(shadow)} shadow images")
     print(table)
     (work / "table.md").write_text(table + "\n")
     keys = ("ca_avg", "asr_t", "asr_t_no_trigger", "asr_n", "asr_n_no_trigger")
@@ -168,7 +177,8 @@ def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
     moved = round(100 * (clean_lfpm["ca_avg"] - clean["ca_avg"]), 6)
     out.append(f"clean merge: CA {clean['ca_avg']:.1%} → {clean_lfpm['ca_avg']:.1%} ({moved:+.1f} points) within "
                f"2 points: {mark(abs(moved) <= 2)}; ASR(N) {clean['asr_n']:.1%} → {clean_lfpm['asr_n']:.1%}: "
-               f"{mark(clean_lfpm['asr_n'] <= clean['asr_n'])}")
+               f"{mark(clean_lfpm['asr_n'] <= clean['asr_n'])} (the trigger's share of ASR(N): {share(clean, 'asr_n')} "
+               f"before, {share(clean_lfpm, 'asr_n')} after)")
     lfpm = rows["poisoned TA + LFPM"]
     shrink = [r for k, r in rows.items() if k.startswith("λ-shrink") and r["asr_t"] <= lfpm["asr_t"]]
     if shrink:

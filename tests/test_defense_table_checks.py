@@ -77,7 +77,7 @@ def test_failing_rows_are_marked(table):
     asr_n = line(checks, "task arithmetic: ASR(N)")
     assert "+ 2 points: NOT met" in asr_n and "undefended 29.0%: NOT met" in asr_n
     clean = line(checks, "clean merge:")
-    assert "within 2 points: NOT met" in clean and clean.endswith("8.5% → 9.0%: NOT met")
+    assert "within 2 points: NOT met" in clean and "8.5% → 9.0%: NOT met (the trigger's share of ASR(N): -" in clean
     # λ 0.2 does not reach 6.0%, λ 0.1 neither: the line says no λ reaches it
     assert line(checks, "λ-shrink").startswith("λ-shrink: no λ tried reaches LFPM's ASR(T) 6.0%")
 
