@@ -121,7 +121,9 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def autocast(device: torch.device):
     """bf16 autocast on GPU, nothing on CPU."""
     dtype = autocast_dtype(device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    if dtype is None:
+        return torch.autocast("cpu", enabled=False)  # a no-op on any device (mps, xpu: fp32 as on the CPU)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
