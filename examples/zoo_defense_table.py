@@ -4,13 +4,15 @@
 
 Runs `mergeguard demo` (zoo → BadMerging on `shape` → task-arithmetic and TIES merges → LFPM → IBVS)
 into WORK/demo, unless it is already there, then adds what the demo does not:
-- LFPM on the *clean* merge and on the poisoned TIES merge (the same settings as the demo's LFPM);
+- LFPM on the *clean* merge and on the poisoned TIES merge (the demo's LFPM settings; `--beta B` changes
+  β for every LFPM row, the demo's poisoned merge included, which is then defended again);
 - the λ-shrink line: the poisoned merge rebuilt with smaller λ (no training), the baseline LFPM must beat;
 - LoBAM: `shape` poisoned through LoRA (rank 8, k 2), merged by task arithmetic, then LFPM (its own trigger;
   the clean merge with that trigger as its control). `--no-lobam` skips it (about 4 minutes on tiny).
 Prints one markdown table (CA averaged over the 4 tasks; ASR(T) on `shape`, ASR(N) on the others, all
 with the attacker's trigger; ASR(T)'s count on the clean images, the floor that no defense removing the
-trigger's effect goes below) and writes it to WORK/table.md and WORK/table.json; then each bar of the
+trigger's effect goes below, and ASR(N)'s, the other tasks' own confusion into the target index) and
+writes it to WORK/table.md and WORK/table.json; then each bar of the
 defenses issue as met / NOT met (WORK/checks.txt). About 10 minutes on 2 idle cores (tiny).
 """
 

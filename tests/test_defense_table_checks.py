@@ -58,8 +58,9 @@ def test_bars_met_and_not_met(table):
 
 
 def test_asr_n_above_the_undefended_merge_says_the_triggers_share(table):
-    """The small zoo's case: the defended merge's ASR(N) is above the undefended one's, all of it the
-    other tasks' own confusion into the target index (the trigger adds 0.1 points after, −0.4 before)."""
+    """Like the small zoo: the defended merge's ASR(N) is above the undefended one's, all of it the other
+    tasks' own confusion into the target index (with these rounded rows the trigger adds 0.1 points after,
+    −0.4 before)."""
     checks = table.issue_checks(rows(**{"poisoned TA λ 0.3": row(0.603, 0.979, 0.008, 0.071, 0.075),
                                         "poisoned TA + LFPM": row(0.631, 0.010, 0.008, 0.101, 0.100)}), 0.3)
     asr_n = line(checks, "task arithmetic: ASR(N)")

@@ -161,8 +161,12 @@ def test_lfpm_under_bf16_autocast_as_on_one_gpu(tiny_zoo, monkeypatch):
     _, tau_bf16, report = defend_lfpm(*_encoders(z), shadow, cfg)
     assert report["idle_steps"] == 0 and torch.isfinite(_flat(tau_bf16)).all()
     cos = torch.nn.functional.cosine_similarity(_flat(tau_bf16), _flat(tau_fp32), dim=0)
-    assert float(cos) > 0.95  # measured 0.99 after 16 steps
+    assert float(cos) > 0.95  # measured 0.99 (and after 16 steps)
     base = load_encoder(str(z / "base"))
+    # on the CPU θ0's bf16 features agree exactly once they are computed alike: τa stays 0 even with the
+    # fp32 tolerance (so this checks the cached features' precision, not the bf16 tolerance, which is
+    # for GPU kernels that round other batch shapes differently)
+    monkeypatch.setattr(lfpm_module, "BF16_IDLE_TOLERANCE", 1e-9)
     _, tau0, idle = defend_lfpm(load_encoder(str(z / "base")), base, shadow, cfg)
     assert idle["idle_steps"] == idle["steps"] and float(_flat(tau0).abs().max()) == 0.0
 

@@ -445,7 +445,8 @@ def defend_lfpm(
     if not all(bool(torch.isfinite(t).all()) for t in tau.values()):
         raise MergeguardError(f"LFPM diverged: the anti-backdoor vector holds NaN or Inf values; try a smaller "
                               f"--lr than {cfg.lr:g}.")
-    probe = (images[: cfg.batch_size], clean_target[: cfg.batch_size])
+    with torch.no_grad():  # λ_eff in fp32 throughout: its target too (clean_target may be bf16 on a GPU)
+        probe = (images[: cfg.batch_size], merged(images[: cfg.batch_size]))
     lam_start = curvature(merged, theta_m, tau, *probe, at_start=True)
     lam_end = curvature(merged, theta_m, tau, *probe)
     with torch.no_grad():
