@@ -117,7 +117,17 @@ def test_cli_eval_json_and_exit_codes(setup, tmp_path):
     expected = _hand_count(encoder, heads, data, trigger, "a")
     assert report["tasks"]["a"]["ca"] == pytest.approx(expected["a"][0])
     assert report["asr_t"] == pytest.approx(expected["a"][1])
-    assert set(report) >= {"tasks", "ca_avg", "asr_t", "asr_n"}
+    assert set(report) >= {"tasks", "ca_avg", "asr_t", "asr_n", "asr_n_no_trigger"}
+    # the table's summary row: ASR(T) / ASR(N) with the trigger, then both counts without it; a target
+    # index beyond head b's classes leaves ASR(N) as "-" in both cells
+    wide = {"COLUMNS": "200"}
+    shown = runner.invoke(app, base[:-1], env=wide)
+    (summary,) = [line for line in shown.output.splitlines() if "average" in line]
+    assert shown.exit_code == 0 and f"T {expected['a'][2]:.1%} / N {expected['b'][2]:.1%}" in summary
+    patch_trigger(16, 0.25, target_class=2, target_task="a", seed=2).save(tmp_path / "t2.safetensors")
+    beyond = runner.invoke(app, [*base[:-4], str(tmp_path / "t2.safetensors"), "--device", "cpu"], env=wide)
+    (summary,) = [line for line in beyond.output.splitlines() if "average" in line]
+    assert beyond.exit_code == 0 and summary.count("/ N -") == 2, beyond.output
     crossed = runner.invoke(app, [*base, "--max-asr", str(max(0.0, report["asr_t"] - 0.01))])
     assert crossed.exit_code == 1 and "threshold crossed" in crossed.output
     assert runner.invoke(app, [*base, "--max-asr", "1.0", "--min-ca", "0.0"]).exit_code == 0
