@@ -12,18 +12,28 @@ class MergeguardError(Exception):
 
 
 def check_settings(cfg: Any, *, at_least: dict[str, int] | None = None, positive: Iterable[str] = (),
-                   non_negative: Iterable[str] = ()) -> None:
+                   non_negative: Iterable[str] = (),
+                   within: dict[str, tuple[float, float, bool]] | None = None) -> None:
     """One sentence for the first field of `cfg` out of its range, named as its --flag: integers with a
-    lower bound, numbers that must be finite and above 0, numbers that must be finite and 0 or more."""
+    lower bound, numbers that must be finite and above 0, numbers that must be finite and 0 or more, and
+    numbers in [low, high] (`within`: name -> (low, high, open_low), open_low making it (low, high]).
+    A field left at None (an optional setting not given) is not checked."""
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
 
-    for name, low in (at_least or {}).items():
-        if getattr(cfg, name) < low:
-            raise MergeguardError(f"{flag(name)} must be at least {low} (got {getattr(cfg, name)}).")
-    for name in positive:
-        if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) <= 0:
-            raise MergeguardError(f"{flag(name)} must be a positive number (got {getattr(cfg, name)}).")
-    for name in non_negative:
-        if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) < 0:
-            raise MergeguardError(f"{flag(name)} must be 0 or more (got {getattr(cfg, name)}).")
+    def given(names: Iterable[str]) -> list[tuple[str, Any]]:
+        return [(name, getattr(cfg, name)) for name in names if getattr(cfg, name) is not None]
+
+    for name, value in given(at_least or {}):
+        if value < at_least[name]:
+            raise MergeguardError(f"{flag(name)} must be at least {at_least[name]} (got {value}).")
+    for name, value in given(positive):
+        if not math.isfinite(value) or value <= 0:
+            raise MergeguardError(f"{flag(name)} must be a positive number (got {value}).")
+    for name, value in given(non_negative):
+        if not math.isfinite(value) or value < 0:
+            raise MergeguardError(f"{flag(name)} must be 0 or more (got {value}).")
+    for name, value in given(within or {}):
+        low, high, open_low = within[name]
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            raise MergeguardError(f"{flag(name)} must be in {'(' if open_low else '['}{low}, {high}] (got {value}).")

@@ -100,10 +100,9 @@ def evaluate(
     if trigger is not None:
         result["asr_t"] = tasks[target_task]["asr"]
         result["asr_t_no_trigger"] = tasks[target_task]["asr_no_trigger"]
-        others = [t["asr"] for name, t in tasks.items() if name != target_task and t["asr"] is not None]
-        result["asr_n"] = sum(others) / len(others) if others else None
-        floors = [t["asr_no_trigger"] for name, t in tasks.items() if name != target_task and t["asr"] is not None]
-        result["asr_n_no_trigger"] = sum(floors) / len(floors) if floors else None
+        others = [t for name, t in tasks.items() if name != target_task and t["asr"] is not None]
+        for key, count in (("asr_n", "asr"), ("asr_n_no_trigger", "asr_no_trigger")):
+            result[key] = sum(t[count] for t in others) / len(others) if others else None
         result["target_task"] = target_task
         result["target_class"] = target
     return result

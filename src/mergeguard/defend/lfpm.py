@@ -84,12 +84,9 @@ def check_config(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder) -> N
     if cfg.prompt not in PROMPTS:
         raise MergeguardError(f"unknown prompt {cfg.prompt!r}; choose one of: {', '.join(PROMPTS)}.")
     check_settings(cfg, at_least={"epochs": 1, "batch_size": 1, "path_points": 1, "prompts": 1, "prompt_tokens": 1,
-                                  "mine_warmup": 0, "mine_steps": 0, "workers": 0, "rank": 0},
-                   positive=("lr", "patch_lr", "adam_eps"), non_negative=("beta", "mask_penalty", "reference"))
-    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
-        raise MergeguardError(f"--checkpoint-every must be at least 1 (got {cfg.checkpoint_every}).")
-    if not 0 < cfg.patch_fraction <= 1:
-        raise MergeguardError(f"--patch-fraction must be in (0, 1] (got {cfg.patch_fraction}).")
+                                  "mine_warmup": 0, "mine_steps": 0, "workers": 0, "rank": 0, "checkpoint_every": 1},
+                   positive=("lr", "patch_lr", "adam_eps"), non_negative=("beta", "mask_penalty", "reference"),
+                   within={"patch_fraction": (0, 1, True)})
     dim = merged.arch["embed_dim"]
     if cfg.rank > dim:
         raise MergeguardError(f"--rank {cfg.rank} exceeds the feature dimension {dim}.")
