@@ -63,30 +63,39 @@ def test_zoo_build_reuses_a_built_zoo(tiny_zoo):
     assert json.loads(result.stdout)["cached"] is True
 
 
+def fake_zoo(folder, by: str, size: str = "tiny", seed: int = 0) -> dict:
+    """What a finished build leaves in `folder` (every entry of a zoo, tiny stand-ins)."""
+    folder.mkdir(exist_ok=True)
+    for name in ("base", "data", "finetuned", "shadow"):
+        (folder / name).mkdir(exist_ok=True)
+        (folder / name / "data.png").write_text(by)
+    (folder / "heads.safetensors").write_text(by)
+    info = {"version": zoo.ZOO_VERSION, "size": size, "seed": seed, "by": by}
+    (folder / "zoo.json").write_text(json.dumps(info))
+    return info
+
+
 def test_a_concurrent_build_does_not_delete_the_finished_zoo(tmp_path, monkeypatch):
     """Two processes building the same cache: the one that finishes second keeps the first one's
     copy (which the first may be reading) instead of deleting it and renaming its own into place."""
     root = tmp_path / "zoo"
 
     def build_while_another_process_finishes(tmp, spec, size, seed, progress):
-        root.mkdir(exist_ok=True)
-        (root / "zoo.json").write_text(json.dumps({"version": zoo.ZOO_VERSION, "by": "the other process"}))
-        (root / "data.png").write_text("being read")
-        (tmp / "data.png").write_text("ours")
-        return {"version": zoo.ZOO_VERSION, "by": "this process"}
+        fake_zoo(root, "the other process")
+        return fake_zoo(tmp, "this process")
 
     monkeypatch.setattr(zoo, "_build", build_while_another_process_finishes)
     info = zoo.build_zoo(root, size="tiny")
     assert info["by"] == "the other process" and info["cached"] is True
-    assert (root / "data.png").read_text() == "being read"
+    assert (root / "data" / "data.png").read_text() == "the other process"
     assert not list(tmp_path.glob(".zoo.tmp-*"))  # our copy is cleaned up
     # with --force the new build replaces it, as before
     info = zoo.build_zoo(root, size="tiny", force=True)
     assert info["by"] == "this process" and json.loads((root / "zoo.json").read_text())["by"] == "this process"
-    assert (root / "data.png").read_text() == "ours"
+    assert (root / "data" / "data.png").read_text() == "this process"
 
 
-def test_force_rebuilds_a_zoo_never_someone_elses_folder(tmp_path):
+def test_force_rebuilds_a_zoo_never_someone_elses_folder(tmp_path, monkeypatch):
     """--force replaces a zoo; a folder that is not one is refused, and a zoo of another size or seed is
     not returned as the one asked for."""
 
@@ -96,8 +105,20 @@ def test_force_rebuilds_a_zoo_never_someone_elses_folder(tmp_path):
     with pytest.raises(MergeguardError, match="is not a zoo"):
         zoo.build_zoo(mine, size="tiny", force=True)
     assert (mine / "thesis.txt").read_text() == "mine"
+    # a zoo.json is not enough: `zoo build --json proj/zoo.json` writes one beside the user's files
+    monkeypatch.setattr(zoo, "_build", lambda tmp, spec, size, seed, progress: fake_zoo(tmp, "built"))
+    result = CliRunner().invoke(app, ["zoo", "build", "--out", str(tmp_path / "z"), "--json", str(mine / "zoo.json"),
+                                      "-q"])
+    assert result.exit_code == 0 and json.loads((mine / "zoo.json").read_text())["size"] == "tiny", result.output
+    for force in (False, True):
+        with pytest.raises(MergeguardError, match="is not a zoo"):
+            zoo.build_zoo(mine, size="tiny", force=force)
+    assert (mine / "thesis.txt").read_text() == "mine"
+    # a zoo given as a relative path, even '.', is rebuilt in place
+    monkeypatch.chdir(tmp_path / "z")
+    assert zoo.build_zoo(".", size="tiny", force=True)["by"] == "built"
+    assert json.loads((tmp_path / "z" / "zoo.json").read_text())["by"] == "built"
+    fake_zoo(tmp_path / "other", "other", size="small", seed=5)
     other = tmp_path / "other"
-    other.mkdir()
-    (other / "zoo.json").write_text(json.dumps({"size": "small", "seed": 5}))
     with pytest.raises(MergeguardError, match="holds the small zoo with seed 5"):
         zoo.build_zoo(other, size="tiny", seed=0)

@@ -187,9 +187,22 @@ def finetune(base: ImageEncoder, head: Head, images: torch.Tensor, labels: torch
     return model.eval()
 
 
+ZOO_ENTRIES = frozenset({"base", "data", "finetuned", "heads.safetensors", "shadow", "zoo.json"})
+
+
+def is_zoo(root: Path) -> bool:
+    """A finished zoo: its zoo.json (a zoo's, not any JSON of that name) and nothing but what a build writes."""
+    try:
+        info = json.loads((root / "zoo.json").read_text())
+        entries = {p.name for p in root.iterdir()}
+    except (OSError, ValueError):
+        return False
+    return (isinstance(info, dict) and {"version", "size", "seed"} <= info.keys() and entries == ZOO_ENTRIES)
+
+
 def holds_something_else(root: Path) -> bool:
-    """A non-empty folder that is not a zoo (no zoo.json): never built into, never deleted."""
-    return root.is_dir() and any(root.iterdir()) and not (root / "zoo.json").exists()
+    """A non-empty folder that is not a finished zoo: never built into, never deleted."""
+    return root.is_dir() and any(root.iterdir()) and not is_zoo(root)
 
 
 def _cached(root: Path) -> dict[str, Any]:
@@ -203,16 +216,16 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
     if size not in SIZES:
         raise MergeguardError(f"unknown zoo size {size!r}; choose one of: {', '.join(SIZES)}.")
     progress = progress or NullProgress()
-    root = Path(out) if out else default_zoo_dir(size, seed)
-    if (root / "zoo.json").exists() and not force:
+    root = (Path(out) if out else default_zoo_dir(size, seed)).expanduser().resolve()
+    if holds_something_else(root):  # --force rebuilds a zoo; it never deletes a folder of something else
+        raise MergeguardError(f"{root} exists and is not a zoo; choose another --out.")
+    if is_zoo(root) and not force:
         cached = _cached(root)
         if (cached.get("size"), cached.get("seed")) != (size, seed):
             raise MergeguardError(f"{root} holds the {cached.get('size')} zoo with seed {cached.get('seed')}, not "
                                   f"the {size} one with seed {seed}; name another folder, or rebuild it "
                                   "(zoo build --force).")
         return cached
-    if holds_something_else(root):  # --force rebuilds a zoo; it never deletes a folder of something else
-        raise MergeguardError(f"{root} exists and is not a zoo; choose another --out.")
     start = time.perf_counter()
     spec = SIZES[size]
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +236,7 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
         info = _build(tmp, spec, size, seed, progress)
         info["seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "zoo.json").write_text(json.dumps(info, indent=2))
-        if (root / "zoo.json").exists() and not force:
+        if is_zoo(root) and not force:
             # another process finished the same (deterministic) build meanwhile and may be reading it:
             # keep its copy rather than deleting it under that process's feet
             return _cached(root)
