@@ -11,6 +11,14 @@ class MergeguardError(Exception):
     """A problem with the user's input or environment, reported as one sentence (exit code 2)."""
 
 
+def reason(exc: BaseException, limit: int = 160) -> str:
+    """A library exception's first sentence, for the end of one of ours (torch and open_clip append
+    paragraphs of advice that is not the user's to follow)."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    line = line.split(". ", 1)[0].rstrip(".")
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
 def check_settings(cfg: Any, *, at_least: dict[str, int] | None = None, positive: Iterable[str] = (),
                    non_negative: Iterable[str] = (),
                    within: dict[str, tuple[float, float, bool]] | None = None) -> None:

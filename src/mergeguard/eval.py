@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import ImageEncoder
-from mergeguard.models.heads import Head
+from mergeguard.models.heads import Head, check_fits
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import autocast, resolve_device
 
@@ -58,11 +58,8 @@ def evaluate(
         if not 0 <= trigger.target_class < classes:
             raise MergeguardError(f"the trigger's target class {trigger.target_class} is outside task "
                                   f"{target_task!r}'s {classes} classes.")
-    dim = encoder.arch["embed_dim"]
     for task in data:
-        if heads[task].weight.shape[1] != dim:
-            raise MergeguardError(f"the head of {task!r} reads {heads[task].weight.shape[1]}-d features but the model "
-                                  f"gives {dim}-d ones; use the heads built for this model.")
+        check_fits(heads[task], task, encoder)
     dev = resolve_device(device)
     encoder = encoder.to(dev).eval()
     target = trigger.target_class if trigger is not None else None

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mergeguard.errors import MergeguardError
+from mergeguard.errors import MergeguardError, reason
 from mergeguard.progress import NullProgress, ProgressSink
 
 
@@ -167,7 +167,8 @@ def _load_state(ck: Checkpointing, params, opt, sched) -> tuple[int, list[float]
     try:
         state = torch.load(ck.path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
-        raise MergeguardError(f"cannot resume from {ck.path}: {exc}") from exc
+        raise MergeguardError(f"cannot resume from {ck.path}: it is truncated or not a mergeguard checkpoint "
+                              f"({reason(exc)}).") from exc
     if len(state["params"]) != len(params) or any(p.shape != q.shape for p, q in zip(params, state["params"])):
         raise MergeguardError(f"{ck.path} was saved by a different run (its parameters do not match).")
     recorded = json.loads(state.get("fingerprint") or "null") or {}

@@ -34,7 +34,7 @@ from mergeguard.checkpoint.writer import staged_outputs
 from mergeguard.data.triggers import Trigger, patch_trigger
 from mergeguard.errors import MergeguardError, check_settings
 from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
-from mergeguard.models.heads import Head
+from mergeguard.models.heads import Head, check_fits
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import Checkpointing, TrainConfig, fit, init_distributed, resolve_device, seed_everything
 
@@ -151,8 +151,10 @@ def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, cfg: P
                    cfg.target_task if off_task else task, "patch")
 
 
-def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None = None) -> None:
-    """One sentence for a configuration that cannot run, before anything is trained or written."""
+def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None = None,
+                 encoder: ImageEncoder | None = None) -> None:
+    """One sentence for a configuration that cannot run, before anything is trained or written;
+    with `encoder`, also that the heads read its features."""
     if cfg.kind not in KINDS:
         raise MergeguardError(f"unknown attack {cfg.kind!r}; choose one of: {', '.join(KINDS)}.")
     if shadow is not None and cfg.kind not in ("badmerging", "lobam"):
@@ -170,6 +172,9 @@ def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None =
                    within={"trigger_area": (0, 1, True), "poison_fraction": (0, 1, False), "r_min": (0, 1, False)})
     if cfg.lora_rank is not None and cfg.lora_rank < 1:
         raise MergeguardError(f"--rank must be at least 1 (got {cfg.lora_rank}).")
+    for h in (head, shadow) if encoder is not None else ():
+        if h is not None:
+            check_fits(h, task, encoder)
     resolve_device(cfg.device)  # before OUTDIR/.partial exists
 
 
@@ -198,7 +203,7 @@ def poison_finetune(
     """Fine-tune `base` on one task (clean, BadNets or BadMerging); returns (model, trigger, losses).
 
     With `shadow` (off-task BadMerging) the backdoor term aims at row 0 of the shadow head."""
-    check_config(cfg, head, task, shadow)
+    check_config(cfg, head, task, shadow, base)
     progress = progress or NullProgress()
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
@@ -386,7 +391,7 @@ def run_attack(
     """
     from mergeguard.eval import evaluate
 
-    check_config(cfg, head, task, shadow)  # before OUTDIR/.partial exists
+    check_config(cfg, head, task, shadow, base)  # before OUTDIR/.partial exists
     partial = out_dir / ".partial"  # made by the first thing saved there: a run that fails earlier leaves no folder
     trigger_file = partial / "trigger.safetensors"
     trigger = None

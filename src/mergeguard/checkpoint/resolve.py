@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mergeguard.checkpoint.reader import Checkpoint, TensorInfo, from_tensors, read_header
-from mergeguard.errors import MergeguardError
+from mergeguard.errors import MergeguardError, reason
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -174,9 +174,14 @@ def _open_pickle(spec: str, path: Path, *, allow_pickle: bool, provenance: dict)
             "or pass --allow-pickle to load it with torch.load(weights_only=True)."
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unsafe or corrupt pickles
-        raise MergeguardError(f"{path} could not be loaded safely (weights_only=True): {exc}") from exc
+        raise MergeguardError(f"{path} could not be loaded safely with weights_only=True ({reason(exc)}).") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

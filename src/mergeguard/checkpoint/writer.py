@@ -282,12 +282,12 @@ def staged_outputs(out: Path) -> Iterator[Path]:
     shutil.rmtree(out / ".partial", ignore_errors=True)
 
 
-def refuse_writing_over(out: str | Path, inputs, names: Sequence[str] | None = None) -> None:
+def refuse_writing_over(out: str | Path, inputs, names: Sequence[str] | None = None, flag: str = "--out") -> None:
     """One sentence, before any work, when writing `out` would replace, delete or add to an input: `out` is
     one of an input's files or folders, a folder that holds one, or lies inside an input folder (even
     --overwrite never allows that).
     With `names` (the files a command writes into the folder `out`), only OUT/name for each is checked.
-    `inputs`: Checkpoints (their files and local spec) or paths."""
+    `inputs`: Checkpoints (their files and local spec) or paths. `flag` names the option in the sentence."""
     root = Path(out).expanduser().resolve()
     targets = [root / name for name in names] if names is not None else [root]
     for item in inputs:
@@ -299,5 +299,5 @@ def refuse_writing_over(out: str | Path, inputs, names: Sequence[str] | None = N
             path = path.expanduser().resolve()
             if any(target == path or target in path.parents or (path.is_dir() and path in target.parents)
                    for target in targets):
-                raise MergeguardError(f"the output {out} would replace the input {spec}; choose another --out.")
+                raise MergeguardError(f"the output {out} would replace the input {spec}; choose another {flag}.")
 

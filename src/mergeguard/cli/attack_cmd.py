@@ -35,6 +35,7 @@ from mergeguard.cli.options import (
     err_console,
     examples,
     handle_errors,
+    note_resume,
     out_console,
     show_table,
     write_json,
@@ -97,6 +98,7 @@ def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: P
     shadow = shadow_head(head_map, target_task, target_class) if mode == "off-task" else None
     if out.exists() and any(p.name != ".partial" for p in out.iterdir()) and not resume:
         raise MergeguardError(f"{out} is not empty; choose another --out, or --resume a run there.")
+    note_resume(out, resume)
     encoder = load_encoder(base, arch=arch)
     train = labeled_folder(folders["train"], head.classnames, encoder.image_size)
     extra_images = unlabeled_folder(target_images, encoder.image_size) if target_images else None

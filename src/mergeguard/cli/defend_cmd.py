@@ -34,6 +34,7 @@ from mergeguard.cli.options import (
     err_console,
     examples,
     handle_errors,
+    note_resume,
     out_console,
     require_empty,
     show_table,
@@ -111,8 +112,9 @@ def lfpm_command(
 
     partial = out / ".partial"
     refuse_writing_over(out, [merged, base, shadow], LFPM_OUTPUTS + (".partial",))
+    note_resume(out, resume)
     if not (resume and partial.exists()):
-        require_empty(out, overwrite)
+        require_empty(out, overwrite, resumable=True)
     (merged_enc, base_enc), inputs, dtype = load_inputs(merged=merged, base=base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
     if len(images) < FEW_SHADOW and init_distributed()[0] == 0:  # once under torchrun (LFPM joins the group anyway)

@@ -69,8 +69,9 @@ def eval_command(
     from mergeguard.eval import evaluate
     from mergeguard.models.encoder import load_encoder
     from mergeguard.models.heads import head_for, load_heads
-    if max_asr is not None and trigger is None:
-        raise MergeguardError("--max-asr needs --trigger.")
+    for flag, value in (("--max-asr", max_asr), ("--target-task", target_task)):
+        if value is not None and trigger is None:
+            raise MergeguardError(f"{flag} needs --trigger.")
     for flag, value in (("--max-asr", max_asr), ("--min-ca", min_ca)):
         if value is not None and not 0 <= value <= 1:  # NaN fails this too
             raise MergeguardError(f"{flag} is a fraction between 0 and 1 (got {value}); e.g. 0.05 for 5%.")
@@ -82,6 +83,8 @@ def eval_command(
     data = {}
     for spec in task:
         name, folder = parse_task(spec)
+        if name in data:
+            raise MergeguardError(f"--task {name} is given twice; name each task once.")
         data[name] = labeled_folder(folder, head_for(head_map, name, heads).classnames, encoder.image_size)
     with RichProgress(enabled=not quiet) as progress:
         result = evaluate(encoder, head_map, data, trigger=trig, target_task=target_task, batch_size=batch_size,

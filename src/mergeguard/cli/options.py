@@ -81,7 +81,7 @@ def data_folders(data: list[str], allowed: tuple[str, ...] = ("train", "test")) 
     out = {}
     for item in data:
         split, sep, folder = item.partition("=")
-        if not sep or split not in allowed:
+        if not sep or split not in allowed or not folder:
             raise MergeguardError(f"--data takes {' or '.join(f'{s}=DIR' for s in allowed)}, got {item!r}.")
         out[split] = folder
     if "train" not in out:
@@ -89,10 +89,19 @@ def data_folders(data: list[str], allowed: tuple[str, ...] = ("train", "test")) 
     return out
 
 
-def require_empty(out: Path, overwrite: bool) -> None:
+def require_empty(out: Path, overwrite: bool, resumable: bool = False) -> None:
     """Refuse to write into a folder that already holds something, unless --overwrite."""
     if out.exists() and any(out.iterdir()) and not overwrite:
+        if resumable and {p.name for p in out.iterdir()} == {".partial"}:
+            raise MergeguardError(f"{out} holds an unfinished run (.partial); pass --resume to finish it, or "
+                                  "--overwrite to start again.")
         raise MergeguardError(f"{out} is not empty; choose another --out or pass --overwrite.")
+
+
+def note_resume(out: Path, resume: bool) -> None:
+    """--resume where no run was left: say so, and start from the beginning."""
+    if resume and not (out / ".partial").exists():
+        err_console.print(f"[yellow]note:[/] nothing to resume in {out} (no .partial): starting from the beginning.")
 
 
 def _sentence(exc: MergeguardError) -> str:
@@ -103,18 +112,46 @@ def _sentence(exc: MergeguardError) -> str:
     return text
 
 
+def refuse_report_over(json_out: str | None, inputs) -> None:
+    """--json FILE must not replace (or land inside) an input: checked before any work."""
+    if json_out not in (None, "-"):
+        from mergeguard.checkpoint.writer import refuse_writing_over
+        refuse_writing_over(json_out, inputs, flag="--json")
+
+
+def _named_paths(params: dict[str, Any]) -> list[Path]:
+    """The existing files and folders a command's parameters name (NAME=PATH specs too), its outputs aside."""
+    found = []
+    for key, value in params.items():
+        if key in ("out", "json_out"):
+            continue
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, str | Path) and str(item):
+                for text in {str(item), str(item).partition("=")[2]} - {""}:
+                    if Path(text).expanduser().exists():
+                        found.append(Path(text))
+    return found
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn user errors into one red sentence and exit 2; Ctrl-C into exit 130."""
+    """Turn user errors into one red sentence and exit 2; Ctrl-C into exit 130. Before the command runs,
+    its --json FILE is checked against every file or folder its other parameters name."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            refuse_report_over(kwargs.get("json_out"), _named_paths(kwargs))
             return fn(*args, **kwargs)
         except MergeguardError as exc:
             err_console.print(f"[bold red]error:[/] {_sentence(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted:[/] nothing was written.")
+            out = kwargs.get("out")
+            if "resume" in kwargs and out is not None and (Path(out) / ".partial").exists():
+                err_console.print(f"[yellow]interrupted:[/] no output was written; --resume continues from "
+                                  f"{out}/.partial.")
+            else:
+                err_console.print("[yellow]interrupted:[/] nothing was written.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except OSError as exc:  # disk full, permissions, a file where a folder should be ...
             where = f" {exc.filename}" if exc.filename else ""

@@ -77,6 +77,11 @@ def load_trigger(path: str | Path) -> Trigger:
         mask = mask[None]
     if mask.dim() != 3 or mask.shape[0] not in (1, 3):
         raise MergeguardError(f"{path}: mask must be (H, W), (1, H, W) or (3, H, W), not {list(mask.shape)}.")
+    for name, values in (("pattern", pattern), ("mask", mask)):  # a NaN trigger would measure an ASR of 0
+        if (values.numel() == 0 or not bool(torch.isfinite(values).all()) or float(values.min()) < 0
+                or float(values.max()) > 1):
+            raise MergeguardError(f"{path}: the trigger's {name} must hold values in [0, 1] (it is empty or has "
+                                  "NaN, Inf or values outside that range).")
     try:
         target_class = int(meta.get("target_class", "0"))
     except ValueError as exc:

@@ -28,10 +28,10 @@ def defend_ibvs(merged: ImageEncoder, base: ImageEncoder, head: Head, dataset: D
     from mergeguard.attack.poison import check_config
     from mergeguard.defend.lfpm import check_same_architecture
 
-    if not math.isfinite(lam):
-        raise MergeguardError(f"--lam must be a number (got {lam}).")
+    if not (math.isfinite(lam) and lam > 0):  # a negative λ would add the backdoor direction, not remove it
+        raise MergeguardError(f"--lam must be a positive number (got {lam}).")
     check_same_architecture(merged, base, "IBVS")
-    check_config(replace(cfg, kind="badnets"), head, task)
+    check_config(replace(cfg, kind="badnets"), head, task, encoder=base)
     start = time.perf_counter()
     trigger = patch_trigger(base.image_size, cfg.trigger_area, target_class=cfg.target_class, target_task=task,
                             seed=cfg.seed + 99)

@@ -17,8 +17,8 @@ from torch import nn
 
 from mergeguard.checkpoint import Checkpoint, open_checkpoint, write_tensors
 from mergeguard.checkpoint.provenance import ARCH_KEY, build_metadata
-from mergeguard.errors import MergeguardError
-from mergeguard.models.arch import arch_json, arch_of
+from mergeguard.errors import MergeguardError, reason
+from mergeguard.models.arch import arch_from_name, arch_json, arch_of
 from mergeguard.models.hf import hf_to_open_clip, is_hf_clip
 
 
@@ -156,15 +156,23 @@ def load_encoder(
     return encoder
 
 
-def _load_open_clip_pretrained(source: str) -> ImageEncoder:
+def create_open_clip(name: str, tag: str) -> Any:
+    """open_clip's pretrained model NAME with weights TAG, through its cache; one sentence when it cannot
+    (weights not cached while offline, an unknown name or tag). open_clip's own error log is held back."""
+    import logging
+
     import open_clip
 
-    from mergeguard.models.arch import arch_from_name
-
-    name, _, tag = source.removeprefix("open_clip:").partition("@")
+    logging.disable(logging.ERROR)  # open_clip logs "Failed to download ..." before raising
     try:
-        model = open_clip.create_model(name, pretrained=tag or None)
+        return open_clip.create_model(name, pretrained=tag or None)
     except Exception as exc:  # open_clip raises RuntimeError / HF errors for missing weights
-        raise MergeguardError(f"could not load open_clip {name} with pretrained={tag!r}: {exc}") from exc
-    arch = arch_from_name(name)
-    return ImageEncoder(arch, model.visual)
+        raise MergeguardError(f"could not load open_clip {name} with pretrained={tag!r} ({reason(exc)}).") from exc
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _load_open_clip_pretrained(source: str) -> ImageEncoder:
+    name, _, tag = source.removeprefix("open_clip:").partition("@")
+    model = create_open_clip(name, tag)
+    return ImageEncoder(arch_from_name(name), model.visual)

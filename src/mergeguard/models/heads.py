@@ -109,6 +109,14 @@ def head_for(heads: dict[str, Head], task: str, source: str | Path) -> Head:
     return heads[task]
 
 
+def check_fits(head: Head, task: str, encoder) -> None:
+    """One sentence when the head reads features of another width than the encoder gives."""
+    dim = encoder.arch["embed_dim"]
+    if head.weight.shape[1] != dim:
+        raise MergeguardError(f"the head of {task!r} reads {head.weight.shape[1]}-d features but the model "
+                              f"gives {dim}-d ones; use the heads built for this model.")
+
+
 # -- zero-shot heads through a CLIP text tower ----------------------------------------
 def load_text_model(source: str, arch: dict[str, Any] | None) -> tuple[Any, Any]:
     """(open_clip CLIP model with its text tower, tokenizer) from `open_clip:NAME@TAG` or a full
@@ -119,11 +127,9 @@ def load_text_model(source: str, arch: dict[str, Any] | None) -> tuple[Any, Any]
         name, _, tag = source.removeprefix("open_clip:").partition("@")
         if not tag and not name.startswith("hf-hub:"):  # open_clip would build a random text tower: heads of noise
             raise MergeguardError(f"{source} names no pretrained weights; add a tag, e.g. open_clip:{name}@openai.")
-        try:
-            model = open_clip.create_model(name, pretrained=tag or None)
-        except Exception as exc:  # open_clip raises RuntimeError / HF errors for missing weights
-            raise MergeguardError(f"could not load open_clip {name} with pretrained={tag!r}: {exc}") from exc
-        return model.eval(), open_clip.get_tokenizer(name)
+        from mergeguard.models.encoder import create_open_clip
+
+        return create_open_clip(name, tag).eval(), open_clip.get_tokenizer(name)
     from mergeguard.models.arch import arch_of
 
     ckpt = open_checkpoint(source)
