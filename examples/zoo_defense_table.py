@@ -1,11 +1,12 @@
 """The defense table on the built-in zoo (CPU, offline): LFPM on every merge, beside the free baseline.
 
-    python examples/zoo_defense_table.py [--size tiny|small] [--work DIR] [--beta B]
+    python examples/zoo_defense_table.py [--size tiny|small] [--work DIR] [--beta B] [--epochs E]
 
 Runs `mergeguard demo` (zoo → BadMerging on `shape` → task-arithmetic and TIES merges → LFPM → IBVS)
 into WORK/demo, unless it is already there, then adds what the demo does not:
-- LFPM on the *clean* merge and on the poisoned TIES merge (the demo's LFPM settings; `--beta B` changes
-  β for every LFPM row, the demo's poisoned merge included, which is then defended again);
+- LFPM on the *clean* merge and on the poisoned TIES merge (the demo's LFPM settings; `--beta B` and
+  `--epochs E` change them for every LFPM row, the demo's poisoned merge included, which is then
+  defended again);
 - the λ-shrink line: the poisoned merge rebuilt with smaller λ (no training), the baseline LFPM must beat;
 - LoBAM: `shape` poisoned through LoRA (rank 8, k 2), merged by task arithmetic, then LFPM (its own trigger;
   the clean merge with that trigger as its control). `--no-lobam` skips it (about 4 minutes on tiny).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from mergeguard.attack import PoisonConfig, run_attack
@@ -43,6 +45,9 @@ def main() -> None:
     ap.add_argument("--no-lobam", action="store_true", help="skip the LoBAM rows")
     ap.add_argument("--beta", type=float, default=None,
                     help="LFPM's β for every LFPM row, the demo's poisoned merge included (default: the demo's, 1)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="LFPM's epochs for every LFPM row, the demo's poisoned merge included (default: the demo's: "
+                         "tiny 10, small 3)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mergeguard-table-"))
     demo_dir = work / "demo"
@@ -66,9 +71,9 @@ def main() -> None:
     rows["clean merge TA (control)"] = measure(load_encoder(str(demo_dir / "clean_merge")))
     lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
                           mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points, device="cpu")
-    suffix = ""
-    if args.beta is not None:
-        lfpm_cfg.beta, suffix = args.beta, f"_beta{args.beta:g}"
+    changed = {k: v for k, v in (("beta", args.beta), ("epochs", args.epochs)) if v is not None}
+    lfpm_cfg = replace(lfpm_cfg, **changed)
+    suffix = "".join(f"_{k}{v:g}" for k, v in changed.items())  # each setting's LFPM outputs in their own folders
 
     def merged(out: Path, inputs: list[Path], method: str, params: dict) -> Path:
         """The merge of `inputs` into `out`, unless an earlier run left it there."""
@@ -92,8 +97,8 @@ def main() -> None:
             rows["clean merge TIES (control)"] = measure(load_encoder(str(clean_ties)))
             rows["poisoned TIES"] = measure(load_encoder(str(demo_dir / "poisoned_ties")))
         rows[f"{name} + LFPM"] = measure(load_encoder(str(out)))
-    defended_ta = demo_dir / "lfpm" if args.beta is None else lfpm(demo_dir / "poisoned_merge",
-                                                                    work / f"lfpm_poisoned_merge{suffix}")
+    defended_ta = demo_dir / "lfpm" if not changed else lfpm(demo_dir / "poisoned_merge",
+                                                              work / f"lfpm_poisoned_merge{suffix}")
     for name, folder in (("poisoned TA λ 0.3", demo_dir / "poisoned_merge"), ("poisoned TA + LFPM", defended_ta),
                          ("poisoned TA + IBVS", demo_dir / "ibvs")):  # measured again: the demo rows lack newer counts
         rows[name] = measure(load_encoder(str(folder)))

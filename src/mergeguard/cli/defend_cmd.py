@@ -64,13 +64,14 @@ def lfpm_command(
     shadow: Annotated[Path, typer.Option(
         "--shadow", help="A folder of unlabeled images (any task, any depth); thousands of them.")],
     out: OutDirOpt,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the shadow images.")] = 5,
+    epochs: Annotated[int, typer.Option("--epochs", help=(
+        "Passes over the shadow images; more of them win back clean accuracy (docs/lfpm.md, seventh round)."))] = 5,
     batch_size: BatchOpt = 128,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the anti-backdoor vector.")] = 1e-4,
     path_points: Annotated[int, typer.Option("--path-points", help="K points of the loss path integral.")] = 4,
     beta: Annotated[float, typer.Option("--beta", help=(
-        "Weight of clean-feature preservation: raise it if the defended model loses too much accuracy, "
-        "lower it if the trigger survives (docs/lfpm.md, sixth round)."))] = 1.0,
+        "Weight of clean-feature preservation: raise it if the defended model still loses too much accuracy "
+        "after more --epochs, lower it if the trigger survives (docs/lfpm.md, sixth round)."))] = 1.0,
     rank: Annotated[int, typer.Option("--rank", help="Adversarial subspace rank (0: whole feature space).")] = 0,
     prompt: Annotated[str, typer.Option(
         "--prompt", help="Mined visual prompt: mask (pattern + soft mask, finds trigger-shaped backdoors), "
