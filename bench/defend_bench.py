@@ -2,7 +2,8 @@
 
     python bench/defend_bench.py --scale zoo                 # the tiny zoo's sizes, CPU (minutes)
     python bench/defend_bench.py --scale vit-b-32 --device cuda  # issue target: < 5 min on one H100
-    python bench/defend_bench.py --scale vit-b-32 --images 64 --epochs 1 --device cpu   # a CPU smoke run
+    python bench/defend_bench.py --scale vit-b-32 --images 32 --batch-size 16 --epochs 1 --path-points 2 \
+        --mine-warmup 2 --device cpu      # a CPU smoke run of the real-scale path (minutes)
 
 vit-b-32: an open_clip ViT-B-32 image tower with random weights as θ0, θm = θ0 plus seeded
 noise, procedural shadow images at 224 px (10,000 by default), 5 epochs, K = 4, batch 128.
@@ -45,6 +46,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--path-points", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--mine-warmup", type=int, default=LFPMConfig.mine_warmup,
+                        help="stage I steps per prompt before training (each a forward/backward of one batch)")
+    parser.add_argument("--prompts", type=int, default=LFPMConfig.prompts)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -61,14 +65,15 @@ def main() -> int:
     images = shadow_images(n, size, seed=1)
     shadow = TensorDataset(images, torch.full((n,), -1))
     cfg = LFPMConfig(epochs=args.epochs, batch_size=args.batch_size, path_points=args.path_points,
-                     device=args.device, lr=1e-3)
+                     mine_warmup=args.mine_warmup, prompts=args.prompts, device=args.device, lr=1e-3)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     _, _, report = defend_lfpm(merged, base, shadow, cfg)
     peak = report["peak_gpu_memory_bytes"]
     memory = f"{peak / 2**30:.2f} GiB GPU" if peak else \
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
-    table = Table(title=f"defend lfpm, {args.scale}, {n} images, {args.epochs} epochs, K={args.path_points}")
+    table = Table(title=f"defend lfpm, {args.scale}, {n} images, {args.epochs} epochs, K={args.path_points}, "
+                        f"{args.prompts} prompts × {args.mine_warmup} warm-up mining steps")
     for col in ("device", "steps", "seconds", "images/s", "peak memory"):
         table.add_column(col, justify="right")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"

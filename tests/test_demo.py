@@ -63,3 +63,23 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--size", "tiny", "--out", str(out)])
     assert result.exit_code == 2 and "not empty" in result.output
     assert (out / "thesis.tex").exists()
+
+
+def test_a_demo_report_beside_a_users_files_does_not_make_their_folder_the_demos(tmp_path):
+    """`mergeguard demo --json demo.json` writes the marker's name into the current folder; a later
+    `demo --out .` there must not clear the user's files (the marker alone used to be enough)."""
+    from mergeguard.demo import is_demo_folder
+
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    (out / "demo.json").write_text('{"rows": {}}')
+    result = CliRunner().invoke(app, ["demo", "--size", "tiny", "--out", str(out)])
+    assert result.exit_code == 2 and "not empty" in result.output and (out / "thesis.tex").exists()
+    # an earlier demo's own folder, finished or killed mid-merge, is the demo's to clear
+    (out / "thesis.tex").unlink()
+    for name in ("attack", "lfpm", ".poisoned_ties.tmp-123"):
+        (out / name).mkdir()
+    assert is_demo_folder(out)
+    (out / "demo.json").write_text("not json")
+    assert not is_demo_folder(out)

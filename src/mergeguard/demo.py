@@ -23,6 +23,19 @@ from mergeguard.progress import NullProgress, ProgressSink
 TARGET_TASK = "shape"
 DEFENDER_TASK = "colour"  # IBVS: the task the defender has labeled data for
 MARKER = "demo.json"
+DEMO_ENTRIES = ("attack", "clean_merge", "poisoned_merge", "poisoned_ties", "lfpm", "ibvs")  # with MARKER
+
+
+def is_demo_folder(out: Path) -> bool:
+    """A folder an earlier demo wrote (finished or killed), which the next demo may clear: its marker and
+    nothing but the demo's own outputs (and a killed writer's `.NAME.tmp-PID` folders)."""
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    own = set(DEMO_ENTRIES) | {MARKER}
+    return isinstance(marker, dict) and ("status" in marker or "rows" in marker) and all(
+        p.name in own or p.name.startswith(tuple(f".{n}.tmp-" for n in DEMO_ENTRIES)) for p in out.iterdir())
 
 
 @dataclass
@@ -81,10 +94,10 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     out = Path(out)
     resolve_device(device)  # an unusable --device fails before an earlier demo's folder is cleared
     if zoo is not None and holds_something_else(Path(zoo)):
-        raise MergeguardError(f"--zoo {zoo} is not a zoo (it has no zoo.json); name a zoo folder, or a new one "
-                              "to build the zoo into.")
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise MergeguardError(f"{out} is not empty and holds no earlier demo; choose another --out.")
+        raise MergeguardError(f"--zoo {zoo} is not a finished zoo; name a zoo folder, or a new one to build the zoo "
+                              "into.")
+    if out.exists() and any(out.iterdir()) and not is_demo_folder(out):  # the demo clears only its own folder
+        raise MergeguardError(f"{out} is not empty and holds no earlier demo's outputs only; choose another --out.")
     if out.exists():
         shutil.rmtree(out)  # an earlier demo's outputs: the demo owns this folder
     out.mkdir(parents=True)

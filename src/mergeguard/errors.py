@@ -14,8 +14,10 @@ class MergeguardError(Exception):
 def reason(exc: BaseException, limit: int = 160) -> str:
     """A library exception's first sentence, for the end of one of ours (torch and open_clip append
     paragraphs of advice that is not the user's to follow)."""
-    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-    line = line.split(". ", 1)[0].rstrip(".")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # torch's weights-only refusal names what it refused on a later line: that line is the reason
+    line = next((ln for ln in lines if ln.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    line = (line or type(exc).__name__).split(". ", 1)[0].rstrip(".")
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 

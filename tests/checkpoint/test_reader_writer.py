@@ -160,9 +160,11 @@ def test_refuse_writing_over_an_input(tmp_path):
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     # the file, its folder, a folder holding it, a new file inside an input folder
-    for out in (model, model.parent, tmp_path, shadow / "defended.safetensors"):
+    for out in (model, model.parent, tmp_path):
         with pytest.raises(MergeguardError, match="would replace the input"):
             refuse_writing_over(out, [model.parent, shadow])
+    with pytest.raises(MergeguardError, match="would be written inside the input folder"):
+        refuse_writing_over(shadow / "defended.safetensors", [model.parent, shadow])
     # a command that writes known names into OUT: only OUT/name counts
     refuse_writing_over(tmp_path, [model.parent, shadow], ("model.safetensors", "report.json"))
     with pytest.raises(MergeguardError, match="would replace the input"):

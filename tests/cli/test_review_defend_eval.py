@@ -158,3 +158,40 @@ def test_library_errors_reach_the_user_as_their_first_line(tmp_path):
         fit([a], lambda step: a.sum(), TrainConfig(steps=2, lr=0.1, warmup=0),
             checkpointing=Checkpointing(ck, every=1, resume=True))
     assert "truncated or not a mergeguard checkpoint" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_only_what_a_command_reads_counts_as_an_input(tmp_path, monkeypatch):
+    """A task's name or a device that happens to name a folder here is not an input: `--json shape/r.json`
+    stays allowed for `attack --task shape`."""
+    from mergeguard.cli.options import _named_paths
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("shape", "auto", "train"):
+        (tmp_path / name).mkdir()
+    assert _named_paths({"task": "shape", "device": "auto", "target_task": "shape", "json_out": "shape/r.json"}) == []
+    assert _named_paths({"task": ["shape=train"], "data": ["train=train"], "base": "x" * 400}) == [Path("train")] * 2
+
+
+def test_open_clip_errors_are_one_sentence_and_leave_logging_as_it_was():
+    import logging
+
+    from mergeguard.models.encoder import create_open_clip
+
+    logging.disable(logging.WARNING)
+    try:
+        with pytest.raises(MergeguardError, match="no pretrained weights 'nosuchtag' for ViT-B-32; it has: .*openai"):
+            create_open_clip("ViT-B-32", "nosuchtag")
+        assert logging.root.manager.disable == logging.WARNING
+    finally:
+        logging.disable(logging.NOTSET)
+    text = "Weights only load failed. Advice.\n\nWeightsUnpickler error: Unsupported global: GLOBAL os.system\n\nMore."
+    assert reason(RuntimeError(text)) == "WeightsUnpickler error: Unsupported global: GLOBAL os.system"
+
+
+def test_a_legacy_format_pickle_loads_when_allowed(tmp_path):
+    """torch's pre-zip format cannot be memory-mapped; it is read whole (still weights_only)."""
+    from mergeguard.checkpoint import open_checkpoint
+
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(open_checkpoint(str(path), allow_pickle=True).get("w"), torch.arange(3.0))

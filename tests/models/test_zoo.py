@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,16 @@ def test_force_rebuilds_a_zoo_never_someone_elses_folder(tmp_path, monkeypatch):
         with pytest.raises(MergeguardError, match="is not a zoo"):
             zoo.build_zoo(mine, size="tiny", force=force)
     assert (mine / "thesis.txt").read_text() == "mine"
+    # a report kept beside a zoo leaves it usable, but --force will not delete it with the zoo
+    (tmp_path / "z" / "report.json").write_text("{}")
+    assert zoo.build_zoo(tmp_path / "z", size="tiny")["cached"] is True
+    with pytest.raises(MergeguardError, match=r"did not write \(report.json\)"):
+        zoo.build_zoo(tmp_path / "z", size="tiny", force=True)
+    (tmp_path / "z" / "report.json").unlink()
+    # a folder missing an entry of a build is not one
+    shutil.rmtree(tmp_path / "z" / "shadow")
+    assert not zoo.is_zoo(tmp_path / "z")
+    (tmp_path / "z" / "shadow").mkdir()
     # a zoo given as a relative path, even '.', is rebuilt in place
     monkeypatch.chdir(tmp_path / "z")
     assert zoo.build_zoo(".", size="tiny", force=True)["by"] == "built"

@@ -174,7 +174,7 @@ def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None =
         raise MergeguardError(f"--rank must be at least 1 (got {cfg.lora_rank}).")
     for h in (head, shadow) if encoder is not None else ():
         if h is not None:
-            check_fits(h, task, encoder)
+            check_fits(h, h.task, encoder)
     resolve_device(cfg.device)  # before OUTDIR/.partial exists
 
 

@@ -297,7 +297,12 @@ def refuse_writing_over(out: str | Path, inputs, names: Sequence[str] | None = N
             paths.append(Path(str(spec)))
         for path in paths:
             path = path.expanduser().resolve()
-            if any(target == path or target in path.parents or (path.is_dir() and path in target.parents)
-                   for target in targets):
-                raise MergeguardError(f"the output {out} would replace the input {spec}; choose another {flag}.")
+            for target in targets:
+                holds = target == path or target in path.parents  # the output is the input, or a folder holding it
+                within = path.is_dir() and path in target.parents  # the output lies inside an input folder
+                if holds or (within and target.exists()):
+                    raise MergeguardError(f"the output {out} would replace the input {spec}; choose another {flag}.")
+                if within:
+                    raise MergeguardError(f"the output {out} would be written inside the input folder {spec}; "
+                                          f"choose another {flag}.")
 

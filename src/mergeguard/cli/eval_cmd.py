@@ -77,15 +77,17 @@ def eval_command(
             raise MergeguardError(f"{flag} is a fraction between 0 and 1 (got {value}); e.g. 0.05 for 5%.")
     if batch_size < 1 or workers < 0:
         raise MergeguardError("--batch-size must be at least 1 and --workers 0 or more.")
+    folders: dict[str, str] = {}
+    for spec in task:  # before anything is loaded (the model may be a download)
+        name, folder = parse_task(spec)
+        if name in folders:
+            raise MergeguardError(f"--task {name} is given twice; name each task once.")
+        folders[name] = folder
     head_map = load_heads(heads)
     trig = load_trigger(trigger) if trigger else None
     encoder = load_encoder(model, arch=arch, allow_pickle=allow_pickle)
-    data = {}
-    for spec in task:
-        name, folder = parse_task(spec)
-        if name in data:
-            raise MergeguardError(f"--task {name} is given twice; name each task once.")
-        data[name] = labeled_folder(folder, head_for(head_map, name, heads).classnames, encoder.image_size)
+    data = {name: labeled_folder(folder, head_for(head_map, name, heads).classnames, encoder.image_size)
+            for name, folder in folders.items()}
     with RichProgress(enabled=not quiet) as progress:
         result = evaluate(encoder, head_map, data, trigger=trig, target_task=target_task, batch_size=batch_size,
                           device=device, workers=workers, progress=progress)

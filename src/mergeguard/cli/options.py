@@ -119,28 +119,38 @@ def refuse_report_over(json_out: str | None, inputs) -> None:
         refuse_writing_over(json_out, inputs, flag="--json")
 
 
+INPUT_PARAMS = frozenset({"base", "finetuned", "inputs", "reference", "config", "paths", "model", "heads", "arch",
+                          "trigger", "merged", "shadow", "target_images", "zoo"})  # files, folders (or Hub ids)
+SPEC_PARAMS = frozenset({"data", "task"})  # NAME=FOLDER specs (a bare --task is a task's name)
+
+
 def _named_paths(params: dict[str, Any]) -> list[Path]:
-    """The existing files and folders a command's parameters name (NAME=PATH specs too), its outputs aside."""
+    """The existing files and folders a command reads, as its parameters name them."""
     found = []
     for key, value in params.items():
-        if key in ("out", "json_out"):
+        if key not in INPUT_PARAMS | SPEC_PARAMS:
             continue
         for item in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(item, str | Path) and str(item):
-                for text in {str(item), str(item).partition("=")[2]} - {""}:
-                    if Path(text).expanduser().exists():
-                        found.append(Path(text))
+            if not isinstance(item, str | Path):
+                continue
+            text = str(item).partition("=")[2] if key in SPEC_PARAMS else str(item)
+            try:
+                if text and Path(text).expanduser().exists():
+                    found.append(Path(text))
+            except OSError:  # a name too long to be a path is not one
+                continue
     return found
 
 
 def handle_errors(fn: Callable) -> Callable:
     """Turn user errors into one red sentence and exit 2; Ctrl-C into exit 130. Before the command runs,
-    its --json FILE is checked against every file or folder its other parameters name."""
+    its --json FILE is checked against the files and folders it reads (`INPUT_PARAMS`, `SPEC_PARAMS`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            refuse_report_over(kwargs.get("json_out"), _named_paths(kwargs))
+            if kwargs.get("json_out") not in (None, "-"):
+                refuse_report_over(kwargs["json_out"], _named_paths(kwargs))
             return fn(*args, **kwargs)
         except MergeguardError as exc:
             err_console.print(f"[bold red]error:[/] {_sentence(exc)}", highlight=False, soft_wrap=True)

@@ -163,13 +163,17 @@ def create_open_clip(name: str, tag: str) -> Any:
 
     import open_clip
 
-    logging.disable(logging.ERROR)  # open_clip logs "Failed to download ..." before raising
+    known = open_clip.list_pretrained_tags_by_model(name)
+    if tag and known and tag not in known and not name.startswith("hf-hub:"):
+        raise MergeguardError(f"open_clip has no pretrained weights {tag!r} for {name}; it has: {', '.join(known)}.")
+    before = logging.root.manager.disable
+    logging.disable(max(before, logging.ERROR))  # open_clip logs "Failed to download ..." before raising
     try:
         return open_clip.create_model(name, pretrained=tag or None)
     except Exception as exc:  # open_clip raises RuntimeError / HF errors for missing weights
         raise MergeguardError(f"could not load open_clip {name} with pretrained={tag!r} ({reason(exc)}).") from exc
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
 
 
 def _load_open_clip_pretrained(source: str) -> ImageEncoder:

@@ -190,19 +190,23 @@ def finetune(base: ImageEncoder, head: Head, images: torch.Tensor, labels: torch
 ZOO_ENTRIES = frozenset({"base", "data", "finetuned", "heads.safetensors", "shadow", "zoo.json"})
 
 
+def _entries(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
 def is_zoo(root: Path) -> bool:
-    """A finished zoo: its zoo.json (a zoo's, not any JSON of that name) and nothing but what a build writes."""
+    """A finished zoo: its zoo.json (a zoo's, not any JSON of that name) and every entry a build writes
+    (a report or notes kept beside them do not stop it being used; they stop `--force` deleting it)."""
     try:
         info = json.loads((root / "zoo.json").read_text())
-        entries = {p.name for p in root.iterdir()}
     except (OSError, ValueError):
         return False
-    return (isinstance(info, dict) and {"version", "size", "seed"} <= info.keys() and entries == ZOO_ENTRIES)
+    return isinstance(info, dict) and {"version", "size", "seed"} <= info.keys() and ZOO_ENTRIES <= _entries(root)
 
 
 def holds_something_else(root: Path) -> bool:
     """A non-empty folder that is not a finished zoo: never built into, never deleted."""
-    return root.is_dir() and any(root.iterdir()) and not is_zoo(root)
+    return bool(_entries(root)) and not is_zoo(root)
 
 
 def _cached(root: Path) -> dict[str, Any]:
@@ -219,6 +223,9 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
     root = (Path(out) if out else default_zoo_dir(size, seed)).expanduser().resolve()
     if holds_something_else(root):  # --force rebuilds a zoo; it never deletes a folder of something else
         raise MergeguardError(f"{root} exists and is not a zoo; choose another --out.")
+    if force and (extra := sorted(_entries(root) - ZOO_ENTRIES)):  # --force deletes a zoo, not what lies beside it
+        raise MergeguardError(f"{root} holds files a zoo build did not write ({', '.join(extra)}); move them before "
+                              "--force, or choose another --out.")
     if is_zoo(root) and not force:
         cached = _cached(root)
         if (cached.get("size"), cached.get("seed")) != (size, seed):
