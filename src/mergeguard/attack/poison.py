@@ -172,9 +172,10 @@ def check_config(cfg: PoisonConfig, head: Head, task: str, shadow: Head | None =
                    within={"trigger_area": (0, 1, True), "poison_fraction": (0, 1, False), "r_min": (0, 1, False)})
     if cfg.lora_rank is not None and cfg.lora_rank < 1:
         raise MergeguardError(f"--rank must be at least 1 (got {cfg.lora_rank}).")
-    for h in (head, shadow) if encoder is not None else ():
-        if h is not None:
-            check_fits(h, h.task, encoder)
+    if encoder is not None:
+        for h in (head, shadow):
+            if h is not None:
+                check_fits(h, h.task, encoder)
     resolve_device(cfg.device)  # before OUTDIR/.partial exists
 
 
