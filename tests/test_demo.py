@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -48,7 +49,16 @@ def test_demo_tiny_end_to_end(tiny_zoo, tmp_path):
     assert lfpm["ca_avg"] >= poisoned["ca_avg"] - 0.03
     # each row is what `eval --json` writes for that model, and the headline numbers match a hand count
     for name in rows:
-        assert json.loads((out / name / "eval.json").read_text()) == rows[name]
+        assert json.loads((out / f"{name}.eval.json").read_text()) == rows[name]
+    # the printed eval command reruns as printed (its --json once pointed inside the model folder, which
+    # eval refuses as an input) and writes the same report
+    (rerun,) = [c for c in r["commands"] if c.startswith("mergeguard eval") and "poisoned_merge.eval.json" in c]
+    (out / "poisoned_merge.eval.json").unlink()
+    again = CliRunner().invoke(app, shlex.split(rerun)[1:])
+    assert again.exit_code == 0, again.output
+    cli_report = json.loads((out / "poisoned_merge.eval.json").read_text())
+    assert set(cli_report) - set(rows["poisoned_merge"]) == {"model", "thresholds"}  # what the CLI adds
+    assert {k: cli_report[k] for k in rows["poisoned_merge"]} == rows["poisoned_merge"]
     trigger = out / "attack" / "trigger.safetensors"
     for name in ("poisoned_merge", "lfpm"):
         assert abs(_asr_by_hand(out / name, z, trigger, 3) - rows[name]["asr_t"]) < 1e-6  # one image is 1/192

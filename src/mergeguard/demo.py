@@ -26,6 +26,12 @@ MARKER = "demo.json"
 DEMO_ENTRIES = ("attack", "clean_merge", "poisoned_merge", "poisoned_ties", "lfpm", "ibvs")  # with MARKER
 
 
+def report_name(entry: str) -> str:
+    """Where the demo keeps `eval --json` for one of its models: beside the model folder, not inside it
+    (a report written into an input folder is refused, so the printed command could not be rerun)."""
+    return f"{entry}.eval.json"
+
+
 def is_demo_folder(out: Path) -> bool:
     """A folder an earlier demo wrote (finished or killed), which the next demo may clear: its marker and
     nothing but the demo's own outputs (and a killed writer's `.NAME.tmp-PID` folders)."""
@@ -33,7 +39,7 @@ def is_demo_folder(out: Path) -> bool:
         marker = json.loads((out / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    own = set(DEMO_ENTRIES) | {MARKER}
+    own = set(DEMO_ENTRIES) | {MARKER} | {report_name(n) for n in DEMO_ENTRIES}
     return isinstance(marker, dict) and ("status" in marker or "rows" in marker) and all(
         p.name in own or p.name.startswith(tuple(f".{n}.tmp-" for n in DEMO_ENTRIES)) for p in out.iterdir())
 
@@ -155,13 +161,13 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     rows: dict[str, Any] = {}
     eval_cmd = (f"mergeguard eval {{model}} --heads {_q(heads_file)} "
                 + " ".join(f"--task {t}={_q(z / 'data' / t / 'test')}" for t in tasks)
-                + f" --trigger {_q(attack_dir / 'trigger.safetensors')} --json {{model}}/eval.json")
+                + f" --trigger {_q(attack_dir / 'trigger.safetensors')} --json {{report}}")
 
     def measure(name: str, model_dir: Path) -> dict[str, Any]:
         result = evaluate(load_encoder(str(model_dir)), heads, test, trigger=trigger, target_task=TARGET_TASK,
                           device=device, progress=progress)
-        (model_dir / "eval.json").write_text(json.dumps(result, indent=2))
-        commands.append(eval_cmd.format(model=_q(model_dir)))
+        (out / report_name(name)).write_text(json.dumps(result, indent=2))
+        commands.append(eval_cmd.format(model=_q(model_dir), report=_q(out / report_name(name))))
         rows[name] = result
         return result
 
