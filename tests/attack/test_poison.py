@@ -53,6 +53,14 @@ def test_attack_writes_every_output(tiny_zoo, tmp_path, kind):
     report = json.loads(ev.stdout)
     assert report["tasks"]["shape"]["ca"] == pytest.approx(summary["ca"])
     assert report["asr_t"] == pytest.approx(summary["asr"])
+    if kind == "badnets":  # --resume on a finished run: nothing to resume, and its outputs are not replaced
+        before = (out / "model.safetensors").stat().st_mtime_ns
+        again = CliRunner().invoke(app, [
+            "attack", kind, "--base", str(z / "base"), "--data", f"train={z / 'data/shape/train'}",
+            "--heads", str(z / "heads.safetensors"), "--task", "shape", "--target-class", "1", "-o", str(out),
+            *QUICK, "--resume"])
+        assert again.exit_code == 2 and "holds no unfinished run" in again.output, again.output
+        assert (out / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_attack_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):

@@ -96,8 +96,12 @@ def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: P
     head_map = load_heads(heads)
     head = head_for(head_map, task, heads)
     shadow = shadow_head(head_map, target_task, target_class) if mode == "off-task" else None
-    if out.exists() and any(p.name != ".partial" for p in out.iterdir()) and not resume:
-        raise MergeguardError(f"{out} is not empty; choose another --out, or --resume a run there.")
+    if out.exists() and any(p.name != ".partial" for p in out.iterdir()):
+        if not resume:
+            raise MergeguardError(f"{out} is not empty; choose another --out, or --resume a run there.")
+        if not (out / ".partial").exists():  # a finished run: --resume must not replace it
+            raise MergeguardError(f"{out} is not empty and holds no unfinished run (.partial) to resume; "
+                                  "choose another --out.")
     note_resume(out, resume)
     encoder = load_encoder(base, arch=arch)
     train = labeled_folder(folders["train"], head.classnames, encoder.image_size)
