@@ -64,6 +64,29 @@ def test_json_never_replaces_or_lands_in_an_input(tiny_zoo, family, tmp_path):
     assert "choose another --json" in out and digest(family["paths"][1]) == before_input
 
 
+def test_json_never_lands_in_the_commands_own_output(tiny_zoo, family, tmp_path):
+    """The report would replace the defended model just written (OUT/model.safetensors), or be deleted by
+    the next --overwrite of OUT."""
+    z = Path(tiny_zoo["root"])
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "model.safetensors").write_bytes(b"the output of an earlier run")
+    (tmp_path / "d").mkdir()  # empty OUTs (--json needs its folder to exist)
+    (tmp_path / "demo").mkdir()
+    cases = [
+        [*lfpm_args(z, tmp_path / "d"), "--json", tmp_path / "d" / "model.safetensors"],
+        [*lfpm_args(z, done), "--overwrite", "--json", done / "model.safetensors"],
+        ["merge", family["base_path"], *family["paths"], "-o", tmp_path / "m.safetensors", "--json",
+         tmp_path / "m.safetensors"],
+        ["demo", "--size", "tiny", "--out", tmp_path / "demo", "--json", tmp_path / "demo" / "demo.json"],
+    ]
+    for args in cases:
+        assert "choose a --json outside it" in one_sentence(invoke(*args))
+    assert not any((tmp_path / "d").iterdir()) and not any((tmp_path / "demo").iterdir())
+    assert not (tmp_path / "m.safetensors").exists()
+    assert (done / "model.safetensors").read_bytes() == b"the output of an earlier run"
+
+
 def test_ibvs_refuses_heads_of_another_width_before_training(tiny_zoo, tmp_path):
     z = Path(tiny_zoo["root"])
     head = load_heads(z / "heads.safetensors")["shape"]

@@ -119,6 +119,17 @@ def refuse_report_over(json_out: str | None, inputs) -> None:
         refuse_writing_over(json_out, inputs, flag="--json")
 
 
+def refuse_report_into_output(json_out: str, out: str | Path | None) -> None:
+    """--json FILE must not be, or lie inside, the command's own --out: the report would replace what the
+    command just wrote there (OUT/model.safetensors) or be deleted by the next --overwrite."""
+    if out is None:
+        return
+    report, target = Path(json_out).expanduser().resolve(), Path(out).expanduser().resolve()
+    if report == target or target in report.parents:
+        raise MergeguardError(f"--json {json_out} would be written into the output {out}, which this command "
+                              "writes; choose a --json outside it.")
+
+
 INPUT_PARAMS = frozenset({"base", "finetuned", "inputs", "reference", "config", "paths", "model", "heads", "arch",
                           "trigger", "merged", "shadow", "target_images", "zoo"})  # files, folders (or Hub ids)
 SPEC_PARAMS = frozenset({"data", "task"})  # NAME=FOLDER specs (a bare --task is a task's name)
@@ -151,6 +162,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             if kwargs.get("json_out") not in (None, "-"):
                 refuse_report_over(kwargs["json_out"], _named_paths(kwargs))
+                refuse_report_into_output(kwargs["json_out"], kwargs.get("out"))
             return fn(*args, **kwargs)
         except MergeguardError as exc:
             err_console.print(f"[bold red]error:[/] {_sentence(exc)}", highlight=False, soft_wrap=True)
