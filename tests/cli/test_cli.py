@@ -175,6 +175,27 @@ def test_ctrl_c_leaves_no_output(family, tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".m", "m"))]
 
 
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """A CI timeout or `kill` sends SIGTERM; the half-built zoo's `.NAME.tmp-PID` folder used to stay behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "zoo"
+    proc = subprocess.Popen([sys.executable, "-m", "mergeguard", "zoo", "build", "--size", "tiny", "--out", str(out),
+                             "-q"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".zoo.tmp-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be stopped"
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the build
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "interrupted" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- regressions from review ---------------------------------------------------------
 def test_overwrite_never_deletes_files_mergeguard_did_not_write(family, tmp_path):
     # the folder holding the inputs: refused before anything is read

@@ -58,5 +58,10 @@ demo_cmd.register(app)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; SIGTERM stops a command the way Ctrl-C does (cleanup, exit 143)."""
+    import signal
+
+    from mergeguard.cli.options import raise_terminated
+
+    signal.signal(signal.SIGTERM, raise_terminated)
     app()

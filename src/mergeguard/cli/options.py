@@ -26,6 +26,16 @@ EXIT_THRESHOLD = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3  # a bug, not the user's input: distinct from 1, which `eval`'s gates use
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # SIGTERM (a CI timeout, `kill`, torchrun stopping its workers): 128 + 15
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so every `with`/`finally` cleanup runs as on Ctrl-C (a killed
+    writer used to leave its `.NAME.tmp-PID` behind)."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -154,7 +164,7 @@ def _named_paths(params: dict[str, Any]) -> list[Path]:
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn user errors into one red sentence and exit 2; Ctrl-C into exit 130. Before the command runs,
+    """Turn user errors into one red sentence and exit 2; Ctrl-C into exit 130, SIGTERM 143. Before it runs,
     its --json FILE is checked against the files and folders it reads (`INPUT_PARAMS`, `SPEC_PARAMS`)."""
 
     @functools.wraps(fn)
@@ -167,14 +177,15 @@ def handle_errors(fn: Callable) -> Callable:
         except MergeguardError as exc:
             err_console.print(f"[bold red]error:[/] {_sentence(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            code = EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
             out = kwargs.get("out")
             if "resume" in kwargs and out is not None and (Path(out) / ".partial").exists():
                 err_console.print(f"[yellow]interrupted:[/] no output was written; --resume continues from "
                                   f"{out}/.partial.")
             else:
                 err_console.print("[yellow]interrupted:[/] nothing was written.")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(code) from None
         except OSError as exc:  # disk full, permissions, a file where a folder should be ...
             where = f" {exc.filename}" if exc.filename else ""
             err_console.print(f"[bold red]error:[/] cannot use{where}: {exc.strerror or exc}.", highlight=False)
