@@ -27,7 +27,9 @@ torch.save(head.weight, sys.argv[2])
 """
 
 
-def test_open_clip_hub_model_from_cache_offline(tmp_path):
+def _cached_repo(tmp_path, pickled: bool = False) -> tuple[open_clip.model.CLIP, dict]:
+    """acme/tiny-clip in a Hub cache under tmp_path (its weights as safetensors, or only as a pickle), and
+    the environment that reads it offline."""
     repo = tmp_path / "hub" / "models--acme--tiny-clip"
     snap = repo / "snapshots" / COMMIT
     snap.mkdir(parents=True)
@@ -36,8 +38,40 @@ def test_open_clip_hub_model_from_cache_offline(tmp_path):
     (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": CFG, "preprocess_cfg": {}}))
     torch.manual_seed(0)
     model = open_clip.model.CLIP(**CFG).eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, snap / "open_clip_model.safetensors")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if pickled:
+        torch.save(state, snap / "open_clip_pytorch_model.bin")
+    else:
+        save_file(state, snap / "open_clip_model.safetensors")
+    return model, {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+
+PICKLE_SCRIPT = """
+import sys
+from mergeguard.errors import MergeguardError
+from mergeguard.models.encoder import load_encoder
+try:
+    load_encoder("open_clip:hf-hub:acme/tiny-clip")
+    print("loaded without --allow-pickle")
+except MergeguardError as exc:
+    print(exc)
+load_encoder("open_clip:hf-hub:acme/tiny-clip", allow_pickle=True)
+print("loaded with it")
+"""
+
+
+def test_open_clip_weights_only_as_a_pickle_need_allow_pickle(tmp_path):
+    """open_clip falls back to open_clip_pytorch_model.bin when a repo has no safetensors: a pickle, which
+    mergeguard loads only when asked (open_clip then reads it weights_only)."""
+    _, env = _cached_repo(tmp_path, pickled=True)
+    done = subprocess.run([sys.executable, "-c", PICKLE_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused, loaded = done.stdout.strip().splitlines()
+    assert "are a pickle, not safetensors; pass --allow-pickle" in refused and loaded == "loaded with it"
+
+
+def test_open_clip_hub_model_from_cache_offline(tmp_path):
+    model, env = _cached_repo(tmp_path)
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "v.pt"), str(tmp_path / "h.pt")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

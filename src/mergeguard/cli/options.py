@@ -64,7 +64,8 @@ DtypeOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (recorded in the output's metadata).")]
 AllowPickleOpt = Annotated[
     bool,
-    typer.Option("--allow-pickle", help="Allow .bin/.pt pickle inputs, loaded with torch.load(weights_only=True)."),
+    typer.Option("--allow-pickle", help="Allow .bin/.pt pickle inputs (and open_clip weights published only as "
+                 "one), loaded with torch.load(weights_only=True)."),
 ]
 AllowMissingOpt = Annotated[
     bool,

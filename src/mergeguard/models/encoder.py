@@ -131,7 +131,7 @@ def load_encoder(
     weights through its cache (offline once cached).
     """
     if isinstance(source, str) and source.startswith("open_clip:"):
-        return _load_open_clip_pretrained(source)
+        return _load_open_clip_pretrained(source, allow_pickle)
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source, allow_pickle=allow_pickle)
     description = arch_of(ckpt, arch)
     encoder = ImageEncoder(description)
@@ -156,9 +156,44 @@ def load_encoder(
     return encoder
 
 
-def create_open_clip(name: str, tag: str) -> Any:
+def open_clip_weights_are_pickled(name: str, tag: str) -> bool:
+    """Whether open_clip would load NAME@TAG from a pickle (.bin/.pt): it takes a Hub repo's safetensors
+    when there is one, else the pickle (weights_only), and a URL-only tag is a pickle. A safetensors file
+    that is merely not cached (offline) is not a pickle: open_clip then says what is missing."""
+    import open_clip
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    if name.startswith("hf-hub:"):
+        repo, filename = name.removeprefix("hf-hub:"), ""
+    else:
+        cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+        if not cfg:
+            return False  # no pretrained weights, or an unknown tag: open_clip's own error
+        if "file" in cfg:
+            return not str(cfg["file"]).endswith(".safetensors")
+        if not cfg.get("hf_hub"):
+            return True  # a download URL (OpenAI's .pt files)
+        repo, _, filename = cfg["hf_hub"].rpartition("/")
+    if filename.endswith(".safetensors"):
+        return False
+    pickle = filename or "open_clip_pytorch_model.bin"
+    # open_clip's safetensors name for its default pickle, else the pickle's name with .safetensors
+    safe = "open_clip_model.safetensors" if pickle == "open_clip_pytorch_model.bin" else \
+        pickle.rsplit(".", 1)[0] + ".safetensors"
+    try:
+        hf_hub_download(repo, safe)
+    except LocalEntryNotFoundError:  # offline without it: open_clip takes the pickle if that is cached
+        return isinstance(try_to_load_from_cache(repo, pickle), str)
+    except EntryNotFoundError:
+        return True  # the repo has only the pickle
+    return False
+
+
+def create_open_clip(name: str, tag: str, allow_pickle: bool = False) -> Any:
     """open_clip's pretrained model NAME with weights TAG, through its cache; one sentence when it cannot
-    (weights not cached while offline, an unknown name or tag). open_clip's own error log is held back."""
+    (weights not cached while offline, an unknown name or tag, weights only a pickle without
+    `allow_pickle`). open_clip's own error log is held back."""
     import logging
 
     import open_clip
@@ -166,6 +201,9 @@ def create_open_clip(name: str, tag: str) -> Any:
     known = open_clip.list_pretrained_tags_by_model(name)
     if tag and known and tag not in known and not name.startswith("hf-hub:"):
         raise MergeguardError(f"open_clip has no pretrained weights {tag!r} for {name}; it has: {', '.join(known)}.")
+    if not allow_pickle and open_clip_weights_are_pickled(name, tag):
+        raise MergeguardError(f"open_clip's weights for {name}@{tag} are a pickle, not safetensors; pass "
+                              "--allow-pickle to load them (weights_only) if you trust their source.")
     before = logging.root.manager.disable
     logging.disable(max(before, logging.ERROR))  # open_clip logs "Failed to download ..." before raising
     try:
@@ -176,7 +214,7 @@ def create_open_clip(name: str, tag: str) -> Any:
         logging.disable(before)
 
 
-def _load_open_clip_pretrained(source: str) -> ImageEncoder:
+def _load_open_clip_pretrained(source: str, allow_pickle: bool = False) -> ImageEncoder:
     name, _, tag = source.removeprefix("open_clip:").partition("@")
-    model = create_open_clip(name, tag)
+    model = create_open_clip(name, tag, allow_pickle)
     return ImageEncoder(arch_from_name(name), model.visual)
