@@ -70,6 +70,16 @@ def test_open_clip_weights_only_as_a_pickle_need_allow_pickle(tmp_path):
     assert "are a pickle, not safetensors; pass --allow-pickle" in refused and loaded == "loaded with it"
 
 
+def test_open_clip_weights_neither_cached_nor_reachable_are_one_sentence(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
+    script = PICKLE_SCRIPT.split("load_encoder(\"open_clip:hf-hub:acme/tiny-clip\", allow_pickle=True)")[0]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ("open_clip's weights for hf-hub:acme/tiny-clip are not in the Hub cache and the "
+                                   "Hub cannot be reached; fetch them once with a connection (HF_HOME names the "
+                                   "cache).")
+
+
 def test_open_clip_hub_model_from_cache_offline(tmp_path):
     model, env = _cached_repo(tmp_path)
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "v.pt"), str(tmp_path / "h.pt")],

@@ -156,10 +156,10 @@ def load_encoder(
     return encoder
 
 
-def open_clip_weights_are_pickled(name: str, tag: str) -> bool:
-    """Whether open_clip would load NAME@TAG from a pickle (.bin/.pt): it takes a Hub repo's safetensors
-    when there is one, else the pickle (weights_only), and a URL-only tag is a pickle. A safetensors file
-    that is merely not cached (offline) is not a pickle: open_clip then says what is missing."""
+def open_clip_weights(name: str, tag: str) -> str:
+    """What open_clip would load for NAME@TAG: "safetensors" (a Hub repo's, which it prefers), "pickle"
+    (the repo's .bin when it has no safetensors, a cached .bin while offline, or a URL-only tag's .pt),
+    "missing" (neither cached and the Hub out of reach), or "" (no pretrained weights: open_clip's error)."""
     import open_clip
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -169,31 +169,29 @@ def open_clip_weights_are_pickled(name: str, tag: str) -> bool:
     else:
         cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
         if not cfg:
-            return False  # no pretrained weights, or an unknown tag: open_clip's own error
+            return ""
         if "file" in cfg:
-            return not str(cfg["file"]).endswith(".safetensors")
+            return "safetensors" if str(cfg["file"]).endswith(".safetensors") else "pickle"
         if not cfg.get("hf_hub"):
-            return True  # a download URL (OpenAI's .pt files)
+            return "pickle"  # a download URL (OpenAI's .pt files)
         repo, _, filename = cfg["hf_hub"].rpartition("/")
-    if filename.endswith(".safetensors"):
-        return False
     pickle = filename or "open_clip_pytorch_model.bin"
     # open_clip's safetensors name for its default pickle, else the pickle's name with .safetensors
-    safe = "open_clip_model.safetensors" if pickle == "open_clip_pytorch_model.bin" else \
-        pickle.rsplit(".", 1)[0] + ".safetensors"
+    safe = pickle if pickle.endswith(".safetensors") else "open_clip_model.safetensors" \
+        if pickle == "open_clip_pytorch_model.bin" else pickle.rsplit(".", 1)[0] + ".safetensors"
     try:
         hf_hub_download(repo, safe)
-    except LocalEntryNotFoundError:  # offline without it: open_clip takes the pickle if that is cached
-        return isinstance(try_to_load_from_cache(repo, pickle), str)
+    except LocalEntryNotFoundError:  # not cached, and offline or the Hub unreachable
+        return "pickle" if isinstance(try_to_load_from_cache(repo, pickle), str) else "missing"
     except EntryNotFoundError:
-        return True  # the repo has only the pickle
-    return False
+        return "pickle"  # the repo has only the pickle
+    return "safetensors"
 
 
 def create_open_clip(name: str, tag: str, allow_pickle: bool = False) -> Any:
     """open_clip's pretrained model NAME with weights TAG, through its cache; one sentence when it cannot
-    (weights not cached while offline, an unknown name or tag, weights only a pickle without
-    `allow_pickle`). open_clip's own error log is held back."""
+    (weights neither cached nor reachable, an unknown name or tag, weights only a pickle without
+    `allow_pickle`). open_clip's and the Hub client's log lines are held back."""
     import logging
 
     import open_clip
@@ -201,13 +199,19 @@ def create_open_clip(name: str, tag: str, allow_pickle: bool = False) -> Any:
     known = open_clip.list_pretrained_tags_by_model(name)
     if tag and known and tag not in known and not name.startswith("hf-hub:"):
         raise MergeguardError(f"open_clip has no pretrained weights {tag!r} for {name}; it has: {', '.join(known)}.")
-    if not allow_pickle and open_clip_weights_are_pickled(name, tag):
-        raise MergeguardError(f"open_clip's weights for {name}@{tag} are a pickle, not safetensors; pass "
-                              "--allow-pickle to load them (weights_only) if you trust their source.")
     before = logging.root.manager.disable
     logging.disable(max(before, logging.ERROR))  # open_clip logs "Failed to download ..." before raising
     try:
+        weights, label = open_clip_weights(name, tag), f"{name}@{tag}" if tag else name
+        if weights == "missing":
+            raise MergeguardError(f"open_clip's weights for {label} are not in the Hub cache and the Hub cannot "
+                                  "be reached; fetch them once with a connection (HF_HOME names the cache).")
+        if weights == "pickle" and not allow_pickle:
+            raise MergeguardError(f"open_clip's weights for {label} are a pickle, not safetensors; pass "
+                                  "--allow-pickle to load them (weights_only) if you trust their source.")
         return open_clip.create_model(name, pretrained=tag or None)
+    except MergeguardError:
+        raise
     except Exception as exc:  # open_clip raises RuntimeError / HF errors for missing weights
         raise MergeguardError(f"could not load open_clip {name} with pretrained={tag!r} ({reason(exc)}).") from exc
     finally:
