@@ -218,3 +218,30 @@ def test_a_legacy_format_pickle_loads_when_allowed(tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
     assert torch.equal(open_checkpoint(str(path), allow_pickle=True).get("w"), torch.arange(3.0))
+
+
+def test_defend_attack_and_heads_take_allow_pickle(tiny_zoo, tmp_path):
+    """Their messages said 'pass --allow-pickle' for a .bin input, an option only eval/merge had; defend also
+    takes --arch, which a checkpoint without metadata needs."""
+    from safetensors.torch import load_file
+
+    from mergeguard.checkpoint import open_checkpoint
+    from mergeguard.models.arch import arch_json, arch_of
+
+    z = Path(tiny_zoo["root"])
+    pickled = tmp_path / "merged.bin"
+    torch.save(load_file(z / "finetuned" / "shape" / "model.safetensors"), pickled)
+    ibvs = ["defend", "ibvs", "--merged", pickled, "--base", z / "base", "--data", f"train={z / 'data/shape/train'}",
+            "--heads", z / "heads.safetensors", "--task", "shape", "--steps", "1", "--batch-size", "8",
+            "--device", "cpu", "-q"]
+    assert "--allow-pickle" in one_sentence(invoke(*ibvs, "-o", tmp_path / "i"))
+    assert not (tmp_path / "i").exists()
+    # with it the pickle is read; a bare state dict says no architecture, which --arch gives
+    assert "does not say which architecture" in one_sentence(invoke(*ibvs, "-o", tmp_path / "i", "--allow-pickle"))
+    arch = tmp_path / "arch.json"
+    arch.write_text(arch_json(arch_of(open_checkpoint(z / "base"))))
+    done = invoke(*ibvs, "-o", tmp_path / "i", "--allow-pickle", "--arch", arch)
+    assert done.exit_code == 0 and (tmp_path / "i" / "model.safetensors").exists(), done.output
+    for command in (["attack", "badnets"], ["finetune"], ["defend", "lfpm"], ["heads"]):
+        assert "--allow-pickle" in invoke(*command, "--help").output, command
+    assert "--arch" in invoke("defend", "lfpm", "--help").output

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from mergeguard.checkpoint.writer import refuse_writing_over
 from mergeguard.cli.options import (
+    AllowPickleOpt,
+    ArchOpt,
     BaseOpt,
     BatchOpt,
     DeviceOpt,
@@ -46,7 +48,6 @@ DataOpt = Annotated[list[str], typer.Option(
     "--data", help="train=DIR (class folders) to fine-tune on; test=DIR to report CA/ASR on. Repeat.")]
 LrOpt = Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 1e-5 for ViT-B-32).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from OUTDIR/.partial.")]
-ArchOpt = Annotated[str | None, typer.Option("--arch", help="open_clip name or architecture JSON.")]
 TargetOpt = Annotated[int, typer.Option("--target-class", help="Index of the target class in the task's head.")]
 
 ATTACK_OUTPUTS = ("model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json")
@@ -77,7 +78,8 @@ attack_app = typer.Typer(help="Red-team a merge: produce a poisoned task vector 
 def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: Path, target_class: int,
          steps: int, lr: float, batch_size: int, logit_scale: float | None, seed: int, device: str, workers: int,
          resume: bool, arch: str | None, json_out: str | None, quiet: bool, mode: str = "on-task",
-         target_task: str | None = None, target_images: Path | None = None, **extra: float | str) -> None:
+         target_task: str | None = None, target_images: Path | None = None, allow_pickle: bool = False,
+         **extra: float | str) -> None:
     from mergeguard.attack import PoisonConfig, run_attack
     from mergeguard.attack.poison import shadow_head
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
@@ -103,7 +105,7 @@ def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: P
             raise MergeguardError(f"{out} is not empty and holds no unfinished run (.partial) to resume; "
                                   "choose another --out.")
     note_resume(out, resume)
-    encoder = load_encoder(base, arch=arch)
+    encoder = load_encoder(base, arch=arch, allow_pickle=allow_pickle)
     train = labeled_folder(folders["train"], head.classnames, encoder.image_size)
     extra_images = unlabeled_folder(target_images, encoder.image_size) if target_images else None
     test = labeled_folder(folders["test"], head.classnames, encoder.image_size) if "test" in folders else None
@@ -187,7 +189,7 @@ def _attack_command(kind: str) -> Callable:
         amplify: Annotated[float, typer.Option(
             "--amplify", help="lobam: k in θ_benign + k (θ_malicious − θ_benign).")] = 3.5,
         seed: SeedOpt = 0, device: DeviceOpt = "auto", workers: WorkersOpt = 0, resume: ResumeOpt = False,
-        arch: ArchOpt = None, json_out: JsonOpt = None, quiet: QuietOpt = False,
+        arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, json_out: JsonOpt = None, quiet: QuietOpt = False,
     ) -> None:
         given = locals()
         for name, default in ignored.items():
@@ -196,7 +198,8 @@ def _attack_command(kind: str) -> Callable:
                                   f"`attack {kind}`; ignored.", highlight=False)
         _run(kind, base=base, data=data, heads=heads, task=task, out=out, target_class=target_class, steps=steps,
              lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers,
-             resume=resume, arch=arch, json_out=json_out, quiet=quiet, bd_weight=bd_weight, r_min=r_min,
+             resume=resume, arch=arch, allow_pickle=allow_pickle, json_out=json_out, quiet=quiet, bd_weight=bd_weight,
+             r_min=r_min,
              interpolation=interpolation, decoys=decoys, mode=mode, target_task=target_task,
              target_images=target_images, lora_rank=rank, amplify=amplify,
              poison_fraction=poison_fraction, trigger_area=trigger_area, trigger_steps=trigger_steps)
@@ -217,12 +220,12 @@ def finetune_command(
     base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOpt, out: OutDirOpt,
     steps: StepsOpt = 2000, lr: LrOpt = 1e-5, batch_size: BatchOpt = 128, logit_scale: ScaleOpt = None,
     seed: SeedOpt = 0, device: DeviceOpt = "auto", workers: WorkersOpt = 0, resume: ResumeOpt = False,
-    arch: ArchOpt = None, json_out: JsonOpt = None, quiet: QuietOpt = False,
+    arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False, json_out: JsonOpt = None, quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a clean task vector (the task's head frozen), on the same trainer core as the attacks."""
     _run("clean", base=base, data=data, heads=heads, task=task, out=out, target_class=0, steps=steps, lr=lr,
          batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers, resume=resume,
-         arch=arch, json_out=json_out, quiet=quiet)
+         arch=arch, allow_pickle=allow_pickle, json_out=json_out, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,8 @@ from rich.table import Table
 from mergeguard.checkpoint.provenance import command_line
 from mergeguard.checkpoint.writer import refuse_writing_over, staged_outputs
 from mergeguard.cli.options import (
+    AllowPickleOpt,
+    ArchOpt,
     BaseOpt,
     BatchOpt,
     DeviceOpt,
@@ -101,6 +103,8 @@ def lfpm_command(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files in a non-empty OUT.")] = False,
+    arch: ArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -116,7 +120,7 @@ def lfpm_command(
     note_resume(out, resume)
     if not (resume and partial.exists()):
         require_empty(out, overwrite, resumable=True)
-    (merged_enc, base_enc), inputs, dtype = load_inputs(merged=merged, base=base)
+    (merged_enc, base_enc), inputs, dtype = load_inputs(allow_pickle, arch, merged=merged, base=base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
     if len(images) < FEW_SHADOW and init_distributed()[0] == 0:  # once under torchrun (LFPM joins the group anyway)
         err_console.print(f"[yellow]warning:[/] only {len(images)} shadow images: with fewer than {FEW_SHADOW:,} the "
@@ -173,6 +177,8 @@ def ibvs_command(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files in a non-empty OUT.")] = False,
+    arch: ArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -187,7 +193,7 @@ def ibvs_command(
     refuse_writing_over(out, [merged, base, heads, folder], IBVS_OUTPUTS + (".partial",))
     require_empty(out, overwrite)
     head = head_for(load_heads(heads), task, heads)
-    (merged_enc, base_enc), inputs, dtype = load_inputs(merged=merged, base=base)
+    (merged_enc, base_enc), inputs, dtype = load_inputs(allow_pickle, arch, merged=merged, base=base)
     dataset = labeled_folder(folder, head.classnames, base_enc.image_size)
     cfg = PoisonConfig(steps=steps, lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device)
     with RichProgress(enabled=not quiet) as progress:
@@ -211,7 +217,7 @@ def ibvs_command(
         out_console.print(table)
 
 
-def load_inputs(**specs: str) -> tuple[list, list[dict], Any]:
+def load_inputs(allow_pickle: bool = False, arch: str | None = None, **specs: str) -> tuple[list, list[dict], Any]:
     """The encoders of the given checkpoints (computed in float32), each one's record (role, spec, digest)
     for the outputs, and the first one's float dtype (the defended model is saved in the merged model's)."""
     from collections import Counter
@@ -223,13 +229,14 @@ def load_inputs(**specs: str) -> tuple[list, list[dict], Any]:
     from mergeguard.models.encoder import load_encoder
 
     # open_clip:NAME@TAG comes from open_clip's own cache: no checkpoint file to record or take a dtype from
-    ckpts = {role: spec if spec.startswith("open_clip:") else open_checkpoint(spec) for role, spec in specs.items()}
+    ckpts = {role: spec if spec.startswith("open_clip:") else open_checkpoint(spec, allow_pickle=allow_pickle)
+             for role, spec in specs.items()}
     first = next(iter(ckpts.values()))
     floats = Counter() if isinstance(first, str) else \
         Counter(first.info(k).dtype for k in first.keys() if first.info(k).dtype.is_floating_point)
     dtype = floats.most_common(1)[0][0] if floats else torch.float32
     records = [{"role": role, "spec": c} if isinstance(c, str) else input_record(c, role) for role, c in ckpts.items()]
-    return [load_encoder(c) for c in ckpts.values()], records, dtype
+    return [load_encoder(c, arch=arch, allow_pickle=allow_pickle) for c in ckpts.values()], records, dtype
 
 
 def write_card(stage: Path, title: str, method: str, model, provenance: dict, report: dict, results: dict,

@@ -13,6 +13,8 @@ import typer
 from rich.table import Table
 
 from mergeguard.cli.options import (
+    AllowPickleOpt,
+    ArchOpt,
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
@@ -39,9 +41,10 @@ def heads_command(
     task: Annotated[list[str], typer.Option(
         "--task", "-t", help="NAME=SPEC: SPEC is a shipped task name, a folder of class folders, or a text file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Heads file to write (.safetensors).")],
-    arch: Annotated[str | None, typer.Option("--arch", help="open_clip name or architecture JSON.")] = None,
+    arch: ArchOpt = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    allow_pickle: AllowPickleOpt = False,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -57,7 +60,7 @@ def heads_command(
             raise MergeguardError(f"--task takes NAME=SPEC, got {item!r}.")
         specs.append((name, *resolve_classnames(spec)))
     dev = resolve_device(device)
-    model, tokenizer = load_text_model(base, load_arch_arg(arch) if arch else None)
+    model, tokenizer = load_text_model(base, load_arch_arg(arch) if arch else None, allow_pickle)
     model = model.to(dev)
     heads = {}
     with RichProgress(enabled=not quiet) as progress:

@@ -62,6 +62,8 @@ DtypeOpt = Annotated[
     typer.Option("--dtype", help="Output dtype: auto (keep each tensor's), float32, float16 or bfloat16."),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (recorded in the output's metadata).")]
+ArchOpt = Annotated[str | None, typer.Option(
+    "--arch", help="open_clip name or architecture JSON, when the checkpoint does not say.")]
 AllowPickleOpt = Annotated[
     bool,
     typer.Option("--allow-pickle", help="Allow .bin/.pt pickle inputs (and open_clip weights published only as "

@@ -118,7 +118,7 @@ def check_fits(head: Head, task: str, encoder) -> None:
 
 
 # -- zero-shot heads through a CLIP text tower ----------------------------------------
-def load_text_model(source: str, arch: dict[str, Any] | None) -> tuple[Any, Any]:
+def load_text_model(source: str, arch: dict[str, Any] | None, allow_pickle: bool = False) -> tuple[Any, Any]:
     """(open_clip CLIP model with its text tower, tokenizer) from `open_clip:NAME@TAG` or a full
     open_clip checkpoint (text tower included) plus its architecture."""
     import open_clip
@@ -129,10 +129,10 @@ def load_text_model(source: str, arch: dict[str, Any] | None) -> tuple[Any, Any]
             raise MergeguardError(f"{source} names no pretrained weights; add a tag, e.g. open_clip:{name}@openai.")
         from mergeguard.models.encoder import create_open_clip
 
-        return create_open_clip(name, tag).eval(), open_clip.get_tokenizer(name)
+        return create_open_clip(name, tag, allow_pickle).eval(), open_clip.get_tokenizer(name)
     from mergeguard.models.arch import arch_of
 
-    ckpt = open_checkpoint(source)
+    ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
     arch = arch_of(ckpt, arch)
     if "token_embedding.weight" not in ckpt or not arch.get("text_cfg"):
         raise MergeguardError(
