@@ -198,10 +198,9 @@ def _attack_command(kind: str) -> Callable:
                                   f"`attack {kind}`; ignored.", highlight=False)
         _run(kind, base=base, data=data, heads=heads, task=task, out=out, target_class=target_class, steps=steps,
              lr=lr, batch_size=batch_size, logit_scale=logit_scale, seed=seed, device=device, workers=workers,
-             resume=resume, arch=arch, allow_pickle=allow_pickle, json_out=json_out, quiet=quiet, bd_weight=bd_weight,
-             r_min=r_min,
-             interpolation=interpolation, decoys=decoys, mode=mode, target_task=target_task,
-             target_images=target_images, lora_rank=rank, amplify=amplify,
+             resume=resume, arch=arch, allow_pickle=allow_pickle, json_out=json_out, quiet=quiet,
+             bd_weight=bd_weight, r_min=r_min, interpolation=interpolation, decoys=decoys, mode=mode,
+             target_task=target_task, target_images=target_images, lora_rank=rank, amplify=amplify,
              poison_fraction=poison_fraction, trigger_area=trigger_area, trigger_steps=trigger_steps)
 
     # what _run refuses (--mode, --target-task, --decoys) needs no warning

@@ -176,9 +176,12 @@ def open_clip_weights(name: str, tag: str) -> str:
             return "pickle"  # a download URL (OpenAI's .pt files)
         repo, _, filename = cfg["hf_hub"].rpartition("/")
     pickle = filename or "open_clip_pytorch_model.bin"
-    # open_clip's safetensors name for its default pickle, else the pickle's name with .safetensors
-    safe = pickle if pickle.endswith(".safetensors") else "open_clip_model.safetensors" \
-        if pickle == "open_clip_pytorch_model.bin" else pickle.rsplit(".", 1)[0] + ".safetensors"
+    if pickle.endswith(".safetensors"):
+        safe = pickle
+    elif pickle == "open_clip_pytorch_model.bin":  # open_clip's names for its default file
+        safe = "open_clip_model.safetensors"
+    else:
+        safe = pickle.rsplit(".", 1)[0] + ".safetensors"
     try:
         hf_hub_download(repo, safe)
     except LocalEntryNotFoundError:  # not cached, and offline or the Hub unreachable
