@@ -64,10 +64,11 @@ def test_json_never_replaces_or_lands_in_an_input(tiny_zoo, family, tmp_path):
     assert "choose another --json" in out and digest(family["paths"][1]) == before_input
 
 
-def test_json_never_lands_in_the_commands_own_output(tiny_zoo, family, tmp_path):
+def test_json_never_lands_in_the_commands_own_output(tiny_zoo, family, tmp_path, monkeypatch):
     """The report would replace the defended model just written (OUT/model.safetensors), or be deleted by
     the next --overwrite of OUT."""
     z = Path(tiny_zoo["root"])
+    monkeypatch.setenv("MERGEGUARD_CACHE", str(tmp_path / "cache"))  # the default zoo folder, here
     done = tmp_path / "done"
     done.mkdir()
     (done / "model.safetensors").write_bytes(b"the output of an earlier run")
@@ -80,8 +81,19 @@ def test_json_never_lands_in_the_commands_own_output(tiny_zoo, family, tmp_path)
          tmp_path / "m.safetensors"],
         ["demo", "--size", "tiny", "--out", tmp_path / "demo", "--json", tmp_path / "demo" / "demo.json"],
     ]
+    # an `out:` given in merge's --config, and zoo build's default folder (the cache's), count as well
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"base: {family['base_path']}\ninputs: [{family['paths'][0]}]\n"
+                      f"out: {tmp_path / 'cfg.safetensors'}\n")
+    cases.append(["merge", "--config", config, "--json", tmp_path / "cfg.safetensors"])
+    from mergeguard.models.zoo import default_zoo_dir
+
+    zoo = default_zoo_dir("tiny", 0)
+    zoo.mkdir(parents=True)
+    cases.append(["zoo", "build", "--size", "tiny", "--json", zoo / "zoo.json"])
     for args in cases:
         assert "choose a --json outside it" in one_sentence(invoke(*args))
+    assert not (tmp_path / "cfg.safetensors").exists() and not any(zoo.iterdir())
     assert not any((tmp_path / "d").iterdir()) and not any((tmp_path / "demo").iterdir())
     assert not (tmp_path / "m.safetensors").exists()
     assert (done / "model.safetensors").read_bytes() == b"the output of an earlier run"
@@ -245,3 +257,7 @@ def test_defend_attack_and_heads_take_allow_pickle(tiny_zoo, tmp_path):
     for command in (["attack", "badnets"], ["finetune"], ["defend", "lfpm"], ["heads"]):
         assert "--allow-pickle" in invoke(*command, "--help").output, command
     assert "--arch" in invoke("defend", "lfpm", "--help").output
+    not_an_arch = tmp_path / "summary.json"
+    not_an_arch.write_text('{"ca": 0.5}')
+    assert "is not an architecture JSON" in one_sentence(invoke(*ibvs, "-o", tmp_path / "j", "--allow-pickle",
+                                                                "--arch", not_an_arch))

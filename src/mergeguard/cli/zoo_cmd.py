@@ -19,6 +19,7 @@ from mergeguard.cli.options import (
     examples,
     handle_errors,
     out_console,
+    refuse_report_into_output,
     show_table,
     write_json,
 )
@@ -42,7 +43,9 @@ def zoo_build_command(
 ) -> None:
     """Build (or reuse) the zoo and print its acceptance numbers."""
     # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
-    from mergeguard.models.zoo import build_zoo
+    from mergeguard.models.zoo import build_zoo, default_zoo_dir
+    if json_out not in (None, "-"):  # the default folder (the cache's) is known only here
+        refuse_report_into_output(json_out, out if out is not None else default_zoo_dir(size, seed))
     with RichProgress(enabled=not quiet) as progress:
         info = build_zoo(out, size=size, seed=seed, force=force, progress=progress)
     write_json(json_out, info)

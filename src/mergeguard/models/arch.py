@@ -88,9 +88,13 @@ def load_arch_arg(arch: str) -> dict[str, Any]:
     path = Path(arch)
     if path.suffix == ".json" or path.exists():
         try:
-            return json.loads(path.read_text())
+            description = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise MergeguardError(f"cannot read the architecture file {arch}: {exc}.") from exc
+        if not (isinstance(description, dict) and isinstance(description.get("vision_cfg"), dict)):
+            raise MergeguardError(f"{arch} is not an architecture JSON (an object with a 'vision_cfg', as a "
+                                  "checkpoint's arch.json holds).")
+        return description
     return arch_from_name(arch)
 
 
