@@ -92,3 +92,26 @@ def test_open_clip_hub_model_from_cache_offline(tmp_path):
         rows = [torch.nn.functional.normalize(model.encode_text(tokenizer([f"a photo of a {c}."])), dim=-1)[0]
                 for c in ("cat", "dog")]
     torch.testing.assert_close(torch.load(tmp_path / "h.pt", weights_only=True), torch.stack(rows))
+
+
+def test_other_ways_to_a_pickle_or_to_random_weights_are_refused(tmp_path):
+    """A review run reached a pickle through `local-dir:` and a weights file given as the tag, and got a
+    randomly initialised encoder (chance accuracy, exit 0) from a spec without a tag."""
+    import pytest
+
+    from mergeguard.errors import MergeguardError
+    from mergeguard.models.encoder import load_encoder, open_clip_weights
+
+    model, _ = _cached_repo(tmp_path, pickled=True)
+    folder = tmp_path / "hub" / "models--acme--tiny-clip" / "snapshots" / COMMIT  # config + .bin only
+    with pytest.raises(MergeguardError, match="are a pickle, not safetensors; pass --allow-pickle"):
+        load_encoder(f"open_clip:local-dir:{folder}")
+    encoder = load_encoder(f"open_clip:local-dir:{folder}", allow_pickle=True)
+    assert all(torch.equal(encoder.visual.state_dict()[k], v) for k, v in model.visual.state_dict().items())
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"")
+    assert open_clip_weights("ViT-B/32", str(weights)) == "pickle"
+    assert open_clip_weights("ViT-B-32", str(weights.with_suffix(".safetensors"))) == ""  # no such file, no tag
+    for spec in ("open_clip:ViT-B-32", "open_clip:ViT-B-32@"):
+        with pytest.raises(MergeguardError, match="names no pretrained weights; add a tag"):
+            load_encoder(spec)

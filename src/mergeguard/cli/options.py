@@ -63,7 +63,8 @@ DtypeOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (recorded in the output's metadata).")]
 ArchOpt = Annotated[str | None, typer.Option(
-    "--arch", help="open_clip name or architecture JSON, when the checkpoint does not say.")]
+    "--arch", help="open_clip name or architecture JSON, for a checkpoint that does not say; it overrides one "
+                   "that does.")]
 AllowPickleOpt = Annotated[
     bool,
     typer.Option("--allow-pickle", help="Allow .bin/.pt pickle inputs (and open_clip weights published only as "

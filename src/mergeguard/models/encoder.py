@@ -164,10 +164,18 @@ def open_clip_weights(name: str, tag: str) -> str:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    if name.startswith("local-dir:"):  # open_clip takes the folder's safetensors first, then a .bin/.pth
+        folder = Path(name.removeprefix("local-dir:")).expanduser()
+        found = {p.suffix for p in folder.glob("*")} if folder.is_dir() else set()
+        if ".safetensors" in found:
+            return "safetensors"
+        return "pickle" if found & {".bin", ".pth"} else ""
     if name.startswith("hf-hub:"):
         repo, filename = name.removeprefix("hf-hub:"), ""
     else:
-        cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+        cfg = open_clip.get_pretrained_cfg(name.replace("/", "-"), tag) if tag else {}  # open_clip's spelling
+        if not cfg and tag and Path(tag).expanduser().is_file():  # a weights file given as the tag
+            return "safetensors" if tag.endswith(".safetensors") else "pickle"
         if not cfg:
             return ""
         if "file" in cfg:
@@ -199,8 +207,11 @@ def create_open_clip(name: str, tag: str, allow_pickle: bool = False) -> Any:
 
     import open_clip
 
-    known = open_clip.list_pretrained_tags_by_model(name)
-    if tag and known and tag not in known and not name.startswith("hf-hub:"):
+    schema = name.startswith(("hf-hub:", "local-dir:"))  # these bring their own weights
+    if not tag and not schema:  # open_clip would build a randomly initialised model, silently
+        raise MergeguardError(f"open_clip:{name} names no pretrained weights; add a tag, e.g. open_clip:{name}@openai.")
+    known = open_clip.list_pretrained_tags_by_model(name.replace("/", "-"))
+    if tag and known and tag not in known and not schema and not Path(tag).expanduser().is_file():
         raise MergeguardError(f"open_clip has no pretrained weights {tag!r} for {name}; it has: {', '.join(known)}.")
     before = logging.root.manager.disable
     logging.disable(max(before, logging.ERROR))  # open_clip logs "Failed to download ..." before raising

@@ -125,8 +125,6 @@ def load_text_model(source: str, arch: dict[str, Any] | None, allow_pickle: bool
 
     if source.startswith("open_clip:"):
         name, _, tag = source.removeprefix("open_clip:").partition("@")
-        if not tag and not name.startswith("hf-hub:"):  # open_clip would build a random text tower: heads of noise
-            raise MergeguardError(f"{source} names no pretrained weights; add a tag, e.g. open_clip:{name}@openai.")
         from mergeguard.models.encoder import create_open_clip
 
         return create_open_clip(name, tag, allow_pickle).eval(), open_clip.get_tokenizer(name)
