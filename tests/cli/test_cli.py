@@ -196,6 +196,32 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_to_the_process_group_with_dataloader_workers_is_one_line(tiny_zoo, tmp_path):
+    """The workers die of the same SIGTERM; torch's SIGCHLD handler used to raise 'DataLoader worker ... killed
+    by signal' with a traceback in the middle of the cleanup (5 runs in 6, a review run)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    z, out = tiny_zoo["root"], tmp_path / "attack"
+    proc = subprocess.Popen([sys.executable, "-m", "mergeguard", "attack", "badnets", "--base", f"{z}/base", "--data",
+                             f"train={z}/data/shape/train", "--heads", f"{z}/heads.safetensors", "--task", "shape",
+                             "--target-class", "0", "--steps", "400", "--batch-size", "8", "--device", "cpu", "-q",
+                             "--workers", "2", "-o", str(out)], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / ".partial").exists():  # training has started: the workers are up
+        assert proc.poll() is None and time.monotonic() < deadline, "the attack ended before it could be stopped"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert [line for line in err.splitlines() if line.strip()][0].startswith("interrupted:"), err
+
+
 # -- regressions from review ---------------------------------------------------------
 def test_overwrite_never_deletes_files_mergeguard_did_not_write(family, tmp_path):
     # the folder holding the inputs: refused before anything is read

@@ -35,6 +35,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(signum: int, frame: Any) -> None:
+    import signal
+
+    # a SIGTERM to the process group stops DataLoader workers too; torch's SIGCHLD handler would then raise
+    # "worker killed by signal" (with a traceback) in the middle of this process's own cleanup
+    if hasattr(signal, "SIGCHLD"):  # a Python no-op, not SIG_DFL: a SIGCHLD already pending must find a handler
+        signal.signal(signal.SIGCHLD, lambda *_: None)
     raise Terminated
 
 out_console = Console()
