@@ -60,6 +60,12 @@ def test_attack_writes_every_output(tiny_zoo, tmp_path, kind):
             "--heads", str(z / "heads.safetensors"), "--task", "shape", "--target-class", "1", "-o", str(out),
             *QUICK, "--resume"])
         assert again.exit_code == 2 and "holds no unfinished run" in again.output, again.output
+        (out / ".partial").mkdir()  # an empty one is no unfinished run either (it retrained from step 0)
+        again = CliRunner().invoke(app, [
+            "attack", kind, "--base", str(z / "base"), "--data", f"train={z / 'data/shape/train'}",
+            "--heads", str(z / "heads.safetensors"), "--task", "shape", "--target-class", "1", "-o", str(out),
+            *QUICK, "--resume"])
+        assert again.exit_code == 2 and "holds no unfinished run" in again.output, again.output
         assert (out / "model.safetensors").stat().st_mtime_ns == before
 
 

@@ -40,6 +40,7 @@ from mergeguard.cli.options import (
     note_resume,
     out_console,
     show_table,
+    unfinished,
     write_json,
 )
 from mergeguard.errors import MergeguardError
@@ -101,7 +102,7 @@ def _run(kind: str, *, base: str, data: list[str], heads: str, task: str, out: P
     if out.exists() and any(p.name != ".partial" for p in out.iterdir()):
         if not resume:
             raise MergeguardError(f"{out} is not empty; choose another --out, or --resume a run there.")
-        if not (out / ".partial").exists():  # a finished run: --resume must not replace it
+        if not unfinished(out):  # a finished run: --resume must not replace it
             raise MergeguardError(f"{out} is not empty and holds no unfinished run (.partial) to resume; "
                                   "choose another --out.")
     note_resume(out, resume)

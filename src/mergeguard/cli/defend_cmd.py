@@ -40,6 +40,7 @@ from mergeguard.cli.options import (
     out_console,
     require_empty,
     show_table,
+    unfinished,
     write_json,
 )
 
@@ -118,7 +119,7 @@ def lfpm_command(
     partial = out / ".partial"
     refuse_writing_over(out, [merged, base, shadow], LFPM_OUTPUTS + (".partial",))
     note_resume(out, resume)
-    if not (resume and partial.exists()):
+    if not (resume and unfinished(out)):
         require_empty(out, overwrite, resumable=True)
     (merged_enc, base_enc), inputs, dtype = load_inputs(allow_pickle, arch, merged=merged, base=base)
     images = unlabeled_folder(shadow, merged_enc.image_size)

@@ -118,9 +118,15 @@ def require_empty(out: Path, overwrite: bool, resumable: bool = False) -> None:
         raise MergeguardError(f"{out} is not empty; choose another --out or pass --overwrite.")
 
 
+def unfinished(out: Path) -> bool:
+    """Whether OUT holds a killed run's state (a non-empty OUT/.partial folder) for --resume to continue."""
+    partial = out / ".partial"
+    return partial.is_dir() and any(partial.iterdir())
+
+
 def note_resume(out: Path, resume: bool) -> None:
     """--resume where no run was left: say so, and start from the beginning."""
-    if resume and not (out / ".partial").exists():
+    if resume and not unfinished(out):
         err_console.print(f"[yellow]note:[/] nothing to resume in {out} (no .partial): starting from the beginning.")
 
 
