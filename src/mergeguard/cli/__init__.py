@@ -64,4 +64,17 @@ def main() -> None:
     from mergeguard.cli.options import raise_terminated
 
     signal.signal(signal.SIGTERM, raise_terminated)
-    app()
+    try:
+        app()
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before the interpreter exits: a gloo group left to the exit
+    path aborted a rank now and then ("terminate called without an active exception", SIGABRT)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # only if a command imported it: `merge` stays light
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
