@@ -106,8 +106,7 @@ def merge_command(
     input_ckpts = [open_checkpoint(s, allow_pickle=allow_pickle) for s in settings["inputs"]]
     ref_ckpt = open_checkpoint(settings["reference"], allow_pickle=allow_pickle) if settings.get("reference") else None
     refuse_report_over(json_out, [base_ckpt, *input_ckpts, *([ref_ckpt] if ref_ckpt else [])])  # --config's too
-    if json_out not in (None, "-"):
-        refuse_report_into_output(json_out, settings["out"])  # an `out:` from --config too
+    refuse_report_into_output(json_out, settings["out"])  # an `out:` from --config too
     shard = parse_size(settings.get("shard_size", "5GB"))
 
     with RichProgress(enabled=not quiet) as progress:

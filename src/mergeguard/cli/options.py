@@ -145,10 +145,10 @@ def refuse_report_over(json_out: str | None, inputs) -> None:
         refuse_writing_over(json_out, inputs, flag="--json")
 
 
-def refuse_report_into_output(json_out: str, out: str | Path | None) -> None:
+def refuse_report_into_output(json_out: str | None, out: str | Path | None) -> None:
     """--json FILE must not be, or lie inside, the command's own --out: the report would replace what the
     command just wrote there (OUT/model.safetensors) or be deleted by the next --overwrite."""
-    if out is None:
+    if json_out in (None, "-") or out is None:
         return
     report, target = Path(json_out).expanduser().resolve(), Path(out).expanduser().resolve()
     if report == target or target in report.parents:
@@ -196,7 +196,7 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt as exc:
             code = EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
             out = kwargs.get("out")
-            if "resume" in kwargs and out is not None and (Path(out) / ".partial").exists():
+            if "resume" in kwargs and out is not None and unfinished(Path(out)):
                 err_console.print(f"[yellow]interrupted:[/] no output was written; --resume continues from "
                                   f"{out}/.partial.")
             else:

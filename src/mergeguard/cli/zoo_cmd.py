@@ -44,8 +44,8 @@ def zoo_build_command(
     """Build (or reuse) the zoo and print its acceptance numbers."""
     # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
     from mergeguard.models.zoo import build_zoo, default_zoo_dir
-    if json_out not in (None, "-"):  # the default folder (the cache's) is known only here
-        refuse_report_into_output(json_out, out if out is not None else default_zoo_dir(size, seed))
+    # the default folder (the cache's) is known only here
+    refuse_report_into_output(json_out, out if out is not None else default_zoo_dir(size, seed))
     with RichProgress(enabled=not quiet) as progress:
         info = build_zoo(out, size=size, seed=seed, force=force, progress=progress)
     write_json(json_out, info)
