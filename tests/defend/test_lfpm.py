@@ -120,6 +120,28 @@ def test_lfpm_resume_gives_the_same_vector(tiny_zoo, tmp_path):
         torch.testing.assert_close(tau_again[k], tau[k], rtol=0, atol=0)
 
 
+def test_lfpm_fresh_prompts_replace_one_prompt_per_epoch_and_resume(tiny_zoo, tmp_path):
+    """`fresh_prompt_every`: at every epoch boundary one prompt (in turn) is mined anew from a random start,
+    and a run killed just after such a boundary resumes to the same τa."""
+    z = Path(tiny_zoo["root"])
+    shadow = Subset(unlabeled_folder(z / "shadow", 32), range(256))  # 4 steps per epoch
+    cfg = LFPMConfig(epochs=3, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, fresh_prompt_every=1,
+                     checkpoint_every=1, device="cpu")
+    _, tau_ref, ref = defend_lfpm(*_encoders(z), shadow, cfg)
+    assert ref["fresh_prompts"] == 2  # at steps 4 and 8
+    _, tau_plain, plain = defend_lfpm(*_encoders(z), shadow, replace(cfg, fresh_prompt_every=0))
+    assert plain["fresh_prompts"] == 0
+    assert plain["mined_excess_start"] == ref["mined_excess_start"]  # stage I is the same
+    assert not all(torch.equal(tau_ref[k], tau_plain[k]) for k in tau_ref)  # stage II is not
+    ck = tmp_path / "lfpm.pt"
+    with pytest.raises(_Killed):  # killed after step 5: one fresh prompt done, the next one ahead
+        defend_lfpm(*_encoders(z), shadow, cfg, _KillAt(5), checkpoint=ck)
+    _, tau, report = defend_lfpm(*_encoders(z), shadow, cfg, checkpoint=ck, resume=True)
+    assert report["resumed_at_step"] == 5 and report["fresh_prompts"] == 2
+    for k in tau_ref:
+        torch.testing.assert_close(tau[k], tau_ref[k], rtol=1e-5, atol=1e-6)
+
+
 def test_lfpm_leaves_theta0_itself_alone(tiny_zoo):
     """No merge, no excess reaction: the mined prompts find no excess (E||D||^2 at rounding level),
     and τa stays exactly 0 (without the idle gate, Adam turned the rounding-level gradients into
@@ -183,6 +205,7 @@ def test_lfpm_under_bf16_autocast_as_on_one_gpu(tiny_zoo, monkeypatch):
     ({"beta": -1.0}, "--beta must be 0 or more"),
     ({"patch_fraction": 2.0}, r"--patch-fraction must be in \(0, 1\]"),
     ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1"),
+    ({"fresh_prompt_every": -1}, "--fresh-prompt-every must be at least 0"),
     ({"device": "gpu7"}, "unknown --device 'gpu7'"),
 ])
 def test_lfpm_rejects_settings_it_cannot_run_with(tiny_zoo, change, message):

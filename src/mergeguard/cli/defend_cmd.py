@@ -95,6 +95,10 @@ def lfpm_command(
         "--patch-fraction", help="patch: side of the patch as a fraction of the image side.")] = 0.1,
     patch_lr: Annotated[float, typer.Option("--patch-lr", help="Step of the prompt's ascent.")] = 0.1,
     mine_steps: Annotated[int, typer.Option("--mine-steps", help="Prompt ascent steps per training step.")] = 1,
+    fresh_prompt_every: Annotated[int, typer.Option(
+        "--fresh-prompt-every", help="Every E epochs, replace one prompt (in turn) by one mined anew from a random "
+                                     "start, so a backdoor that returns late in a long run is found again "
+                                     "(0: never; docs/lfpm.md).")] = 0,
     checkpoint_every: Annotated[int | None, typer.Option(
         "--checkpoint-every", help="Save the run's state to OUT/.partial every N steps (default: a tenth of the "
                                    "run).")] = None,
@@ -131,6 +135,7 @@ def lfpm_command(
                      prompt=prompt, prompt_tokens=prompt_tokens, prompts=prompts, mine_warmup=mine_warmup,
                      mask_penalty=mask_penalty, reference=reference, adam_eps=adam_eps,
                      patch_fraction=patch_fraction, patch_lr=patch_lr, mine_steps=mine_steps,
+                     fresh_prompt_every=fresh_prompt_every,
                      seed=seed, device=device, workers=workers, checkpoint_every=checkpoint_every)
     with RichProgress(enabled=not quiet) as progress:
         defended, tau, report = defend_lfpm(merged_enc, base_enc, images, cfg, progress,

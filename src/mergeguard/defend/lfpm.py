@@ -60,6 +60,8 @@ class LFPMConfig:
     patch_fraction: float = 0.1  # patch: side of the mined patch, as a fraction of the image side
     patch_lr: float = 0.1  # step of the prompt's ascent (Adam for the mask, sign ascent for the patch)
     mine_steps: int = 1  # ascent steps on the prompt per training step
+    fresh_prompt_every: int = 0  # epochs between fresh prompts: one prompt of the pool, in turn, is mined anew
+    # from a random start (mine_warmup steps against the current θm + τa); 0: never
     prompts: int = 4  # independently mined prompts, used in turn (each step trains on one)
     reference: float = 1.0  # γ: training suppresses reaction − γ · θ0's reaction (1: the excess only)
     adam_eps: float = 1e-8  # Adam's ε for τa
@@ -84,7 +86,8 @@ def check_config(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder) -> N
     if cfg.prompt not in PROMPTS:
         raise MergeguardError(f"unknown prompt {cfg.prompt!r}; choose one of: {', '.join(PROMPTS)}.")
     check_settings(cfg, at_least={"epochs": 1, "batch_size": 1, "path_points": 1, "prompts": 1, "prompt_tokens": 1,
-                                  "mine_warmup": 0, "mine_steps": 0, "workers": 0, "rank": 0, "checkpoint_every": 1},
+                                  "mine_warmup": 0, "mine_steps": 0, "fresh_prompt_every": 0, "workers": 0, "rank": 0,
+                                  "checkpoint_every": 1},
                    positive=("lr", "patch_lr", "adam_eps"), non_negative=("beta", "mask_penalty", "reference"),
                    within={"patch_fraction": (0, 1, True)})
     dim = merged.arch["embed_dim"]
@@ -295,12 +298,15 @@ class PromptPool:
     def __init__(self, prompts: list):
         self.prompts = prompts
         self.mined: list[float] = []  # E‖D‖² of each prompt after stage I (the report's, kept for a resume)
+        self.fresh = 0  # prompts mined anew during stage II (`fresh_prompt_every`)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mined": torch.tensor(self.mined), **{str(i): p.state_dict() for i, p in enumerate(self.prompts)}}
+        return {"mined": torch.tensor(self.mined), "fresh": self.fresh,
+                **{str(i): p.state_dict() for i, p in enumerate(self.prompts)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mined = state["mined"].tolist()
+        self.fresh = int(state.get("fresh", 0))
         for i, p in enumerate(self.prompts):
             p.load_state_dict(state[str(i)])
 
@@ -386,18 +392,31 @@ def defend_lfpm(
         ck = Checkpointing(checkpoint, every=cfg.checkpoint_every or max(1, steps // 10), resume=resume,
                            generators={"lfpm": gen}, extra=pool,
                            fingerprint=fingerprint(cfg, merged, base, len(images)), keep=True)
+    def mine(prompt, advance: Callable[[], None] = lambda: None) -> float | None:
+        e = None
+        for _ in range(cfg.mine_warmup):
+            with autocast(dev):  # bf16 on GPU, as stage II's re-mining inside the trainer core
+                e = prompt.ascend(excess_now, batch()[0])
+            advance()
+        return e
+
     if not (ck and resume and checkpoint.exists()):  # stage I: mine the prompt before τa moves
         progress.stage("LFPM stage I: mining the visual prompts", cfg.mine_warmup * len(pool.prompts))
         for prompt in pool.prompts:
-            e = None
-            for _ in range(cfg.mine_warmup):
-                with autocast(dev):  # bf16 on GPU, as stage II's re-mining inside the trainer core
-                    e = prompt.ascend(excess_now, batch()[0])
-                progress.advance()
+            e = mine(prompt, progress.advance)
             if e is not None:
                 pool.mined.append(e)
+    fresh_every = cfg.fresh_prompt_every * steps_per_epoch
 
     def loss_at(step: int) -> torch.Tensor:
+        if fresh_every and step and step % fresh_every == 0:
+            # a prompt that has followed τa for a while can sit in a pattern τa has already suppressed while
+            # the backdoor returns elsewhere (the preservation term pulls τa back towards θm): replace one,
+            # in turn, by a prompt mined from scratch against the current model (docs/lfpm.md, ninth round)
+            i = (step // fresh_every - 1) % len(pool.prompts)
+            pool.prompts[i] = make_prompt()
+            mine(pool.prompts[i])
+            pool.fresh += 1
         x, idx = batch()
         prompt = pool.prompts[step % len(pool.prompts)]
         for _ in range(cfg.mine_steps):  # (1) re-mine the prompt against the current θ(1)
@@ -466,7 +485,8 @@ def defend_lfpm(
         "resumed_at_step": resumed_at,  # 0: one uninterrupted run; `seconds` counts this process only
         "loss_per_epoch": per_epoch,
         "mined_excess_start": pool.mined or None,  # E‖D‖² of each prompt after stage I
-        "mined_excess_end": final_excess,  # the same prompts' excess on the defended model
+        "mined_excess_end": final_excess,  # the final prompts' excess on the defended model
+        "fresh_prompts": pool.fresh,  # prompts mined anew during stage II
         "prompt_area": [pr.area() for pr in pool.prompts],
         "lambda_eff_start": lam_start,
         "lambda_eff_end": lam_end,
