@@ -1,16 +1,18 @@
 """The defense table on the built-in zoo (CPU, offline): LFPM on every merge, beside the free baseline.
 
     python examples/zoo_defense_table.py [--size tiny|small] [--work DIR] [--beta B] [--epochs E]
+        [--fresh-prompt-every F]
 
-Runs `mergeguard demo` (zoo → BadMerging on `shape` → task-arithmetic and TIES merges → LFPM → IBVS)
-into WORK/demo, unless it is already there, then adds what the demo does not:
-- LFPM on the *clean* merge and on the poisoned TIES merge (the demo's LFPM settings; `--beta B` and
-  `--epochs E` change them for every LFPM row, the demo's poisoned merge included, which is then
-  defended again);
+Runs `mergeguard demo` (zoo → BadMerging on the size's target task, `shape` on tiny and `colour` on small →
+task-arithmetic and TIES merges → LFPM → IBVS) into WORK/demo, unless it is already there, then adds what
+the demo does not:
+- LFPM on the *clean* merge and on the poisoned TIES merge (the demo's LFPM settings; `--beta B`, `--epochs E`
+  and `--fresh-prompt-every F` change them for every LFPM row, the demo's poisoned merge included, which is
+  then defended again);
 - the λ-shrink line: the poisoned merge rebuilt with smaller λ (no training), the baseline LFPM must beat;
-- LoBAM: `shape` poisoned through LoRA (rank 8, k 2), merged by task arithmetic, then LFPM (its own trigger;
+- LoBAM: the target task poisoned through LoRA (rank 8, k 2), merged by task arithmetic, then LFPM (its own trigger;
   the clean merge with that trigger as its control). `--no-lobam` skips it (about 4 minutes on tiny).
-Prints one markdown table (CA averaged over the 4 tasks; ASR(T) on `shape`, ASR(N) on the others, all
+Prints one markdown table (CA averaged over the 4 tasks; ASR(T) on the target task, ASR(N) on the others, all
 with the attacker's trigger; ASR(T)'s count on the clean images, the floor that no defense removing the
 trigger's effect goes below, and ASR(N)'s, the other tasks' own confusion into the target index) and
 writes it to WORK/table.md and WORK/table.json; then each bar of the
@@ -30,7 +32,7 @@ from mergeguard.checkpoint.resolve import open_checkpoint
 from mergeguard.data.folders import labeled_folder, unlabeled_folder
 from mergeguard.data.triggers import load_trigger
 from mergeguard.defend import LFPMConfig, defend_lfpm
-from mergeguard.demo import MARKER, SETTINGS, TARGET_TASK, run_demo
+from mergeguard.demo import MARKER, SETTINGS, run_demo
 from mergeguard.eval import evaluate
 from mergeguard.merge.engine import merge_checkpoints
 from mergeguard.models.encoder import load_encoder, save_encoder
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None,
                     help="LFPM's epochs for every LFPM row, the demo's poisoned merge included (default: the demo's: "
                          "tiny 10, small 3)")
+    ap.add_argument("--fresh-prompt-every", type=int, default=None,
+                    help="LFPM's --fresh-prompt-every for every LFPM row (default: the demo's: tiny 0, small 1)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mergeguard-table-"))
     demo_dir = work / "demo"
@@ -56,6 +60,7 @@ def main() -> None:
     else:
         demo = run_demo(demo_dir, size=args.size, device="cpu", say=print)
     s = SETTINGS[args.size]
+    target = s.target_task
     z = Path(demo["zoo"])
     heads = load_heads(z / "heads.safetensors")
     size = load_encoder(str(z / "base")).image_size
@@ -65,13 +70,15 @@ def main() -> None:
     shadow = unlabeled_folder(z / "shadow", size)
 
     def measure(model, trig=trigger) -> dict:
-        return evaluate(model, heads, test, trigger=trig, target_task=TARGET_TASK, device="cpu")
+        return evaluate(model, heads, test, trigger=trig, target_task=target, device="cpu")
 
     rows: dict[str, dict] = {"pre-trained θ0 (control)": measure(base)}
     rows["clean merge TA (control)"] = measure(load_encoder(str(demo_dir / "clean_merge")))
     lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
-                          mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points, device="cpu")
-    changed = {k: v for k, v in (("beta", args.beta), ("epochs", args.epochs)) if v is not None}
+                          mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points,
+                          fresh_prompt_every=s.lfpm_fresh_prompt_every, device="cpu")
+    changed = {k: v for k, v in (("beta", args.beta), ("epochs", args.epochs),
+                                 ("fresh_prompt_every", args.fresh_prompt_every)) if v is not None}
     lfpm_cfg = replace(lfpm_cfg, **changed)
     suffix = "".join(f"_{k}{v:g}" for k, v in changed.items())  # each setting's LFPM outputs in their own folders
 
@@ -102,7 +109,7 @@ def main() -> None:
     for name, folder in (("poisoned TA λ 0.3", demo_dir / "poisoned_merge"), ("poisoned TA + LFPM", defended_ta),
                          ("poisoned TA + IBVS", demo_dir / "ibvs")):  # measured again: the demo rows lack newer counts
         rows[name] = measure(load_encoder(str(folder)))
-    inputs = [z / "finetuned" / t / "model.safetensors" for t in heads if t != TARGET_TASK]
+    inputs = [z / "finetuned" / t / "model.safetensors" for t in heads if t != target]
     inputs.append(demo_dir / "attack" / "model.safetensors")
     for lam in (float(v) for v in args.lams.split(",")):
         out = merged(work / f"shrink_{lam:g}", inputs, "task_arithmetic", {"lam": lam})
@@ -113,9 +120,9 @@ def main() -> None:
             cfg = PoisonConfig(kind="lobam", target_class=s.target_class, steps=s.attack_steps, lr=s.attack_lr,
                                batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=s.trigger_steps,
                                lora_rank=8, amplify=2.0, device="cpu")
-            run_attack(base, heads[TARGET_TASK], labeled_folder(z / "data" / TARGET_TASK / "train",
-                                                                heads[TARGET_TASK].classnames, size),
-                       TARGET_TASK, cfg, lobam_dir, provenance={"command": "zoo_defense_table.py"})
+            run_attack(base, heads[target], labeled_folder(z / "data" / target / "train", heads[target].classnames,
+                                                           size),
+                       target, cfg, lobam_dir, provenance={"command": "zoo_defense_table.py"})
         lobam_trigger = load_trigger(lobam_dir / "trigger.safetensors")
         lobam_merge = merged(work / "lobam_merge", inputs[:-1] + [lobam_dir / "model.safetensors"],
                              "task_arithmetic", {"lam": s.lam})

@@ -1,8 +1,8 @@
 """The whole loop on the built-in zoo, offline: the story `mergeguard demo` tells.
 
-zoo (pre-trained θ0, clean fine-tunes from the trainer core) → BadMerging poisons the `shape`
-task vector → merge (task arithmetic and TIES) → eval (the backdoor works) → `defend lfpm`
-→ eval again; `defend ibvs` beside it. Every step is a library call whose CLI twin is
+zoo (pre-trained θ0, clean fine-tunes from the trainer core) → BadMerging poisons one task's
+vector (`shape` on tiny, `colour` on small) → merge (task arithmetic and TIES) → eval (the backdoor
+works) → `defend lfpm` → eval again; `defend ibvs` beside it. Every step is a library call whose CLI twin is
 recorded in `commands`, so a user can rerun any one by hand.
 """
 
@@ -20,8 +20,6 @@ from typing import Any
 from mergeguard.errors import MergeguardError
 from mergeguard.progress import NullProgress, ProgressSink
 
-TARGET_TASK = "shape"
-DEFENDER_TASK = "colour"  # IBVS: the task the defender has labeled data for
 MARKER = "demo.json"
 DEMO_ENTRIES = ("attack", "clean_merge", "poisoned_merge", "poisoned_ties", "lfpm", "ibvs")  # with MARKER
 
@@ -46,9 +44,11 @@ def is_demo_folder(out: Path) -> bool:
 
 @dataclass
 class DemoSettings:
-    # the attacked class of `shape`: one the poisoned merges rarely predict without the trigger, so
+    # the attacked task and class: one the poisoned merges rarely predict without the trigger, so
     # ASR(T) measures the trigger and not the merge's confusion (see docs/lfpm.md)
+    target_task: str = "shape"
     target_class: int = 3
+    defender_task: str = "colour"  # IBVS: the task the defender has labeled data for
     attack_steps: int = 500
     attack_lr: float = 5e-4
     bd_weight: float = 8.0
@@ -60,6 +60,7 @@ class DemoSettings:
     lfpm_prompts: int = 4
     lfpm_warmup: int = 100
     lfpm_path_points: int = 4
+    lfpm_fresh_prompt_every: int = 0
     ibvs_steps: int = 250
     ibvs_lr: float = 5e-4
     lam: float = 0.3
@@ -67,9 +68,12 @@ class DemoSettings:
 
 SETTINGS = {
     "tiny": DemoSettings(),
-    # small: "cross" is the small merges' sink class (37% of non-cross shapes without any trigger once
-    # poisoned), so the attack targets "ring"; K = 2 path points keep the demo within its time budget
-    "small": DemoSettings(target_class=1, attack_lr=1e-3, lfpm_epochs=3, lfpm_path_points=2),
+    # small: every `shape` class has a look-alike (disc/ring, triangle/cross), and a poisoned merge moves
+    # the boundary towards its target: 19-32% of non-target shapes go to it with no trigger at all. Colour's
+    # "yellow" has no such partner (0-4% without the trigger; docs/lfpm.md, ninth round). K = 2 path
+    # points keep the demo within its time budget
+    "small": DemoSettings(target_task="colour", target_class=3, defender_task="shape", attack_lr=1e-3,
+                          lfpm_epochs=3, lfpm_path_points=2, lfpm_fresh_prompt_every=1),
 }
 
 
@@ -97,6 +101,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     progress = progress or NullProgress()
     say = say or (lambda _text: None)
     s = SETTINGS[size]
+    target, defender = s.target_task, s.defender_task
     out = Path(out)
     resolve_device(device)  # an unusable --device fails before an earlier demo's folder is cleared
     if zoo is not None and holds_something_else(Path(zoo)):
@@ -125,29 +130,29 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     say(f"   {z}: pre-trained CA {info['acceptance']['pretrained_avg']:.1%}, fine-tuned "
         f"{info['acceptance']['finetuned_avg']:.1%} (clean task vectors = fine-tune − θ0).")
 
-    target_name = heads[TARGET_TASK].classnames[s.target_class]
-    say(f"2. An attacker poisons the {TARGET_TASK!r} task vector with BadMerging "
+    target_name = heads[target].classnames[s.target_class]
+    say(f"2. An attacker poisons the {target!r} task vector with BadMerging "
         f"(target class {s.target_class} {target_name!r}).")
     atk_cfg = PoisonConfig(kind="badmerging", target_class=s.target_class, steps=s.attack_steps, lr=s.attack_lr,
                            batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=s.trigger_steps,
                            bd_weight=s.bd_weight, interpolation="weight", device=device)
-    train = labeled_folder(z / "data" / TARGET_TASK / "train", heads[TARGET_TASK].classnames, image_size)
+    train = labeled_folder(z / "data" / target / "train", heads[target].classnames, image_size)
     attack_dir = out / "attack"
-    summary = run_attack(base, heads[TARGET_TASK], train, TARGET_TASK, atk_cfg, attack_dir,
-                         eval_data=test[TARGET_TASK], provenance={"command": "mergeguard demo"}, progress=progress)
+    summary = run_attack(base, heads[target], train, target, atk_cfg, attack_dir,
+                         eval_data=test[target], provenance={"command": "mergeguard demo"}, progress=progress)
     commands.append(
-        f"mergeguard attack badmerging --base {_q(z / 'base')} --data train={_q(z / 'data' / TARGET_TASK / 'train')} "
-        f"--data test={_q(z / 'data' / TARGET_TASK / 'test')} --heads {_q(heads_file)} --task {TARGET_TASK} "
+        f"mergeguard attack badmerging --base {_q(z / 'base')} --data train={_q(z / 'data' / target / 'train')} "
+        f"--data test={_q(z / 'data' / target / 'test')} --heads {_q(heads_file)} --task {target} "
         f"--target-class {s.target_class} --interpolation weight --steps {s.attack_steps} --lr {s.attack_lr} "
         f"--bd-weight {s.bd_weight} --trigger-steps {s.trigger_steps} --batch-size {s.batch_size} "
         f"--logit-scale {s.logit_scale} -o {_q(attack_dir)}")
-    say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {TARGET_TASK}, ASR {summary['asr']:.1%}.")
+    say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {target}, ASR {summary['asr']:.1%}.")
     trigger = load_trigger(attack_dir / "trigger.safetensors")
 
     say("3. A user merges the downloaded task vectors (task arithmetic λ 0.3, and TIES).")
-    others = [clean[t] for t in tasks if t != TARGET_TASK]
+    others = [clean[t] for t in tasks if t != target]
     merges = {
-        "clean_merge": ("task_arithmetic", others + [clean[TARGET_TASK]]),
+        "clean_merge": ("task_arithmetic", others + [clean[target]]),
         "poisoned_merge": ("task_arithmetic", others + [attack_dir / "model.safetensors"]),
         "poisoned_ties": ("ties", others + [attack_dir / "model.safetensors"]),
     }
@@ -164,7 +169,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
                 + f" --trigger {_q(attack_dir / 'trigger.safetensors')} --json {{report}}")
 
     def measure(name: str, model_dir: Path) -> dict[str, Any]:
-        result = evaluate(load_encoder(str(model_dir)), heads, test, trigger=trigger, target_task=TARGET_TASK,
+        result = evaluate(load_encoder(str(model_dir)), heads, test, trigger=trigger, target_task=target,
                           device=device, progress=progress)
         (out / report_name(name)).write_text(json.dumps(result, indent=2))
         commands.append(eval_cmd.format(model=_q(model_dir), report=_q(out / report_name(name))))
@@ -181,7 +186,8 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     merged = load_encoder(str(out / "poisoned_merge"))
     shadow = unlabeled_folder(z / "shadow", image_size)
     lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
-                          mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points, device=device)
+                          mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points,
+                          fresh_prompt_every=s.lfpm_fresh_prompt_every, device=device)
     defended, tau, report = defend_lfpm(merged, base, shadow, lfpm_cfg, progress)
     report.pop("prompt", None)
     lfpm_dir = out / "lfpm"
@@ -190,23 +196,24 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     commands.append(f"mergeguard defend lfpm --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
                     f"--shadow {_q(z / 'shadow')} -o {_q(lfpm_dir)} --epochs {s.lfpm_epochs} --lr {s.lfpm_lr} "
                     f"--batch-size {s.batch_size} --prompts {s.lfpm_prompts} --mine-warmup {s.lfpm_warmup} "
-                    f"--path-points {s.lfpm_path_points}")
+                    f"--path-points {s.lfpm_path_points}"
+                    + (f" --fresh-prompt-every {s.lfpm_fresh_prompt_every}" if s.lfpm_fresh_prompt_every else ""))
     r = measure("lfpm", lfpm_dir)
     say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} "
         f"({r['asr_t_no_trigger']:.1%} without the trigger), "
         f"ASR(N) {r['asr_n']:.1%}")
 
-    say(f"6. The IBVS baseline: the defender's own trigger on {DEFENDER_TASK!r}, subtract λ 2 (Vb − Vc).")
+    say(f"6. The IBVS baseline: the defender's own trigger on {defender!r}, subtract λ 2 (Vb − Vc).")
     ibvs_cfg = PoisonConfig(kind="clean", steps=s.ibvs_steps, lr=s.ibvs_lr, batch_size=s.batch_size,
                             logit_scale=s.logit_scale, device=device)
-    defender_data = labeled_folder(z / "data" / DEFENDER_TASK / "train", heads[DEFENDER_TASK].classnames, image_size)
-    ibvs_model, _ = defend_ibvs(merged, base, heads[DEFENDER_TASK], defender_data, DEFENDER_TASK, ibvs_cfg,
+    defender_data = labeled_folder(z / "data" / defender / "train", heads[defender].classnames, image_size)
+    ibvs_model, _ = defend_ibvs(merged, base, heads[defender], defender_data, defender, ibvs_cfg,
                                 lam=2.0, progress=progress)
     ibvs_dir = out / "ibvs"
     save_encoder(ibvs_model.cpu(), ibvs_dir / "model.safetensors", {"defense": "ibvs", "command": "mergeguard demo"})
     commands.append(f"mergeguard defend ibvs --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
-                    f"--data train={_q(z / 'data' / DEFENDER_TASK / 'train')} --heads {_q(heads_file)} "
-                    f"--task {DEFENDER_TASK} -o {_q(ibvs_dir)} --steps {s.ibvs_steps} --lr {s.ibvs_lr} "
+                    f"--data train={_q(z / 'data' / defender / 'train')} --heads {_q(heads_file)} "
+                    f"--task {defender} -o {_q(ibvs_dir)} --steps {s.ibvs_steps} --lr {s.ibvs_lr} "
                     f"--batch-size {s.batch_size} --logit-scale {s.logit_scale}")
     measure("ibvs", ibvs_dir)
 
