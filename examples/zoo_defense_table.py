@@ -31,7 +31,7 @@ from mergeguard.attack import PoisonConfig, run_attack
 from mergeguard.checkpoint.resolve import open_checkpoint
 from mergeguard.data.folders import labeled_folder, unlabeled_folder
 from mergeguard.data.triggers import load_trigger
-from mergeguard.defend import LFPMConfig, defend_lfpm
+from mergeguard.defend import defend_lfpm
 from mergeguard.demo import MARKER, SETTINGS, run_demo
 from mergeguard.eval import evaluate
 from mergeguard.merge.engine import merge_checkpoints
@@ -74,9 +74,7 @@ def main() -> None:
 
     rows: dict[str, dict] = {"pre-trained θ0 (control)": measure(base)}
     rows["clean merge TA (control)"] = measure(load_encoder(str(demo_dir / "clean_merge")))
-    lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
-                          mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points,
-                          fresh_prompt_every=s.lfpm_fresh_prompt_every, device="cpu")
+    lfpm_cfg = s.lfpm_config("cpu")
     changed = {k: v for k, v in (("beta", args.beta), ("epochs", args.epochs),
                                  ("fresh_prompt_every", args.fresh_prompt_every)) if v is not None}
     lfpm_cfg = replace(lfpm_cfg, **changed)

@@ -65,6 +65,14 @@ class DemoSettings:
     ibvs_lr: float = 5e-4
     lam: float = 0.3
 
+    def lfpm_config(self, device: str):
+        """The demo's LFPM settings (the defense table's too, which may change some)."""
+        from mergeguard.defend import LFPMConfig
+
+        return LFPMConfig(epochs=self.lfpm_epochs, batch_size=self.batch_size, lr=self.lfpm_lr,
+                          prompts=self.lfpm_prompts, mine_warmup=self.lfpm_warmup, path_points=self.lfpm_path_points,
+                          fresh_prompt_every=self.lfpm_fresh_prompt_every, device=device)
+
 
 SETTINGS = {
     "tiny": DemoSettings(),
@@ -88,7 +96,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.checkpoint.resolve import open_checkpoint
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
     from mergeguard.data.triggers import load_trigger
-    from mergeguard.defend import LFPMConfig, defend_ibvs, defend_lfpm
+    from mergeguard.defend import defend_ibvs, defend_lfpm
     from mergeguard.eval import evaluate
     from mergeguard.merge.engine import merge_checkpoints
     from mergeguard.models.encoder import load_encoder, save_encoder
@@ -185,9 +193,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     say("5. Defend the poisoned merge with LFPM: unlabeled shadow images, no trigger, no labels.")
     merged = load_encoder(str(out / "poisoned_merge"))
     shadow = unlabeled_folder(z / "shadow", image_size)
-    lfpm_cfg = LFPMConfig(epochs=s.lfpm_epochs, batch_size=s.batch_size, lr=s.lfpm_lr, prompts=s.lfpm_prompts,
-                          mine_warmup=s.lfpm_warmup, path_points=s.lfpm_path_points,
-                          fresh_prompt_every=s.lfpm_fresh_prompt_every, device=device)
+    lfpm_cfg = s.lfpm_config(device)
     defended, tau, report = defend_lfpm(merged, base, shadow, lfpm_cfg, progress)
     report.pop("prompt", None)
     lfpm_dir = out / "lfpm"

@@ -392,6 +392,7 @@ def defend_lfpm(
         ck = Checkpointing(checkpoint, every=cfg.checkpoint_every or max(1, steps // 10), resume=resume,
                            generators={"lfpm": gen}, extra=pool,
                            fingerprint=fingerprint(cfg, merged, base, len(images)), keep=True)
+
     def mine(prompt, advance: Callable[[], None] = lambda: None) -> float | None:
         e = None
         for _ in range(cfg.mine_warmup):
