@@ -1,11 +1,13 @@
 """The defense table on the built-in zoo (CPU, offline): LFPM on every merge, beside the free baseline.
 
     python examples/zoo_defense_table.py [--size tiny|small] [--work DIR] [--beta B] [--epochs E]
-        [--fresh-prompt-every F]
+        [--fresh-prompt-every F] [--set FIELD=VALUE ...]
 
 Runs `mergeguard demo` (zoo → BadMerging on the size's target task, `shape` on tiny and `colour` on small →
 task-arithmetic and TIES merges → LFPM → IBVS) into WORK/demo, unless it is already there, then adds what
-the demo does not:
+the demo does not (`--set FIELD=VALUE` changes a field of the demo's settings, `DemoSettings` in
+src/mergeguard/demo.py, e.g. `--set attack_interpolation=feature --set attack_steps=400`; the demo and every
+row built on its attack then go into folders named after the change, and LoBAM keeps the size's own settings):
 - LFPM on the *clean* merge and on the poisoned TIES merge (the demo's LFPM settings; `--beta B`, `--epochs E`
   and `--fresh-prompt-every F` change them for every LFPM row, the demo's poisoned merge included, which is
   then defended again);
@@ -52,14 +54,19 @@ def main() -> None:
                          "tiny 10, small 3)")
     ap.add_argument("--fresh-prompt-every", type=int, default=None,
                     help="LFPM's --fresh-prompt-every for every LFPM row (default: the demo's: tiny 0, small 1)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change a field of the demo's settings (DemoSettings), e.g. attack_interpolation=feature")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mergeguard-table-"))
-    demo_dir = work / "demo"
+    own = SETTINGS[args.size]
+    sets = dict(parse_set(own, item) for item in args.set)
+    s = replace(own, **sets)
+    tag = "".join(f"_{k}{v}" for k, v in sets.items())  # each attack's rows in their own folders
+    demo_dir = work / f"demo{tag}"
     if (demo_dir / MARKER).exists() and json.loads((demo_dir / MARKER).read_text()).get("rows"):
         demo = json.loads((demo_dir / MARKER).read_text())
     else:
-        demo = run_demo(demo_dir, size=args.size, device="cpu", say=print)
-    s = SETTINGS[args.size]
+        demo = run_demo(demo_dir, size=args.size, device="cpu", say=print, settings=s)
     target = s.target_task
     z = Path(demo["zoo"])
     heads = load_heads(z / "heads.safetensors")
@@ -95,7 +102,7 @@ def main() -> None:
         return out
 
     for name, folder in (("clean merge TA", "clean_merge"), ("poisoned TIES", "poisoned_ties")):
-        out = lfpm(demo_dir / folder, work / f"lfpm_{folder}{suffix}")
+        out = lfpm(demo_dir / folder, work / f"lfpm_{folder}{tag}{suffix}")
         if folder == "poisoned_ties":  # TIES's own confusion, the floor of the TIES rows
             clean_ties = merged(work / "clean_ties", [z / "finetuned" / t / "model.safetensors" for t in heads],
                                 "ties", {})
@@ -103,20 +110,20 @@ def main() -> None:
             rows["poisoned TIES"] = measure(load_encoder(str(demo_dir / "poisoned_ties")))
         rows[f"{name} + LFPM"] = measure(load_encoder(str(out)))
     defended_ta = demo_dir / "lfpm" if not changed else lfpm(demo_dir / "poisoned_merge",
-                                                              work / f"lfpm_poisoned_merge{suffix}")
+                                                              work / f"lfpm_poisoned_merge{tag}{suffix}")
     for name, folder in (("poisoned TA λ 0.3", demo_dir / "poisoned_merge"), ("poisoned TA + LFPM", defended_ta),
                          ("poisoned TA + IBVS", demo_dir / "ibvs")):  # measured again: the demo rows lack newer counts
         rows[name] = measure(load_encoder(str(folder)))
     inputs = [z / "finetuned" / t / "model.safetensors" for t in heads if t != target]
     inputs.append(demo_dir / "attack" / "model.safetensors")
     for lam in (float(v) for v in args.lams.split(",")):
-        out = merged(work / f"shrink_{lam:g}", inputs, "task_arithmetic", {"lam": lam})
+        out = merged(work / f"shrink_{lam:g}{tag}", inputs, "task_arithmetic", {"lam": lam})
         rows[f"λ-shrink: poisoned TA λ {lam:g}"] = measure(load_encoder(str(out)))
     if not args.no_lobam:
         lobam_dir = work / "lobam"
         if not (lobam_dir / "model.safetensors").exists():
-            cfg = PoisonConfig(kind="lobam", target_class=s.target_class, steps=s.attack_steps, lr=s.attack_lr,
-                               batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=s.trigger_steps,
+            cfg = PoisonConfig(kind="lobam", target_class=s.target_class, steps=own.attack_steps, lr=own.attack_lr,
+                               batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=own.trigger_steps,
                                lora_rank=8, amplify=2.0, device="cpu")
             run_attack(base, heads[target], labeled_folder(z / "data" / target / "train", heads[target].classnames,
                                                            size),
@@ -147,6 +154,19 @@ def main() -> None:
         print(f"- {line}")
     (work / "checks.txt").write_text("\n".join(checks) + "\n")
     print(f"work dir: {work}")
+
+
+def parse_set(settings, item: str) -> tuple[str, object]:
+    """`FIELD=VALUE` as (field, value of the field's type); an unknown field or a bad value ends the script."""
+    field, _, value = item.partition("=")
+    if field not in vars(settings) or not value:
+        raise SystemExit(f"--set {item!r}: name a DemoSettings field and a value (FIELD=VALUE); the fields: "
+                         f"{', '.join(vars(settings))}.")
+    kind = type(getattr(settings, field))
+    try:
+        return field, kind(value)
+    except ValueError:
+        raise SystemExit(f"--set {item!r}: {field} takes a {kind.__name__}.") from None
 
 
 def pct(v) -> str:

@@ -6,20 +6,22 @@ import json
 import shlex
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
 from mergeguard.data.folders import labeled_folder
+from mergeguard.demo import SETTINGS
 from mergeguard.models.encoder import load_encoder
 from mergeguard.models.heads import load_heads
 
 
-def _asr_by_hand(model_dir: Path, z: Path, trigger_file: Path, target: int) -> float:
-    """ASR(T) in plain torch: paste the trigger, count non-target images sent to the target."""
-    head = load_heads(z / "heads.safetensors")["shape"]
-    data = labeled_folder(z / "data" / "shape" / "test", head.classnames, 32)
+def _asr_by_hand(model_dir: Path, z: Path, trigger_file: Path, task: str, target: int) -> float:
+    """ASR(T) in plain torch: paste the trigger, count non-target images of `task` sent to the target."""
+    head = load_heads(z / "heads.safetensors")[task]
+    data = labeled_folder(z / "data" / task / "test", head.classnames, 32)
     x = torch.stack([data[i][0] for i in range(len(data))])
     y = torch.tensor([data[i][1] for i in range(len(data))])
     trig = open_checkpoint(trigger_file)
@@ -60,8 +62,10 @@ def test_demo_tiny_end_to_end(tiny_zoo, tmp_path):
     assert set(cli_report) - set(rows["poisoned_merge"]) == {"model", "thresholds"}  # what the CLI adds
     assert {k: cli_report[k] for k in rows["poisoned_merge"]} == rows["poisoned_merge"]
     trigger = out / "attack" / "trigger.safetensors"
+    s = SETTINGS["tiny"]
     for name in ("poisoned_merge", "lfpm"):
-        assert abs(_asr_by_hand(out / name, z, trigger, 3) - rows[name]["asr_t"]) < 1e-6  # one image is 1/192
+        by_hand = _asr_by_hand(out / name, z, trigger, s.target_task, s.target_class)
+        assert abs(by_hand - rows[name]["asr_t"]) < 1e-6  # one image is 1/192
     # the table and the rerun commands are printed
     assert "LFPM" in result.stdout and "IBVS" in result.stdout and "mergeguard defend lfpm" in result.stdout
 
@@ -93,3 +97,16 @@ def test_a_demo_report_beside_a_users_files_does_not_make_their_folder_the_demos
     assert is_demo_folder(out)
     (out / "demo.json").write_text("not json")
     assert not is_demo_folder(out)
+
+
+def test_demo_runs_the_settings_it_is_given(tiny_zoo, tmp_path):
+    """`run_demo(settings=...)` (the defense table's `--set`) replaces the size's own: an attack setting
+    the attack refuses stops the demo at the attack, so the given settings reached it."""
+    from dataclasses import replace
+
+    from mergeguard.demo import run_demo
+    from mergeguard.errors import MergeguardError
+
+    bad = replace(SETTINGS["tiny"], attack_interpolation="sideways")
+    with pytest.raises(MergeguardError, match="sideways"):
+        run_demo(tmp_path / "demo", size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=bad)

@@ -52,6 +52,9 @@ class DemoSettings:
     attack_steps: int = 500
     attack_lr: float = 5e-4
     bd_weight: float = 8.0
+    # BadMerging's r-interpolation: "weight" (the backdoor and the task hold at θ0 + r τ; survives TIES, but
+    # the vector grows about 3x and costs the other tasks accuracy in a merge) or the paper's "feature"
+    attack_interpolation: str = "weight"
     trigger_steps: int = 200
     batch_size: int = 64
     logit_scale: float = 10.0
@@ -90,8 +93,10 @@ def _q(path: Path | str) -> str:
 
 
 def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = None, device: str = "auto",
-             progress: ProgressSink | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the loop into `out`; returns {"rows": {name: eval result}, "commands": [...], ...}."""
+             progress: ProgressSink | None = None, say: Callable[[str], None] | None = None,
+             settings: DemoSettings | None = None) -> dict[str, Any]:
+    """Run the loop into `out`; returns {"rows": {name: eval result}, "commands": [...], ...}.
+    `settings` replaces the size's own (`SETTINGS[size]`; the zoo is still the size's)."""
     from mergeguard.attack import PoisonConfig, run_attack
     from mergeguard.checkpoint.resolve import open_checkpoint
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
@@ -108,7 +113,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
         raise MergeguardError(f"unknown demo size {size!r}; choose one of: {', '.join(SETTINGS)}.")
     progress = progress or NullProgress()
     say = say or (lambda _text: None)
-    s = SETTINGS[size]
+    s = settings or SETTINGS[size]
     target, defender = s.target_task, s.defender_task
     out = Path(out)
     resolve_device(device)  # an unusable --device fails before an earlier demo's folder is cleared
@@ -143,7 +148,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
         f"(target class {s.target_class} {target_name!r}).")
     atk_cfg = PoisonConfig(kind="badmerging", target_class=s.target_class, steps=s.attack_steps, lr=s.attack_lr,
                            batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=s.trigger_steps,
-                           bd_weight=s.bd_weight, interpolation="weight", device=device)
+                           bd_weight=s.bd_weight, interpolation=s.attack_interpolation, device=device)
     train = labeled_folder(z / "data" / target / "train", heads[target].classnames, image_size)
     attack_dir = out / "attack"
     summary = run_attack(base, heads[target], train, target, atk_cfg, attack_dir,
@@ -151,9 +156,9 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     commands.append(
         f"mergeguard attack badmerging --base {_q(z / 'base')} --data train={_q(z / 'data' / target / 'train')} "
         f"--data test={_q(z / 'data' / target / 'test')} --heads {_q(heads_file)} --task {target} "
-        f"--target-class {s.target_class} --interpolation weight --steps {s.attack_steps} --lr {s.attack_lr} "
-        f"--bd-weight {s.bd_weight} --trigger-steps {s.trigger_steps} --batch-size {s.batch_size} "
-        f"--logit-scale {s.logit_scale} -o {_q(attack_dir)}")
+        f"--target-class {s.target_class} --interpolation {s.attack_interpolation} --steps {s.attack_steps} "
+        f"--lr {s.attack_lr} --bd-weight {s.bd_weight} --trigger-steps {s.trigger_steps} "
+        f"--batch-size {s.batch_size} --logit-scale {s.logit_scale} -o {_q(attack_dir)}")
     say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {target}, ASR {summary['asr']:.1%}.")
     trigger = load_trigger(attack_dir / "trigger.safetensors")
 
