@@ -194,6 +194,9 @@ def issue_checks(rows: dict[str, dict], lam: float) -> list[str]:
                        rows["clean merge TA, LoBAM's trigger (control)"]))
     for name, before_key, after_key, control in merges:
         before, after = rows[before_key], rows[after_key]
+        if before["asr_t"] < 0.9:
+            out.append(f"{name}: the bars below are for a merge with ASR(T) ≥ 90% before; this one has "
+                       f"{before['asr_t']:.1%} (the attack does not survive it), so they do not test the defense")
         drop = round(100 * (before["ca_avg"] - after["ca_avg"]), 6)  # 0.697 - 0.717 is not exactly -0.02
         out.append(f"{name}: ASR(T) {before['asr_t']:.1%} → {after['asr_t']:.1%} ≤ 5%: {mark(after['asr_t'] <= 0.05)} "
                    f"(the same merge without the trigger: {pct(after.get('asr_t_no_trigger'))}, so the trigger's "

@@ -86,3 +86,12 @@ def test_failing_rows_are_marked(table):
 def test_shrink_that_keeps_more_ca_is_not_met(table):
     checks = table.issue_checks(rows(**{"λ-shrink: poisoned TA λ 0.05": row(0.660, 0.030, 0.020, 0.05)}), 0.3)
     assert line(checks, "λ-shrink").endswith("LFPM 63.8%: NOT met")
+
+
+def test_a_merge_the_attack_does_not_survive_is_named(table):
+    """The bars are for merges with ASR(T) ≥ 90% before (the paper's own attack reaches 45% on the small
+    zoo's TIES merge); the rows' TIES merge has 89.6%, task arithmetic 91.7%."""
+    checks = table.issue_checks(rows(), 0.3)
+    assert "TIES: the bars below are for a merge with ASR(T) ≥ 90% before; this one has 89.6%" in line(
+        checks, "TIES: the bars")
+    assert not any(c.startswith("task arithmetic: the bars") for c in checks)
