@@ -58,6 +58,27 @@ def test_same_seed_same_tensors():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_own_group_takes_a_class_out_of_its_look_alike_pair():
+    from mergeguard.data import procedural
+
+    groups = procedural.coarse_groups((("colour", 3),))
+    yellow = groups["colour"][3]
+    assert [c for c, g in enumerate(groups["colour"]) if g == yellow] == [3]  # yellow alone
+    assert [c for c, g in enumerate(groups["colour"]) if g == groups["colour"][0]] == [0]  # red, its partner, alone
+    for name, g in procedural.COARSE.items():  # every other pair as it was
+        pairs = {tuple(c for c in range(len(g)) if g[c] == k) for k in set(g)}
+        mine = {tuple(c for c in range(len(g)) if groups[name][c] == k) for k in set(groups[name])}
+        assert pairs - {(0, 3)} <= mine if name == "colour" else pairs == mine
+    assert procedural.coarse_groups() == procedural.COARSE
+    with pytest.raises(ValueError, match="no class 6"):
+        procedural.coarse_groups((("colour", 6),))
+    # pre-training on those groups is another pre-training (the captions differ)
+    spec = dataclasses.replace(zoo.SIZES["tiny"], pretrain_images=64, pretrain_steps=3)
+    a = zoo.pretrain(spec, seed=5, progress=None).tower_state_dict()
+    b = zoo.pretrain(dataclasses.replace(spec, own_group=(("colour", 3),)), seed=5, progress=None).tower_state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_zoo_build_reuses_a_built_zoo(tiny_zoo):
     result = CliRunner().invoke(app, ["zoo", "build", "--out", tiny_zoo["root"], "--json", "-", "-q"])
     assert result.exit_code == 0, result.output

@@ -99,9 +99,22 @@ def render(attrs: dict[str, torch.Tensor], size: int, gen: torch.Generator, styl
     return image.clamp(0, 1)
 
 
-def coarse_labels(attrs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The pre-training targets: each attribute at the coarse grain of COARSE."""
-    return {name: torch.tensor(COARSE[name])[labels] for name, labels in attrs.items()}
+def coarse_groups(own_group: tuple[tuple[str, int], ...] = ()) -> dict[str, list[int]]:
+    """COARSE, with each (attribute, class) of `own_group` taken out of its pair into a group of its own
+    (pre-training then separates it from its look-alike)."""
+    groups = {name: list(g) for name, g in COARSE.items()}
+    for name, cls in own_group:
+        if name not in groups or not 0 <= cls < len(groups[name]):
+            raise ValueError(f"no class {cls} of attribute {name!r} to give a group of its own")
+        groups[name][cls] = max(groups[name]) + 1
+    return groups
+
+
+def coarse_labels(attrs: dict[str, torch.Tensor],
+                  groups: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """The pre-training targets: each attribute at the coarse grain of `groups` (default COARSE)."""
+    groups = groups or COARSE
+    return {name: torch.tensor(groups[name])[labels] for name, labels in attrs.items()}
 
 
 def task_dataset(task: str, n: int, size: int, seed: int, style: Style = CLEAN) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,10 @@ from mergeguard.models.heads import Head, save_heads
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import TrainConfig, fit, seed_everything
 
-ZOO_VERSION = 2  # 2: four times the shadow images (LFPM's clean-feature preservation generalises; docs/lfpm.md)
+# 2: four times the shadow images (LFPM's clean-feature preservation generalises; docs/lfpm.md)
+# 3: the small zoo's pre-training separates its attacked class, yellow, from red (`own_group`), so ASR(T)
+#    counts the trigger and not the merge's red/yellow boundary (docs/lfpm.md, eleventh round); tiny unchanged
+ZOO_VERSION = 3
 TASKS = list(procedural.ATTRIBUTES)
 
 
@@ -60,6 +63,8 @@ class ZooSize:
     train_per_task: int
     test_per_task: int
     shadow_images: int
+    # (attribute, class) pairs pre-training sees at their own grain, not paired with a look-alike
+    own_group: tuple[tuple[str, int], ...] = ()
 
 
 SIZES: dict[str, ZooSize] = {
@@ -70,7 +75,7 @@ SIZES: dict[str, ZooSize] = {
     "small": ZooSize(image_size=32, patch_size=8, width=96, layers=4, embed_dim=64,
                      pretrain_images=12288, pretrain_steps=1000, pretrain_lr=2e-3, fine_fraction=0.0,
                      finetune_steps=400, finetune_lr=5e-4, batch_size=64,
-                     train_per_task=1536, test_per_task=512, shadow_images=4096),
+                     train_per_task=1536, test_per_task=512, shadow_images=4096, own_group=(("colour", 3),)),
 }
 LOGIT_SCALE = 100.0
 ACCEPT_FINETUNED = 0.9  # each clean fine-tune's CA on its own task
@@ -128,19 +133,21 @@ def pretrain(size: ZooSize, seed: int, progress: ProgressSink | None) -> ImageEn
     captions, a caption being the normalised sum of one text embedding per attribute. Pre-training
     sees every attribute, mostly at a coarse grain (the attribute's term is the mean over its COARSE
     group) and only for a fraction `fine_fraction` of captions at the class itself, so the encoder
-    knows the attributes without separating every class as well as a fine-tune does."""
+    knows the attributes without separating every class as well as a fine-tune does. A class in the
+    size's `own_group` has a coarse group of its own: θ0 already tells it from its look-alike."""
     seed_everything(seed)
     encoder = ImageEncoder(zoo_arch(size))
     text = text_embeddings(size.embed_dim, seed)
+    groups_of = procedural.coarse_groups(size.own_group)
     vocab = {}  # per attribute: its classes' embeddings, then its coarse groups' mean embeddings
     for task in TASKS:
-        coarse = torch.tensor(procedural.COARSE[task])
+        coarse = torch.tensor(groups_of[task])
         groups = [text[task][coarse == g].mean(0) for g in range(int(coarse.max()) + 1)]
         vocab[task] = torch.cat([text[task], torch.stack(groups)])
     gen = torch.Generator().manual_seed(seed)
     attrs = procedural.sample_attributes(size.pretrain_images, gen)
     images = _quantize(procedural.render(attrs, size.image_size, gen))
-    coarse_labels = procedural.coarse_labels(attrs)
+    coarse_labels = procedural.coarse_labels(attrs, groups_of)
     sizes = [len(vocab[t]) for t in TASKS]
     combos = torch.cartesian_prod(*[torch.arange(n) for n in sizes])
     captions = F.normalize(sum(vocab[t][combos[:, i]] for i, t in enumerate(TASKS)), dim=-1)
