@@ -48,10 +48,11 @@ def main() -> None:
     ap.add_argument("--lams", default="0.2,0.15,0.1", help="λ values of the shrink baseline")
     ap.add_argument("--no-lobam", action="store_true", help="skip the LoBAM rows")
     ap.add_argument("--beta", type=float, default=None,
-                    help="LFPM's β for every LFPM row, the demo's poisoned merge included (default: the demo's, 1)")
+                    help="LFPM's β for every LFPM row, the demo's poisoned merge included (default: the demo's: "
+                         "tiny 1, small 3)")
     ap.add_argument("--epochs", type=int, default=None,
-                    help="LFPM's epochs for every LFPM row, the demo's poisoned merge included (default: the demo's: "
-                         "tiny 10, small 3)")
+                    help="LFPM's epochs for every LFPM row, the demo's poisoned merge included (default: the demo's, "
+                         "10)")
     ap.add_argument("--fresh-prompt-every", type=int, default=None,
                     help="LFPM's --fresh-prompt-every for every LFPM row (default: the demo's: tiny 0, small 1)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

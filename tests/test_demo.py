@@ -110,3 +110,19 @@ def test_demo_runs_the_settings_it_is_given(tiny_zoo, tmp_path):
     bad = replace(SETTINGS["tiny"], attack_interpolation="sideways")
     with pytest.raises(MergeguardError, match="sideways"):
         run_demo(tmp_path / "demo", size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=bad)
+
+
+def test_every_lfpm_setting_of_the_demo_reaches_lfpm():
+    """Each `lfpm_*` field of DemoSettings ends up in the LFPMConfig the demo and the table run with
+    (a field that is dropped silently would leave the small demo at β 1 while its docs say 3)."""
+    from dataclasses import fields, replace
+
+    s = replace(SETTINGS["small"], lfpm_epochs=7, lfpm_lr=3e-3, lfpm_prompts=5, lfpm_warmup=11,
+                lfpm_path_points=3, lfpm_fresh_prompt_every=2, lfpm_beta=4.5)
+    cfg = s.lfpm_config("cpu")
+    names = {"lfpm_epochs": "epochs", "lfpm_lr": "lr", "lfpm_prompts": "prompts", "lfpm_warmup": "mine_warmup",
+             "lfpm_path_points": "path_points", "lfpm_fresh_prompt_every": "fresh_prompt_every", "lfpm_beta": "beta"}
+    assert {f.name for f in fields(s) if f.name.startswith("lfpm_")} == set(names)
+    for field, attr in names.items():
+        assert getattr(cfg, attr) == getattr(s, field), field
+    assert cfg.batch_size == s.batch_size and cfg.device == "cpu"

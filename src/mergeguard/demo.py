@@ -64,6 +64,7 @@ class DemoSettings:
     lfpm_warmup: int = 100
     lfpm_path_points: int = 4
     lfpm_fresh_prompt_every: int = 0
+    lfpm_beta: float = 1.0  # clean-feature preservation's weight
     ibvs_steps: int = 250
     ibvs_lr: float = 5e-4
     lam: float = 0.3
@@ -74,17 +75,18 @@ class DemoSettings:
 
         return LFPMConfig(epochs=self.lfpm_epochs, batch_size=self.batch_size, lr=self.lfpm_lr,
                           prompts=self.lfpm_prompts, mine_warmup=self.lfpm_warmup, path_points=self.lfpm_path_points,
-                          fresh_prompt_every=self.lfpm_fresh_prompt_every, device=device)
+                          fresh_prompt_every=self.lfpm_fresh_prompt_every, beta=self.lfpm_beta, device=device)
 
 
 SETTINGS = {
     "tiny": DemoSettings(),
     # small: every `shape` class has a look-alike (disc/ring, triangle/cross), and a poisoned merge moves
-    # the boundary towards its target: 19-32% of non-target shapes go to it with no trigger at all. Colour's
-    # "yellow" has no such partner (0-4% without the trigger; docs/lfpm.md, ninth round). K = 2 path
-    # points keep the demo within its time budget
+    # the boundary towards its target: 19-32% of non-target shapes go to it with no trigger at all. The small
+    # zoo's pre-training gives colour's "yellow" a group of its own (zoo v3), so nothing is sent to it without
+    # the trigger (docs/lfpm.md, ninth and eleventh rounds). β 3 over 10 epochs keeps every merge's CA within
+    # the bars there (eleventh round); K = 2 path points keep the demo within its time budget
     "small": DemoSettings(target_task="colour", target_class=3, defender_task="shape", attack_lr=1e-3,
-                          lfpm_epochs=3, lfpm_path_points=2, lfpm_fresh_prompt_every=1),
+                          lfpm_epochs=10, lfpm_path_points=2, lfpm_fresh_prompt_every=1, lfpm_beta=3.0),
 }
 
 
