@@ -126,3 +126,28 @@ def test_every_lfpm_setting_of_the_demo_reaches_lfpm():
     for field, attr in names.items():
         assert getattr(cfg, attr) == getattr(s, field), field
     assert cfg.batch_size == s.batch_size and cfg.device == "cpu"
+
+
+@pytest.mark.parametrize("size", sorted(SETTINGS))
+def test_the_printed_lfpm_command_reruns_the_demos_lfpm(size, tiny_zoo, tmp_path, monkeypatch):
+    """The demo prints `mergeguard defend lfpm ...` as the way to redo its LFPM by hand: run through the real
+    CLI, that command must build the LFPMConfig the demo trains with (a setting missing from it, as β once
+    was, reruns another defense)."""
+    from dataclasses import replace
+
+    import mergeguard.defend as defend
+
+    seen = {}
+
+    def capture(merged, base, images, cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(defend, "defend_lfpm", capture)
+    s = SETTINGS[size]
+    z = Path(tiny_zoo["root"])
+    argv = shlex.split(s.lfpm_command(z / "base", z / "base", z / "shadow", tmp_path / "out"))
+    assert argv[:3] == ["mergeguard", "defend", "lfpm"]
+    CliRunner().invoke(app, argv[1:] + ["--device", "cpu"])
+    assert "cfg" in seen, "the command did not reach defend_lfpm"
+    assert seen["cfg"] == replace(s.lfpm_config("cpu"), workers=seen["cfg"].workers)

@@ -77,6 +77,14 @@ class DemoSettings:
                           prompts=self.lfpm_prompts, mine_warmup=self.lfpm_warmup, path_points=self.lfpm_path_points,
                           fresh_prompt_every=self.lfpm_fresh_prompt_every, beta=self.lfpm_beta, device=device)
 
+    def lfpm_command(self, merged: Path, base: Path, shadow: Path, out: Path) -> str:
+        """The `mergeguard defend lfpm` command that reruns the demo's LFPM (every setting of lfpm_config)."""
+        return (f"mergeguard defend lfpm --merged {_q(merged)} --base {_q(base)} --shadow {_q(shadow)} -o {_q(out)} "
+                f"--epochs {self.lfpm_epochs} --lr {self.lfpm_lr:g} --batch-size {self.batch_size} "
+                f"--prompts {self.lfpm_prompts} --mine-warmup {self.lfpm_warmup} "
+                f"--path-points {self.lfpm_path_points} --beta {self.lfpm_beta:g}"
+                + (f" --fresh-prompt-every {self.lfpm_fresh_prompt_every}" if self.lfpm_fresh_prompt_every else ""))
+
 
 SETTINGS = {
     "tiny": DemoSettings(),
@@ -206,11 +214,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     lfpm_dir = out / "lfpm"
     save_encoder(defended.cpu(), lfpm_dir / "model.safetensors", {"defense": "lfpm", "command": "mergeguard demo"})
     (lfpm_dir / "report.json").write_text(json.dumps(report, indent=2))
-    commands.append(f"mergeguard defend lfpm --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
-                    f"--shadow {_q(z / 'shadow')} -o {_q(lfpm_dir)} --epochs {s.lfpm_epochs} --lr {s.lfpm_lr} "
-                    f"--batch-size {s.batch_size} --prompts {s.lfpm_prompts} --mine-warmup {s.lfpm_warmup} "
-                    f"--path-points {s.lfpm_path_points}"
-                    + (f" --fresh-prompt-every {s.lfpm_fresh_prompt_every}" if s.lfpm_fresh_prompt_every else ""))
+    commands.append(s.lfpm_command(out / "poisoned_merge", z / "base", z / "shadow", lfpm_dir))
     r = measure("lfpm", lfpm_dir)
     say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} "
         f"({r['asr_t_no_trigger']:.1%} without the trigger), "
