@@ -18,7 +18,7 @@ Prints one markdown table (CA averaged over the 4 tasks; ASR(T) on the target ta
 with the attacker's trigger; ASR(T)'s count on the clean images, the floor that no defense removing the
 trigger's effect goes below, and ASR(N)'s, the other tasks' own confusion into the target index) and
 writes it to WORK/table.md and WORK/table.json; then each bar of the
-defenses issue as met / NOT met (WORK/checks.txt). About 10 minutes on 2 idle cores (tiny).
+defenses issue as met / NOT met (WORK/checks.txt). About 10 minutes on 2 idle cores (tiny), 25 (small).
 """
 
 from __future__ import annotations
