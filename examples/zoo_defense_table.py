@@ -17,8 +17,8 @@ row built on its attack then go into folders named after the change, and LoBAM k
 Prints one markdown table (CA averaged over the 4 tasks; ASR(T) on the target task, ASR(N) on the others, all
 with the attacker's trigger; ASR(T)'s count on the clean images, the floor that no defense removing the
 trigger's effect goes below, and ASR(N)'s, the other tasks' own confusion into the target index) and
-writes it to WORK/table.md and WORK/table.json; then each bar of the
-defenses issue as met / NOT met (WORK/checks.txt). About 10 minutes on 2 idle cores (tiny), 25 (small).
+writes it to WORK/table.md and WORK/table.json; then each bar of the defenses issue as met / NOT met
+(WORK/checks.txt). About 10 minutes on 2 idle cores (tiny), 17 (small; building its zoo adds 1.5).
 """
 
 from __future__ import annotations
