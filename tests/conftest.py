@@ -55,7 +55,7 @@ def family(tmp_path: Path):
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     """The tiny zoo, built once per test session (about a minute on 2 cores)."""
-    from mergeguard.models.zoo import build_zoo
+    from mergeguard.workflows.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", seed=0)
 

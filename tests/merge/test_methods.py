@@ -16,8 +16,9 @@ import torch
 from peft.utils import merge_utils as peft_merge
 
 from mergeguard.errors import MergeguardError
+from mergeguard.merge.base import TensorContext
 from mergeguard.merge.methods import dare_seed, layer_of, vector_thresholds
-from mergeguard.merge.registry import TensorContext, get_method
+from mergeguard.merge.registry import get_method
 
 
 def _deltas(n=3, shape=(40, 25), seed=0):

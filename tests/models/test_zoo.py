@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from mergeguard.cli import app
 from mergeguard.errors import MergeguardError
 from mergeguard.models import zoo
+from mergeguard.workflows import zoo as zoo_workflow
 
 
 def test_layout(tiny_zoo):
@@ -32,7 +33,7 @@ def test_acceptance_numbers(tiny_zoo):
     merge (λ 0.3) of the clean fine-tunes keeps a good part of the gain."""
     acc = tiny_zoo["acceptance"]
     for task, ca in acc["finetuned"].items():
-        assert ca >= zoo.ACCEPT_FINETUNED, (task, ca)
+        assert ca >= zoo_workflow.ACCEPT_FINETUNED, (task, ca)
     assert acc["pretrained_avg"] <= acc["finetuned_avg"] - 0.25
     assert acc["merged_avg"] >= acc["pretrained_avg"] + 0.1
 
@@ -51,9 +52,9 @@ def test_eval_on_the_written_folders_matches_the_recorded_numbers(tiny_zoo, tmp_
 
 def test_same_seed_same_tensors():
     spec = dataclasses.replace(zoo.SIZES["tiny"], pretrain_images=64, pretrain_steps=3)
-    a = zoo.pretrain(spec, seed=5, progress=None).tower_state_dict()
-    b = zoo.pretrain(spec, seed=5, progress=None).tower_state_dict()
-    c = zoo.pretrain(spec, seed=6, progress=None).tower_state_dict()
+    a = zoo_workflow.pretrain(spec, seed=5, progress=None).tower_state_dict()
+    b = zoo_workflow.pretrain(spec, seed=5, progress=None).tower_state_dict()
+    c = zoo_workflow.pretrain(spec, seed=6, progress=None).tower_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -74,8 +75,9 @@ def test_own_group_takes_a_class_out_of_its_look_alike_pair():
         procedural.coarse_groups((("colour", 6),))
     # pre-training on those groups is another pre-training (the captions differ)
     spec = dataclasses.replace(zoo.SIZES["tiny"], pretrain_images=64, pretrain_steps=3)
-    a = zoo.pretrain(spec, seed=5, progress=None).tower_state_dict()
-    b = zoo.pretrain(dataclasses.replace(spec, own_group=(("colour", 3),)), seed=5, progress=None).tower_state_dict()
+    a = zoo_workflow.pretrain(spec, seed=5, progress=None).tower_state_dict()
+    own = dataclasses.replace(spec, own_group=(("colour", 3),))
+    b = zoo_workflow.pretrain(own, seed=5, progress=None).tower_state_dict()
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -106,13 +108,13 @@ def test_a_concurrent_build_does_not_delete_the_finished_zoo(tmp_path, monkeypat
         fake_zoo(root, "the other process")
         return fake_zoo(tmp, "this process")
 
-    monkeypatch.setattr(zoo, "_build", build_while_another_process_finishes)
-    info = zoo.build_zoo(root, size="tiny")
+    monkeypatch.setattr(zoo_workflow, "_build", build_while_another_process_finishes)
+    info = zoo_workflow.build_zoo(root, size="tiny")
     assert info["by"] == "the other process" and info["cached"] is True
     assert (root / "data" / "data.png").read_text() == "the other process"
     assert not list(tmp_path.glob(".zoo.tmp-*"))  # our copy is cleaned up
     # with --force the new build replaces it, as before
-    info = zoo.build_zoo(root, size="tiny", force=True)
+    info = zoo_workflow.build_zoo(root, size="tiny", force=True)
     assert info["by"] == "this process" and json.loads((root / "zoo.json").read_text())["by"] == "this process"
     assert (root / "data" / "data.png").read_text() == "this process"
 
@@ -125,22 +127,22 @@ def test_force_rebuilds_a_zoo_never_someone_elses_folder(tmp_path, monkeypatch):
     mine.mkdir()
     (mine / "thesis.txt").write_text("mine")
     with pytest.raises(MergeguardError, match="is not a zoo"):
-        zoo.build_zoo(mine, size="tiny", force=True)
+        zoo_workflow.build_zoo(mine, size="tiny", force=True)
     assert (mine / "thesis.txt").read_text() == "mine"
     # a zoo.json is not enough: `zoo build --json proj/zoo.json` writes one beside the user's files
-    monkeypatch.setattr(zoo, "_build", lambda tmp, spec, size, seed, progress: fake_zoo(tmp, "built"))
+    monkeypatch.setattr(zoo_workflow, "_build", lambda tmp, spec, size, seed, progress: fake_zoo(tmp, "built"))
     result = CliRunner().invoke(app, ["zoo", "build", "--out", str(tmp_path / "z"), "--json", str(mine / "zoo.json"),
                                       "-q"])
     assert result.exit_code == 0 and json.loads((mine / "zoo.json").read_text())["size"] == "tiny", result.output
     for force in (False, True):
         with pytest.raises(MergeguardError, match="is not a zoo"):
-            zoo.build_zoo(mine, size="tiny", force=force)
+            zoo_workflow.build_zoo(mine, size="tiny", force=force)
     assert (mine / "thesis.txt").read_text() == "mine"
     # a report kept beside a zoo leaves it usable, but --force will not delete it with the zoo
     (tmp_path / "z" / "report.json").write_text("{}")
-    assert zoo.build_zoo(tmp_path / "z", size="tiny")["cached"] is True
+    assert zoo_workflow.build_zoo(tmp_path / "z", size="tiny")["cached"] is True
     with pytest.raises(MergeguardError, match=r"did not write \(report.json\)"):
-        zoo.build_zoo(tmp_path / "z", size="tiny", force=True)
+        zoo_workflow.build_zoo(tmp_path / "z", size="tiny", force=True)
     (tmp_path / "z" / "report.json").unlink()
     # a folder missing an entry of a build is not one
     shutil.rmtree(tmp_path / "z" / "shadow")
@@ -148,9 +150,9 @@ def test_force_rebuilds_a_zoo_never_someone_elses_folder(tmp_path, monkeypatch):
     (tmp_path / "z" / "shadow").mkdir()
     # a zoo given as a relative path, even '.', is rebuilt in place
     monkeypatch.chdir(tmp_path / "z")
-    assert zoo.build_zoo(".", size="tiny", force=True)["by"] == "built"
+    assert zoo_workflow.build_zoo(".", size="tiny", force=True)["by"] == "built"
     assert json.loads((tmp_path / "z" / "zoo.json").read_text())["by"] == "built"
     fake_zoo(tmp_path / "other", "other", size="small", seed=5)
     other = tmp_path / "other"
     with pytest.raises(MergeguardError, match="holds the small zoo with seed 5"):
-        zoo.build_zoo(other, size="tiny", seed=0)
+        zoo_workflow.build_zoo(other, size="tiny", seed=0)

@@ -22,111 +22,13 @@ import torch
 
 from mergeguard.checkpoint import Checkpoint, CheckpointWriter, PlannedTensor
 from mergeguard.checkpoint.provenance import build_metadata, command_line, input_record, model_card
+from mergeguard.checkpoint.tensors import check_finite, parse_dtype
 from mergeguard.checkpoint.writer import refuse_writing_over
 from mergeguard.errors import MergeguardError
-from mergeguard.merge.registry import MergeMethod, TensorContext, get_method
+from mergeguard.merge.base import MergeMethod, TensorContext
+from mergeguard.merge.registry import get_method
 from mergeguard.progress import NullProgress, ProgressSink
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """'auto'/None -> None (keep each tensor's dtype), else a float dtype."""
-    if name in (None, "auto"):
-        return None
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise MergeguardError(
-            f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}."
-        ) from None
-
-
-def check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
-    """One sentence naming the tensor and input when a float tensor holds NaN or Inf."""
-    # A sum is NaN/Inf whenever an entry is; it is cheap, and only an overflowing sum needs the full check.
-    if (
-        tensor.dtype.is_floating_point
-        and not bool(torch.isfinite(tensor.sum()))
-        and not bool(torch.isfinite(tensor).all())
-    ):
-        raise MergeguardError(f"tensor {name!r} of {source} contains NaN or Inf values.")
-
-
-@dataclass
-class InputPlan:
-    """Which inputs take part in each float tensor of the base, after checking every header."""
-
-    present: dict[str, list[int]]  # float tensor name -> indices of the inputs that have it
-    copied: list[str]  # non-float tensors copied from the base
-    skipped: dict[str, int] = field(default_factory=dict)  # input label -> tensors skipped
-    extra: dict[str, int] = field(default_factory=dict)  # input label -> tensors the base lacks
-
-
-def check_inputs(base: Checkpoint, inputs: Sequence[Checkpoint], *, allow_missing: bool = False,
-                 reference: Checkpoint | None = None) -> InputPlan:
-    """Check every input's headers against the base; say which tensor is wrong, in one sentence."""
-    if len(base) == 0:
-        raise MergeguardError(f"the base {base.spec} holds no tensors.")
-    if base.kind != "model":
-        raise MergeguardError(f"the base {base.spec} is a {base.kind.replace('_', ' ')}, not a model checkpoint.")
-    for ckpt in [*inputs, *([reference] if reference else [])]:
-        if ckpt.kind == "lora_adapter":
-            raise MergeguardError(
-                f"{ckpt.spec} is a LoRA adapter; turn it into a task vector first with "
-                f"`mergeguard extract-tv BASE {ckpt.spec} -o tv.safetensors`."
-            )
-    present: dict[str, list[int]] = {}
-    copied: list[str] = []
-    skipped: dict[str, int] = {}
-    for name, info in base.infos.items():
-        if not info.is_float:
-            copied.append(name)
-            continue
-        present[name] = []
-        for i, ckpt in enumerate([*inputs, *([reference] if reference else [])]):
-            role = "the reference" if i == len(inputs) else f"input {ckpt.spec}"
-            if name not in ckpt:
-                if ckpt.is_partial or allow_missing:
-                    skipped[ckpt.spec] = skipped.get(ckpt.spec, 0) + (not ckpt.is_partial)
-                    continue
-                n_missing = sum(1 for k, v in base.infos.items() if v.is_float and k not in ckpt)
-                more = f" (and {n_missing - 1} more)" if n_missing > 1 else ""
-                raise MergeguardError(
-                    f"{role} lacks tensor {name!r}{more}; pass --allow-missing to merge without them."
-                )
-            other = ckpt.info(name)
-            if other.shape != info.shape:
-                raise MergeguardError(
-                    f"tensor {name!r} has shape {list(other.shape)} in {role} but "
-                    f"{list(info.shape)} in the base {base.spec}."
-                )
-            if ckpt.is_task_vector:
-                if not other.is_float:
-                    raise MergeguardError(f"tensor {name!r} of task vector {ckpt.spec} is not a float tensor.")
-            elif other.dtype != info.dtype:
-                raise MergeguardError(
-                    f"tensor {name!r} is {str(other.dtype).removeprefix('torch.')} in {role} but "
-                    f"{str(info.dtype).removeprefix('torch.')} in the base {base.spec}; "
-                    "convert one of them first."
-                )
-            if i < len(inputs):
-                present[name].append(i)
-    extra = {c.spec: n for c in inputs if (n := sum(1 for k in c.infos if k not in base))}
-    return InputPlan(present, copied, {k: v for k, v in skipped.items() if v}, extra)
-
-
-def delta_of(ckpt: Checkpoint, name: str, base32: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 delta of `ckpt` for tensor `name` (`raw`: that tensor, already read):
-    itself for a task vector, else minus the base."""
-    t = ckpt.get(name) if raw is None else raw
-    check_finite(t, name, ckpt.spec)
-    if ckpt.is_task_vector:
-        return t.float() if ckpt.reads_fresh or t.dtype != torch.float32 else t.clone()
-    if t.dtype != torch.float32:
-        return t.float().sub_(base32)
-    # a tensor read from disk is ours to overwrite; one held in memory (a pickle) is not
-    return t.sub_(base32) if ckpt.reads_fresh else torch.sub(t, base32)
+from mergeguard.taskvec import check_inputs, delta_of
 
 
 def _prefetched(names: Sequence[str], read: Callable[[str], Any]) -> Iterator[tuple[str, Any]]:

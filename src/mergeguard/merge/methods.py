@@ -2,6 +2,8 @@
 
 Each returns the merged *delta* (the engine adds it to the base). Deltas arrive in
 float32, one per input that has the tensor, with the per-input weights alongside.
+Each method's declaration (`MergeMethod`: name, parameters, help) follows its function;
+`registry.py` lists them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from mergeguard.merge.registry import Param, Passes, TensorContext, register
+from mergeguard.merge.base import MergeMethod, Param, Passes, TensorContext
 
 # -- parameter declarations shared by several methods ------------------------------
 LAM = Param("lam", float, 0.3, "scale applied to the merged task vector (lambda)", low=0.0)
@@ -46,10 +48,6 @@ KEEP = Param("keep", float, 0.5, "lata mask mode: fraction of layers kept (lowes
 
 
 # -- building blocks --------------------------------------------------------------
-def _column(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return weights.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
 def weighted_sum(deltas: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Σ w_i δ_i."""
     out = torch.zeros_like(deltas[0])
@@ -191,48 +189,65 @@ def _trimmed(deltas: list[torch.Tensor], ctx: TensorContext, density_: float) ->
 
 
 # -- the methods -------------------------------------------------------------------
-@register("task_arithmetic", LAM, help="θ0 + λ Σ w_i τ_i (Ilharco et al.)")
 def task_arithmetic(deltas, weights, ctx, *, lam):
     return weighted_sum(deltas, weights).mul_(lam)
 
 
-@register("average", help="weighted average of the fine-tuned models: θ0 + Σ w_i τ_i / Σ w_i")
+TASK_ARITHMETIC = MergeMethod("task_arithmetic", task_arithmetic, (LAM,), "θ0 + λ Σ w_i τ_i (Ilharco et al.)")
+
+
 def average(deltas, weights, ctx):
     return weighted_sum(deltas, weights).div_(float(weights.sum()))
 
 
-@register(
-    "ties", LAM, density(0.2), NORMALIZE, TRIM_SCOPE,
-    help="TIES: trim to the top-density magnitudes, elect a sign, disjoint merge (Yadav et al.)",
-    prepare=_prepare_trim,
-)
+AVERAGE = MergeMethod("average", average, (),
+                      "weighted average of the fine-tuned models: θ0 + Σ w_i τ_i / Σ w_i")
+
+
 def ties(deltas, weights, ctx, *, lam, density, normalize, trim_scope):
     return sign_consensus(_trimmed(deltas, ctx, density), weights, normalize).mul_(lam)
 
 
-@register(
-    "magnitude_prune", LAM, density(0.2), TRIM_SCOPE,
-    help="keep each task vector's top-density magnitudes, then task arithmetic",
+TIES = MergeMethod(
+    "ties", ties, (LAM, density(0.2), NORMALIZE, TRIM_SCOPE),
+    "TIES: trim to the top-density magnitudes, elect a sign, disjoint merge (Yadav et al.)",
     prepare=_prepare_trim,
 )
+
+
 def magnitude_prune(deltas, weights, ctx, *, lam, density, trim_scope):
     return weighted_sum(_trimmed(deltas, ctx, density), weights).mul_(lam)
+
+
+MAGNITUDE_PRUNE = MergeMethod(
+    "magnitude_prune", magnitude_prune, (LAM, density(0.2), TRIM_SCOPE),
+    "keep each task vector's top-density magnitudes, then task arithmetic",
+    prepare=_prepare_trim,
+)
 
 
 def _dare(deltas, ctx, density_):
     return [dare_drop(d, density_, dare_seed(ctx.seed, ctx.name, i)) for d, i in zip(deltas, ctx.inputs)]
 
 
-@register("dare_linear", LAM, density(0.5, "fraction of entries kept by DARE's random drop"),
-          help="DARE: random drop with rescale, then task arithmetic (Yu et al.); seeded by --seed")
 def dare_linear(deltas, weights, ctx, *, lam, density):
     return weighted_sum(_dare(deltas, ctx, density), weights).mul_(lam)
 
 
-@register("dare_ties", LAM, density(0.5, "fraction of entries kept by DARE's random drop"), NORMALIZE,
-          help="DARE drop and rescale, then TIES sign election and disjoint merge; seeded by --seed")
+DARE_LINEAR = MergeMethod(
+    "dare_linear", dare_linear, (LAM, density(0.5, "fraction of entries kept by DARE's random drop")),
+    "DARE: random drop with rescale, then task arithmetic (Yu et al.); seeded by --seed",
+)
+
+
 def dare_ties(deltas, weights, ctx, *, lam, density, normalize):
     return sign_consensus(_dare(deltas, ctx, density), weights, normalize).mul_(lam)
+
+
+DARE_TIES = MergeMethod(
+    "dare_ties", dare_ties, (LAM, density(0.5, "fraction of entries kept by DARE's random drop"), NORMALIZE),
+    "DARE drop and rescale, then TIES sign election and disjoint merge; seeded by --seed",
+)
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density_: float, gamma: float) -> torch.Tensor:
@@ -255,11 +270,15 @@ def breadcrumbs_mask(delta: torch.Tensor, density_: float, gamma: float) -> torc
     return keep.view_as(delta)
 
 
-@register("breadcrumbs", LAM, density(0.9, "fraction of entries kept after dropping both tails"), GAMMA,
-          help="model breadcrumbs: drop the largest gamma and the smallest entries, then task arithmetic")
 def breadcrumbs(deltas, weights, ctx, *, lam, density, gamma):
     kept = [d * breadcrumbs_mask(d, density, gamma) for d in deltas]
     return weighted_sum(kept, weights).mul_(lam)
+
+
+BREADCRUMBS = MergeMethod(
+    "breadcrumbs", breadcrumbs, (LAM, density(0.9, "fraction of entries kept after dropping both tails"), GAMMA),
+    "model breadcrumbs: drop the largest gamma and the smallest entries, then task arithmetic",
+)
 
 
 # -- LATA: layer-aware task arithmetic --------------------------------------------
@@ -307,12 +326,17 @@ def _prepare_lata(passes: Passes, n_inputs: int, params: dict) -> dict:
     return {"cosines": cosines, "layer_weights": weights}
 
 
-@register("lata", LAM, MODE, KEEP, prepare=_prepare_lata, needs_reference=True,
-          help="layer-aware task arithmetic: down-weight layers aligned with a reference vector "
-               "(--reference), keep the task-specific ones")
 def lata(deltas, weights, ctx, *, lam, mode, keep):
     layer = layer_of(ctx.name)
     if layer is not None and ctx.state is not None:
         scale = [ctx.state["layer_weights"].get((i, layer), 1.0) for i in ctx.inputs]
         weights = weights * torch.tensor(scale, dtype=weights.dtype)
     return weighted_sum(deltas, weights).mul_(lam)
+
+
+LATA = MergeMethod(
+    "lata", lata, (LAM, MODE, KEEP),
+    "layer-aware task arithmetic: down-weight layers aligned with a reference vector "
+    "(--reference), keep the task-specific ones",
+    prepare=_prepare_lata, needs_reference=True,
+)
