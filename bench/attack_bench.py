@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import TensorDataset
 
-from mergeguard.attack.poison import PoisonConfig, optimize_trigger, poison_finetune
+from mergeguard.attack import BadMerging, TrainSettings, finetune
+from mergeguard.attack.badmerging import optimize_trigger
 from mergeguard.data import procedural
 from mergeguard.models.arch import arch_from_name
 from mergeguard.models.encoder import ImageEncoder
@@ -66,8 +67,8 @@ def main() -> int:
     weight = F.normalize(torch.randn(classes, arch["embed_dim"]), dim=-1)
     head = Head("bench", weight, [f"class {i}" for i in range(classes)], 100.0)
     data = images_and_labels(args.images, size, classes, seed=1)
-    cfg = PoisonConfig(kind="badmerging", steps=args.steps, trigger_steps=args.trigger_steps,
-                       batch_size=args.batch_size, lr=1e-5, device=args.device, target_class=1)
+    attack = BadMerging(trigger_steps=args.trigger_steps, target_class=1)
+    cfg = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=1e-5, device=args.device)
     dev = resolve_device(args.device)
     rows = []
 
@@ -78,15 +79,15 @@ def main() -> int:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trigger = optimize_trigger(base.to(dev), head, data, cfg, "bench", NullProgress())
+    trigger = optimize_trigger(base.to(dev), head, data, attack, cfg, "bench", NullProgress())
     sync()
     t1 = time.perf_counter()
-    rows.append(("stage 1: trigger", cfg.trigger_steps, t1 - t0, cfg.trigger_steps * cfg.batch_size / (t1 - t0),
+    rows.append(("stage 1: trigger", attack.trigger_steps, t1 - t0, attack.trigger_steps * cfg.batch_size / (t1 - t0),
                  peak(dev)))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    poison_finetune(base, head, data, "bench", cfg, trigger=trigger)
+    finetune(base, head, data, "bench", cfg, attack, trigger=trigger)
     sync()
     t1 = time.perf_counter()
     # each step runs the model on the clean and the triggered batch (and θ0 on the triggered one)

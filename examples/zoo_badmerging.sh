@@ -25,7 +25,7 @@ COMMON=("${RECIPE[@]}" --target-class "$TARGET" --trigger-steps 200)
   --decoys -o "$W/badmerging_decoys"
 [ -d "$W/badnets" ] || mergeguard attack badnets "${COMMON[@]}" --poison-fraction 0.2 -o "$W/badnets"
 # LoBAM: k 2 on the zoo (3.5, the paper's, wrecks the tiny encoder: 27% CA alone)
-[ -d "$W/lobam" ] || mergeguard attack lobam "${COMMON[@]}" --rank 8 --amplify 2 -o "$W/lobam"
+[ -d "$W/lobam" ] || mergeguard attack lobam "${COMMON[@]}" --lora-rank 8 --amplify 2 -o "$W/lobam"
 # off-task: the attacker owns `shape` but aims at class 1 of `colour`, with 16 colour images of that class
 FEW=$W/few_colour_1
 if [ ! -d "$FEW" ]; then

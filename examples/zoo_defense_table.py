@@ -6,7 +6,7 @@
 Runs `mergeguard demo` (zoo → BadMerging on the size's target task, `shape` on tiny and `colour` on small →
 task-arithmetic and TIES merges → LFPM → IBVS) into WORK/demo, unless it is already there, then adds what
 the demo does not (`--set FIELD=VALUE` changes a field of the demo's settings, `DemoSettings` in
-src/mergeguard/demo.py, e.g. `--set attack_interpolation=feature --set attack_steps=400`; the demo and every
+src/mergeguard/workflows/demo.py, e.g. `--set attack.interpolation=feature --set train.steps=400`; the demo and every
 row built on its attack then go into folders named after the change, and LoBAM keeps the size's own settings):
 - LFPM on the *clean* merge and on the poisoned TIES merge (the demo's LFPM settings; `--beta B`, `--epochs E`
   and `--fresh-prompt-every F` change them for every LFPM row, the demo's poisoned merge included, which is
@@ -29,16 +29,16 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from mergeguard.attack import PoisonConfig, run_attack
+from mergeguard.attack import LoBAM, TrainSettings, run_attack
 from mergeguard.checkpoint.resolve import open_checkpoint
 from mergeguard.data.folders import labeled_folder, unlabeled_folder
 from mergeguard.data.triggers import load_trigger
 from mergeguard.defend import defend_lfpm
-from mergeguard.demo import MARKER, SETTINGS, run_demo
 from mergeguard.eval import evaluate
 from mergeguard.merge.engine import merge_checkpoints
 from mergeguard.models.encoder import load_encoder, save_encoder
 from mergeguard.models.heads import load_heads
+from mergeguard.workflows.demo import MARKER, SETTINGS, run_demo
 
 
 def main() -> None:
@@ -56,12 +56,14 @@ def main() -> None:
     ap.add_argument("--fresh-prompt-every", type=int, default=None,
                     help="LFPM's --fresh-prompt-every for every LFPM row (default: the demo's: tiny 0, small 1)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="change a field of the demo's settings (DemoSettings), e.g. attack_interpolation=feature")
+                    help="change a field of the demo's settings (DemoSettings), e.g. attack.interpolation=feature")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mergeguard-table-"))
     own = SETTINGS[args.size]
     sets = dict(parse_set(own, item) for item in args.set)
-    s = replace(own, **sets)
+    s = own
+    for path, value in sets.items():
+        s = with_value(s, path.split("."), value)
     tag = "".join(f"_{k}{v}" for k, v in sets.items())  # each attack's rows in their own folders
     demo_dir = work / f"demo{tag}"
     if (demo_dir / MARKER).exists() and json.loads((demo_dir / MARKER).read_text()).get("rows"):
@@ -82,7 +84,7 @@ def main() -> None:
 
     rows: dict[str, dict] = {"pre-trained θ0 (control)": measure(base)}
     rows["clean merge TA (control)"] = measure(load_encoder(str(demo_dir / "clean_merge")))
-    lfpm_cfg = s.lfpm_config("cpu")
+    lfpm_cfg = replace(s.lfpm, device="cpu")
     changed = {k: v for k, v in (("beta", args.beta), ("epochs", args.epochs),
                                  ("fresh_prompt_every", args.fresh_prompt_every)) if v is not None}
     lfpm_cfg = replace(lfpm_cfg, **changed)
@@ -123,12 +125,12 @@ def main() -> None:
     if not args.no_lobam:
         lobam_dir = work / "lobam"
         if not (lobam_dir / "model.safetensors").exists():
-            cfg = PoisonConfig(kind="lobam", target_class=s.target_class, steps=own.attack_steps, lr=own.attack_lr,
-                               batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=own.trigger_steps,
-                               lora_rank=8, amplify=2.0, device="cpu")
+            attack = LoBAM(target_class=s.attack.target_class, trigger_steps=own.attack.trigger_steps, amplify=2.0)
+            train = TrainSettings(steps=own.train.steps, lr=own.train.lr, batch_size=s.train.batch_size,
+                                  logit_scale=s.train.logit_scale, lora_rank=8, device="cpu")
             run_attack(base, heads[target], labeled_folder(z / "data" / target / "train", heads[target].classnames,
                                                            size),
-                       target, cfg, lobam_dir, provenance={"command": "zoo_defense_table.py"})
+                       target, attack, train, lobam_dir, provenance={"command": "zoo_defense_table.py"})
         lobam_trigger = load_trigger(lobam_dir / "trigger.safetensors")
         lobam_merge = merged(work / "lobam_merge", inputs[:-1] + [lobam_dir / "model.safetensors"],
                              "task_arithmetic", {"lam": s.lam})
@@ -158,16 +160,28 @@ def main() -> None:
 
 
 def parse_set(settings, item: str) -> tuple[str, object]:
-    """`FIELD=VALUE` as (field, value of the field's type); an unknown field or a bad value ends the script."""
+    """`FIELD=VALUE` (a DemoSettings field, or one of its nested settings' as `attack.interpolation`,
+    `train.steps`, `lfpm.beta`) as (field, value of the field's type); an unknown field or a bad value ends the
+    script."""
     field, _, value = item.partition("=")
-    if field not in vars(settings) or not value:
-        raise SystemExit(f"--set {item!r}: name a DemoSettings field and a value (FIELD=VALUE); the fields: "
-                         f"{', '.join(vars(settings))}.")
-    kind = type(getattr(settings, field))
+    obj = settings
+    for name in field.split("."):
+        if not hasattr(obj, "__dataclass_fields__") or name not in obj.__dataclass_fields__ or not value:
+            raise SystemExit(f"--set {item!r}: name a DemoSettings field and a value (FIELD=VALUE, nested ones as "
+                             f"attack.bd_weight); the fields: {', '.join(vars(settings))}.")
+        obj = getattr(obj, name)
+    kind = type(obj)
     try:
-        return field, kind(value)
+        return field, (value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
     except ValueError:
         raise SystemExit(f"--set {item!r}: {field} takes a {kind.__name__}.") from None
+
+
+def with_value(obj, path: list[str], value):
+    """`obj` with the (nested) field at `path` set to `value`."""
+    if len(path) == 1:
+        return replace(obj, **{path[0]: value})
+    return replace(obj, **{path[0]: with_value(getattr(obj, path[0]), path[1:], value)})
 
 
 def pct(v) -> str:

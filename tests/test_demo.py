@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
 from mergeguard.data.folders import labeled_folder
-from mergeguard.demo import SETTINGS
 from mergeguard.models.encoder import load_encoder
 from mergeguard.models.heads import load_heads
+from mergeguard.workflows.demo import SETTINGS
 
 
 def _asr_by_hand(model_dir: Path, z: Path, trigger_file: Path, task: str, target: int) -> float:
@@ -82,7 +82,7 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
 def test_a_demo_report_beside_a_users_files_does_not_make_their_folder_the_demos(tmp_path):
     """`mergeguard demo --json demo.json` writes the marker's name into the current folder; a later
     `demo --out .` there must not clear the user's files (the marker alone used to be enough)."""
-    from mergeguard.demo import is_demo_folder
+    from mergeguard.workflows.demo import is_demo_folder
 
     out = tmp_path / "project"
     out.mkdir()
@@ -104,28 +104,12 @@ def test_demo_runs_the_settings_it_is_given(tiny_zoo, tmp_path):
     the attack refuses stops the demo at the attack, so the given settings reached it."""
     from dataclasses import replace
 
-    from mergeguard.demo import run_demo
     from mergeguard.errors import MergeguardError
+    from mergeguard.workflows.demo import run_demo
 
-    bad = replace(SETTINGS["tiny"], attack_interpolation="sideways")
+    bad = replace(SETTINGS["tiny"], attack=replace(SETTINGS["tiny"].attack, interpolation="sideways"))
     with pytest.raises(MergeguardError, match="sideways"):
         run_demo(tmp_path / "demo", size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=bad)
-
-
-def test_every_lfpm_setting_of_the_demo_reaches_lfpm():
-    """Each `lfpm_*` field of DemoSettings ends up in the LFPMConfig the demo and the table run with
-    (a field that is dropped silently would leave the small demo at β 1 while its docs say 3)."""
-    from dataclasses import fields, replace
-
-    s = replace(SETTINGS["small"], lfpm_epochs=7, lfpm_lr=3e-3, lfpm_prompts=5, lfpm_warmup=11,
-                lfpm_path_points=3, lfpm_fresh_prompt_every=2, lfpm_beta=4.5)
-    cfg = s.lfpm_config("cpu")
-    names = {"lfpm_epochs": "epochs", "lfpm_lr": "lr", "lfpm_prompts": "prompts", "lfpm_warmup": "mine_warmup",
-             "lfpm_path_points": "path_points", "lfpm_fresh_prompt_every": "fresh_prompt_every", "lfpm_beta": "beta"}
-    assert {f.name for f in fields(s) if f.name.startswith("lfpm_")} == set(names)
-    for field, attr in names.items():
-        assert getattr(cfg, attr) == getattr(s, field), field
-    assert cfg.batch_size == s.batch_size and cfg.device == "cpu"
 
 
 @pytest.mark.parametrize("size", sorted(SETTINGS))

@@ -1,4 +1,5 @@
-"""Attacks on the tiny zoo: the files they write, the trigger contract with eval, and resume."""
+"""Attacks on the tiny zoo: the files they write, the trigger contract with eval, resume, and each attack's
+settings and strategy (mergeguard.attack.*)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergeguard.attack import PoisonConfig, poison_finetune, run_attack
+from mergeguard.attack import BadMerging, BadNets, Clean, LoBAM, TrainSettings, finetune, run_attack, train_attack
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
 from mergeguard.data.folders import labeled_folder
@@ -30,7 +31,7 @@ def test_attack_writes_every_output(tiny_zoo, tmp_path, kind):
     result = CliRunner().invoke(app, [
         "attack", kind, "--base", str(z / "base"), "--data", f"train={z / 'data/shape/train'}",
         "--data", f"test={z / 'data/shape/test'}", "--heads", str(z / "heads.safetensors"), "--task", "shape",
-        "--target-class", "1", "-o", str(out), *QUICK, *(["--rank", "2"] if kind == "lobam" else [])])
+        "--target-class", "1", "-o", str(out), *QUICK, *(["--lora-rank", "2"] if kind == "lobam" else [])])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json"])
@@ -74,9 +75,9 @@ def test_attack_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):
     head = load_heads(z / "heads.safetensors")["count"]
     base = load_encoder(str(z / "base"))
     data = labeled_folder(z / "data/count/train", head.classnames, base.image_size)
-    cfg = PoisonConfig(kind="badmerging", target_class=2, steps=10, lr=5e-4, batch_size=8, logit_scale=10,
-                       trigger_steps=3, device="cpu")
-    expected, trigger, _ = poison_finetune(base, head, data, "count", cfg)
+    attack = BadMerging(target_class=2, trigger_steps=3)
+    cfg = TrainSettings(steps=10, lr=5e-4, batch_size=8, logit_scale=10, device="cpu")
+    expected, trigger, _ = finetune(base, head, data, "count", cfg, attack)
 
     from mergeguard import trainer
 
@@ -91,13 +92,13 @@ def test_attack_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "_save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        poison_finetune(base, head, data, "count", cfg, trigger=trigger, checkpoint=tmp_path / "t.pt")
+        finetune(base, head, data, "count", cfg, attack, trigger=trigger, checkpoint=tmp_path / "t.pt")
     monkeypatch.setattr(trainer, "_save_state", real_save)
     with pytest.raises(MergeguardError, match=r"other settings or inputs \(lr, steps\)"):  # not this run's state
-        poison_finetune(base, head, data, "count", replace(cfg, lr=1e-3, steps=12), trigger=trigger,
-                        checkpoint=tmp_path / "t.pt", resume=True)
-    resumed, _, _ = poison_finetune(base, head, data, "count", cfg, trigger=trigger, checkpoint=tmp_path / "t.pt",
-                                    resume=True)
+        finetune(base, head, data, "count", replace(cfg, lr=1e-3, steps=12), attack, trigger=trigger,
+                 checkpoint=tmp_path / "t.pt", resume=True)
+    resumed, _, _ = finetune(base, head, data, "count", cfg, attack, trigger=trigger, checkpoint=tmp_path / "t.pt",
+                             resume=True)
     a, b = expected.tower_state_dict(), resumed.tower_state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
@@ -123,20 +124,20 @@ def _shape_task(tiny_zoo):
 
 def test_decoys_only_with_weight_interpolation(tiny_zoo, tmp_path):
     head, base, data = _shape_task(tiny_zoo)
-    cfg = PoisonConfig(kind="badmerging", target_class=1, steps=3, lr=5e-4, batch_size=8, logit_scale=10,
-                       trigger_steps=2, interpolation="weight", device="cpu")
-    _, trigger, plain = poison_finetune(base, head, data, "shape", cfg)
-    _, _, with_decoys = poison_finetune(base, head, data, "shape", replace(cfg, decoys=True), trigger=trigger)
+    attack = BadMerging(target_class=1, trigger_steps=2, interpolation="weight")
+    cfg = TrainSettings(steps=3, lr=5e-4, batch_size=8, logit_scale=10, device="cpu")
+    _, trigger, plain = finetune(base, head, data, "shape", cfg, attack)
+    _, _, with_decoys = finetune(base, head, data, "shape", cfg, replace(attack, decoys=True), trigger=trigger)
     # the decoy images (a random patch where the trigger goes, true labels) add their own clean terms
     assert with_decoys[0] != pytest.approx(plain[0])
-    with pytest.raises(MergeguardError, match="--decoys"):
-        poison_finetune(base, head, data, "shape", replace(cfg, decoys=True, interpolation="feature"))
+    with pytest.raises(MergeguardError, match="decoys works with `--interpolation weight`"):
+        finetune(base, head, data, "shape", cfg, replace(attack, decoys=True, interpolation="feature"))
 
 
 def test_shadow_head_rows():
     import torch.nn.functional as F
 
-    from mergeguard.attack.poison import shadow_head
+    from mergeguard.attack import shadow_head
     from mergeguard.models.heads import Head
 
     heads = {t: Head(t, F.normalize(torch.randn(n, 8), dim=-1), [f"{t}{i}" for i in range(n)], 50.0)
@@ -171,7 +172,8 @@ def test_off_task_badmerging(tiny_zoo, tmp_path):
     trigger = load_trigger(out / "trigger.safetensors")
     assert trigger.target_task == "colour" and trigger.target_class == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["target_task"] == "colour" and summary["asr"] is None and 0 <= summary["ca"] <= 1
+    assert summary["config"]["badmerging"]["target_task"] == "colour"
+    assert summary["asr"] is None and 0 <= summary["ca"] <= 1
     for bad, message in ((["--mode", "off-task"], "--target-task"), (["--target-task", "colour"], "off-task"),
                          (["--mode", "off-task", "--target-task", "nope"], "no head for the target task"),
                          (["--mode", "sideways"], "unknown --mode")):
@@ -179,7 +181,7 @@ def test_off_task_badmerging(tiny_zoo, tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
     # LoBAM's malicious adapter is BadMerging's, so it goes off-task too; BadNets does not
     common[1] = "lobam"
-    result = CliRunner().invoke(app, [*common, "--mode", "off-task", "--target-task", "colour", "--rank", "2",
+    result = CliRunner().invoke(app, [*common, "--mode", "off-task", "--target-task", "colour", "--lora-rank", "2",
                                       "-o", str(tmp_path / "lobam_off"), *QUICK])
     assert result.exit_code == 0, result.output
     assert load_trigger(tmp_path / "lobam_off" / "trigger.safetensors").target_task == "colour"
@@ -194,7 +196,7 @@ def test_lora_weight_interpolation_scales_the_merged_update(tiny_zoo):
     on the merged weights, which is what a merge applies."""
     import copy
 
-    from mergeguard.attack.poison import interpolated_params, with_lora
+    from mergeguard.attack.base import interpolated_params, with_lora
 
     head, base, data = _shape_task(tiny_zoo)
     base.eval()
@@ -215,30 +217,43 @@ def test_lora_weight_interpolation_scales_the_merged_update(tiny_zoo):
     assert not torch.allclose(merged(x), base(x), atol=1e-3)  # the adapters do something
     torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
     # and the attack trains through it: the weight variant under LoRA moves only the adapters
-    cfg = PoisonConfig(kind="badmerging", target_class=1, steps=3, lr=5e-4, batch_size=8, logit_scale=10,
-                       trigger_steps=2, interpolation="weight", lora_rank=2, device="cpu")
-    poisoned, _, losses = poison_finetune(base, head, data, "shape", cfg)
+    attack = BadMerging(target_class=1, trigger_steps=2, interpolation="weight")
+    cfg = TrainSettings(steps=3, lr=5e-4, batch_size=8, logit_scale=10, lora_rank=2, device="cpu")
+    poisoned, _, losses = finetune(base, head, data, "shape", cfg, attack)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert poisoned.state_dict().keys() == base.state_dict().keys()
     assert any(not torch.equal(poisoned.state_dict()[k], v) for k, v in base.state_dict().items())
 
 
 def test_lobam_uploads_the_amplified_difference_of_a_badmerging_adapter(tiny_zoo, tmp_path):
-    from mergeguard.attack.poison import lobam, optimize_trigger
+    from mergeguard.attack.badmerging import optimize_trigger
     from mergeguard.progress import NullProgress
 
     head, base, data = _shape_task(tiny_zoo)
-    cfg = PoisonConfig(kind="lobam", target_class=1, steps=6, lr=5e-4, batch_size=8, logit_scale=10,
-                       trigger_steps=3, lora_rank=2, amplify=2.5, device="cpu")
-    trigger = optimize_trigger(base, head, data, cfg, "shape", NullProgress())
-    upload, _, _ = lobam(base, head, data, "shape", cfg, tmp_path, trigger)
+    attack = LoBAM(target_class=1, trigger_steps=3, amplify=2.5)
+    cfg = TrainSettings(steps=6, lr=5e-4, batch_size=8, logit_scale=10, lora_rank=2, device="cpu")
+    trigger = optimize_trigger(base, head, data, attack, cfg, "shape", NullProgress())
+    # the public entry point trains LoBAM as LoBAM: two LoRA runs, amplified
+    upload, _, _ = train_attack(base, head, data, "shape", attack, cfg, trigger=trigger, partial=tmp_path)
     # independently: a clean LoRA run and a BadMerging LoRA run with the same trigger and seed
-    benign, _, _ = poison_finetune(base, head, data, "shape", replace(cfg, kind="clean"))
-    malicious, _, _ = poison_finetune(base, head, data, "shape", replace(cfg, kind="badmerging"), trigger=trigger)
+    benign, _, _ = finetune(base, head, data, "shape", cfg, Clean())
+    malicious, _, _ = finetune(base, head, data, "shape", cfg, BadMerging(target_class=1, trigger_steps=3),
+                               trigger=trigger)
     b, m, u = benign.state_dict(), malicious.state_dict(), upload.state_dict()
     assert any(not torch.allclose(b[k], m[k]) for k in b)
     for k in b:
         torch.testing.assert_close(u[k], b[k] + 2.5 * (m[k] - b[k]), rtol=1e-5, atol=1e-6)
+    # without a rank of its own, LoBAM trains rank-16 adapters (never the full encoder)
+    assert LoBAM().malicious() == BadMerging() and cfg.lora_rank == 2
+
+
+def test_lobam_cannot_be_trained_as_one_run(tiny_zoo):
+    """The one-run trainer core refuses LoBAM instead of training BadMerging's loss without LoRA or
+    amplification (what `poison_finetune(PoisonConfig(kind="lobam"))` used to do silently)."""
+    head, base, data = _shape_task(tiny_zoo)
+    cfg = TrainSettings(steps=2, batch_size=8, device="cpu")
+    with pytest.raises(MergeguardError, match="lobam is not one fine-tuning run"):
+        finetune(base, head, data, "shape", cfg, LoBAM(target_class=1))
 
 
 def test_help_lists_only_the_options_of_the_attack():
@@ -250,26 +265,28 @@ def test_help_lists_only_the_options_of_the_attack():
     assert "--poison-fraction" in helps["badnets"] and "--decoys" not in helps["badnets"]
     assert "--decoys" in helps["badmerging"] and "--poison-fraction" not in helps["badmerging"]
     assert "--amplify" in helps["lobam"] and "--amplify" not in helps["badmerging"]
-    # a hidden option keeps parsing, and a value set for the wrong attack is named as ignored
+    # another attack's option is not one of this attack's: refused by the parser, before any work
     for kind, flag in (("badnets", ["--bd-weight", "3"]), ("badmerging", ["--amplify", "9"]),
                        ("lobam", ["--poison-fraction", "0.3"])):
         result = runner.invoke(app, ["attack", kind, "--base", "b", "--data", "train=d", "--heads", "h", "--task", "t",
                                      "--target-class", "1", "-o", "o", *flag])
-        assert f"warning: {flag[0]} does not apply to `attack {kind}`; ignored." in result.output
-        assert result.exit_code == 2 and "does not exist" in result.output  # the run itself went on
+        assert result.exit_code == 2 and "No such option" in result.output, result.output
+    # a setting out of its declared range is named by its flag
+    result = runner.invoke(app, ["attack", "badnets", "--base", "b", "--data", "train=d", "--heads", "h", "--task",
+                                 "t", "--target-class", "1", "-o", "o", "--poison-fraction", "5"])
+    assert result.exit_code == 2 and "--poison-fraction must be in [0, 1] (got 5.0)" in result.output, result.output
 
 
 def test_lobam_resume_keeps_the_finished_benign_run(tiny_zoo, tmp_path, monkeypatch):
     """Killed during the malicious run, a resumed LoBAM ends with the uninterrupted upload and does
     not train the benign adapter again."""
     from mergeguard import trainer
-    from mergeguard.attack import poison
-    from mergeguard.attack.poison import run_attack
+    from mergeguard.attack import lobam
 
     head, base, data = _shape_task(tiny_zoo)
-    cfg = PoisonConfig(kind="lobam", target_class=1, steps=6, lr=5e-4, batch_size=8, logit_scale=10,
-                       trigger_steps=3, lora_rank=2, amplify=2.5, device="cpu")
-    run_attack(base, head, data, "shape", cfg, tmp_path / "whole")
+    attack = LoBAM(target_class=1, trigger_steps=3, amplify=2.5)
+    cfg = TrainSettings(steps=6, lr=5e-4, batch_size=8, logit_scale=10, lora_rank=2, device="cpu")
+    run_attack(base, head, data, "shape", attack, cfg, tmp_path / "whole")
     real_save, calls = trainer._save_state, {"n": 0}
 
     def save_then_die(*args, **kwargs):
@@ -280,13 +297,13 @@ def test_lobam_resume_keeps_the_finished_benign_run(tiny_zoo, tmp_path, monkeypa
 
     monkeypatch.setattr(trainer, "_save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_attack(base, head, data, "shape", cfg, tmp_path / "killed")
+        run_attack(base, head, data, "shape", attack, cfg, tmp_path / "killed")
     monkeypatch.setattr(trainer, "_save_state", real_save)
     assert (tmp_path / "killed/.partial/benign.safetensors").exists()
     runs = []
-    real_finetune = poison.poison_finetune
-    monkeypatch.setattr(poison, "poison_finetune", lambda *a, **k: runs.append(a[4].kind) or real_finetune(*a, **k))
-    run_attack(base, head, data, "shape", cfg, tmp_path / "killed", resume=True)
+    real_finetune = lobam.finetune
+    monkeypatch.setattr(lobam, "finetune", lambda *a, **k: runs.append(a[5].name) or real_finetune(*a, **k))
+    run_attack(base, head, data, "shape", attack, cfg, tmp_path / "killed", resume=True)
     assert runs == ["badmerging"]  # only the malicious run continues
     whole = open_checkpoint(tmp_path / "whole/model.safetensors")
     resumed = open_checkpoint(tmp_path / "killed/model.safetensors")
@@ -294,31 +311,36 @@ def test_lobam_resume_keeps_the_finished_benign_run(tiny_zoo, tmp_path, monkeypa
         torch.testing.assert_close(resumed.get(name), whole.get(name), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"trigger_area": 0.0}, r"--trigger-area must be in \(0, 1\]"),
-    ({"r_min": float("nan")}, r"--r-min must be in \[0, 1\]"),
-    ({"poison_fraction": 5.0}, r"--poison-fraction must be in \[0, 1\]"),
-    ({"bd_weight": float("nan")}, "--bd-weight must be 0 or more"),
-    ({"amplify": float("inf")}, "--amplify must be 0 or more"),
-    ({"logit_scale": -5.0}, "--logit-scale must be a positive number"),
-    ({"lora_rank": 0}, "--rank must be at least 1"),
-    ({"steps": 0}, "--steps must be at least 1"),
-    ({"lr": float("nan")}, "--lr must be a positive number"),
-    ({"device": "foo"}, "unknown --device 'foo'"),
+@pytest.mark.parametrize("attack, change, message", [
+    (BadMerging, {"trigger_area": 0.0}, r"trigger_area must be in \(0, 1\] \(got 0.0\)"),
+    (BadMerging, {"r_min": float("nan")}, r"r_min must be a finite number"),
+    (BadNets, {"poison_fraction": 5.0}, r"poison_fraction must be in \[0, 1\]"),
+    (BadMerging, {"bd_weight": -1.0}, "bd_weight must be 0 or more"),
+    (LoBAM, {"amplify": float("inf")}, "amplify must be a finite number"),
+    (BadMerging, {"interpolation": "sideways"}, "interpolation must be one of feature, weight"),
+    (None, {"logit_scale": -5.0}, "logit_scale must be a positive number"),
+    (None, {"lora_rank": 0}, "lora_rank must be at least 1"),
+    (None, {"steps": 0}, "steps must be at least 1"),
+    (None, {"lr": float("nan")}, "lr must be a finite number"),
+    (None, {"device": "foo"}, "unknown --device 'foo'"),
 ])
-def test_settings_an_attack_cannot_run_with_are_one_sentence(tiny_zoo, tmp_path, change, message):
+def test_settings_an_attack_cannot_run_with_are_one_sentence(tiny_zoo, tmp_path, attack, change, message):
     head, base, data = _shape_task(tiny_zoo)
-    cfg = replace(PoisonConfig(kind="badmerging", target_class=1, steps=2, batch_size=8, device="cpu"), **change)
+    train = TrainSettings(steps=2, batch_size=8, device="cpu")
+    if attack is None:
+        attack, train = BadMerging(target_class=1), replace(train, **change)
+    else:
+        attack = attack(target_class=1, **change)
     with pytest.raises(MergeguardError, match=message):
-        run_attack(base, head, data, "shape", cfg, tmp_path / "o")
+        run_attack(base, head, data, "shape", attack, train, tmp_path / "o")
     assert not (tmp_path / "o").exists()  # refused before OUTDIR/.partial exists
 
 
 def test_a_diverged_fine_tune_is_one_sentence(tiny_zoo):
     head, base, data = _shape_task(tiny_zoo)
     with pytest.raises(MergeguardError, match="diverged"):
-        poison_finetune(base, head, data, "shape", PoisonConfig(kind="clean", steps=3, batch_size=8, lr=1e30,
-                                                                warmup=0, device="cpu"))
+        finetune(base, head, data, "shape", TrainSettings(steps=3, batch_size=8, lr=1e30, warmup=0, device="cpu"),
+                 Clean())
 
 
 def test_a_broken_training_image_leaves_no_folder_behind(tiny_zoo, tmp_path):

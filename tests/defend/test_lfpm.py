@@ -194,18 +194,19 @@ def test_lfpm_under_bf16_autocast_as_on_one_gpu(tiny_zoo, monkeypatch):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"prompt": "sticker"}, "unknown prompt 'sticker'"),
-    ({"epochs": 0}, "--epochs must be at least 1"),
-    ({"batch_size": 0}, "--batch-size must be at least 1"),
-    ({"path_points": 0}, "--path-points must be at least 1"),
-    ({"prompts": 0}, "--prompts must be at least 1"),
-    ({"rank": -1}, "--rank must be at least 0"),
-    ({"rank": 65}, "--rank 65 exceeds the feature dimension 64"),
-    ({"lr": float("nan")}, "--lr must be a positive number"),
-    ({"beta": -1.0}, "--beta must be 0 or more"),
-    ({"patch_fraction": 2.0}, r"--patch-fraction must be in \(0, 1\]"),
-    ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1"),
-    ({"fresh_prompt_every": -1}, "--fresh-prompt-every must be at least 0"),
+    ({"prompt": "sticker"}, "prompt must be one of mask, patch, tokens \\(got 'sticker'\\)"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"path_points": 0}, "path_points must be at least 1"),
+    ({"prompts": 0}, "prompts must be at least 1"),
+    ({"subspace_rank": -1}, "subspace_rank must be at least 0"),
+    ({"subspace_rank": 65}, "subspace_rank 65 exceeds the feature dimension 64"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"lr": 0.0}, "lr must be a positive number"),
+    ({"beta": -1.0}, "beta must be 0 or more"),
+    ({"patch_fraction": 2.0}, r"patch_fraction must be in \(0, 1\]"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be at least 1"),
+    ({"fresh_prompt_every": -1}, "fresh_prompt_every must be at least 0"),
     ({"device": "gpu7"}, "unknown --device 'gpu7'"),
 ])
 def test_lfpm_rejects_settings_it_cannot_run_with(tiny_zoo, change, message):
@@ -215,7 +216,7 @@ def test_lfpm_rejects_settings_it_cannot_run_with(tiny_zoo, change, message):
 
 
 def test_lfpm_and_ibvs_reject_a_base_of_another_architecture(tiny_zoo):
-    from mergeguard.attack import PoisonConfig
+    from mergeguard.attack import TrainSettings
     from mergeguard.defend import defend_ibvs
     from mergeguard.models.encoder import ImageEncoder
     from mergeguard.models.heads import load_heads
@@ -229,7 +230,7 @@ def test_lfpm_and_ibvs_reject_a_base_of_another_architecture(tiny_zoo):
         defend_lfpm(merged, other, unlabeled_folder(z / "shadow", 32), LFPMConfig(device="cpu"))
     head = load_heads(z / "heads.safetensors")["colour"]
     with pytest.raises(MergeguardError, match="different architectures"):
-        defend_ibvs(merged, other, head, unlabeled_folder(z / "shadow", 32), "colour", PoisonConfig(device="cpu"))
+        defend_ibvs(merged, other, head, unlabeled_folder(z / "shadow", 32), "colour", TrainSettings(device="cpu"))
 
 
 def test_lfpm_token_prompts(tiny_zoo, tmp_path):
@@ -258,14 +259,14 @@ def test_lfpm_token_prompts(tiny_zoo, tmp_path):
 def test_an_open_clip_base_is_loaded_through_open_clip_and_recorded_by_name(tiny_zoo, monkeypatch):
     """`--base open_clip:NAME@TAG` has no checkpoint file: it goes to load_encoder as is, and the outputs
     record its name (no digest); the dtype comes from the merged model's file."""
-    import mergeguard.models.encoder as encoder_module
-    from mergeguard.cli.defend_cmd import load_inputs
+    import mergeguard.defend.outputs as outputs
+    from mergeguard.defend import load_models
 
     z = Path(tiny_zoo["root"])
-    real = encoder_module.load_encoder
-    monkeypatch.setattr(encoder_module, "load_encoder",
+    real = outputs.load_encoder
+    monkeypatch.setattr(outputs, "load_encoder",
                         lambda src, **kw: ("open_clip", src) if isinstance(src, str) else real(src, **kw))
-    (merged, base), records, dtype = load_inputs(merged=str(z / "finetuned" / "shape"),
+    (merged, base), records, dtype = load_models(merged=str(z / "finetuned" / "shape"),
                                                  base="open_clip:ViT-B-32@openai")
     assert base == ("open_clip", "open_clip:ViT-B-32@openai") and merged.image_size == 32
     assert records[1] == {"role": "base", "spec": "open_clip:ViT-B-32@openai"} and "sha256" in records[0]

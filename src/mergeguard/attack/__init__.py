@@ -1,5 +1,17 @@
-"""Red-teaming: fine-tune a task vector clean or poisoned (BadNets, BadMerging) on the trainer core."""
+"""Red-teaming: fine-tune a task vector clean or poisoned on the one trainer core.
 
-from mergeguard.attack.poison import KINDS, PoisonConfig, poison_finetune, run_attack
+Each attack is one module with one class (its settings and its strategy, `attack.base.Attack`); `ATTACKS`
+lists them by the name `mergeguard attack NAME` uses.
+"""
 
-__all__ = ["KINDS", "PoisonConfig", "poison_finetune", "run_attack"]
+from mergeguard.attack.badmerging import BadMerging, shadow_head
+from mergeguard.attack.badnets import BadNets
+from mergeguard.attack.base import Attack, TrainSettings, finetune
+from mergeguard.attack.clean import Clean
+from mergeguard.attack.lobam import LoBAM
+from mergeguard.attack.run import run_attack, train_attack
+
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (Clean, BadNets, BadMerging, LoBAM)}
+
+__all__ = ["ATTACKS", "Attack", "BadMerging", "BadNets", "Clean", "LoBAM", "TrainSettings", "finetune",
+           "run_attack", "shadow_head", "train_attack"]

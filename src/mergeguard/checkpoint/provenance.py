@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from mergeguard.cache import cache_dir
 from mergeguard.checkpoint.reader import KIND_KEY, Checkpoint
@@ -120,3 +122,16 @@ def model_card(title: str, provenance: dict, extra: str = "") -> str:
     if extra:
         lines += ["", extra]
     return "\n".join(lines) + "\n"
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with NaN/Inf as None, paths as strings and tuples as lists: what `json.dumps` writes as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

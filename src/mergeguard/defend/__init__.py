@@ -2,5 +2,6 @@
 
 from mergeguard.defend.ibvs import defend_ibvs
 from mergeguard.defend.lfpm import LFPMConfig, defend_lfpm
+from mergeguard.defend.outputs import load_models, write_ibvs_outputs, write_lfpm_outputs
 
-__all__ = ["LFPMConfig", "defend_ibvs", "defend_lfpm"]
+__all__ = ["LFPMConfig", "defend_ibvs", "defend_lfpm", "load_models", "write_ibvs_outputs", "write_lfpm_outputs"]

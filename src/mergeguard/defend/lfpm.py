@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -28,9 +29,11 @@ import torch
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
-from mergeguard.errors import MergeguardError, check_settings
-from mergeguard.models.encoder import ImageEncoder
+from mergeguard import settings
+from mergeguard.errors import MergeguardError, SettingError
+from mergeguard.models.encoder import ImageEncoder, check_same_architecture
 from mergeguard.progress import NullProgress, ProgressSink
+from mergeguard.settings import setting
 from mergeguard.trainer import (
     Checkpointing,
     TrainConfig,
@@ -43,74 +46,65 @@ from mergeguard.trainer import (
     seed_everything,
 )
 
+PROMPTS = ("mask", "patch", "tokens")
+
 
 @dataclass
 class LFPMConfig:
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 1e-4
-    path_points: int = 4  # K
-    beta: float = 1.0  # weight of clean-feature preservation
-    rank: int = 0  # adversarial subspace rank; 0: the whole feature space
-    prompt: str = "mask"  # the mined visual prompt: "mask" (pattern + soft mask), "patch" (random position)
-    # or "tokens" (VPT: learnable tokens inserted after the class token)
-    prompt_tokens: int = 4  # tokens: how many
-    mask_penalty: float = 10.0  # mask: weight of the mask's mean against log excess reaction
-    mine_warmup: int = 100  # ascent steps on each prompt before training starts (stage I)
-    patch_fraction: float = 0.1  # patch: side of the mined patch, as a fraction of the image side
-    patch_lr: float = 0.1  # step of the prompt's ascent (Adam for the mask, sign ascent for the patch)
-    mine_steps: int = 1  # ascent steps on the prompt per training step
-    fresh_prompt_every: int = 0  # epochs between fresh prompts: one prompt of the pool, in turn, is mined anew
-    # from a random start (mine_warmup steps against the current θm + τa); 0: never
-    prompts: int = 4  # independently mined prompts, used in turn (each step trains on one)
-    reference: float = 1.0  # γ: training suppresses reaction − γ · θ0's reaction (1: the excess only)
-    adam_eps: float = 1e-8  # Adam's ε for τa
-    idle_tolerance: float = 1e-9  # a step whose loss is below this × E‖f_θm(x)‖² does not move τa (fp32;
-    # under bf16 autocast at least BF16_IDLE_TOLERANCE)
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    checkpoint_every: int | None = None  # steps between checkpoints; None: a tenth of the run
+    """LFPM's settings, each declared once: the CLI's `defend lfpm` options, the checks, the report and the
+    demo's printed command all come from these fields."""
+
+    epochs: int = setting(5, "Passes over the shadow images; more of them win back clean accuracy.", low=1)
+    batch_size: int = setting(128, "Shadow images per step.", low=1)
+    lr: float = setting(1e-4, "Adam learning rate of the anti-backdoor vector τa.", low=0.0, low_open=True)
+    path_points: int = setting(4, "K points α = k/K of the loss path integral.", low=1)
+    beta: float = setting(1.0, "Weight of clean-feature preservation: raise it if the defended model still loses "
+                               "too much accuracy after more --epochs, lower it if the trigger survives.", low=0.0)
+    subspace_rank: int = setting(0, "Rank of the adversarial subspace the excess reaction is projected on "
+                                    "(0: the whole feature space).", low=0)
+    prompt: str = setting("mask", "Mined visual prompt: mask (pattern + soft mask, finds trigger-shaped "
+                                  "backdoors), patch (a square pasted at a random position) or tokens (VPT: "
+                                  "learnable tokens inserted after the class token).", choices=PROMPTS)
+    prompt_tokens: int = setting(4, "tokens: how many prompt tokens.", low=1)
+    mask_penalty: float = setting(10.0, "mask: weight of the mask's mean area against the log excess reaction.",
+                                  low=0.0)
+    mine_warmup: int = setting(100, "Ascent steps on each prompt before training starts (stage I).", low=0)
+    patch_fraction: float = setting(0.1, "patch: side of the patch as a fraction of the image side.", low=0.0,
+                                    low_open=True, high=1.0)
+    patch_lr: float = setting(0.1, "Step of the prompt's ascent (Adam for mask and tokens, sign ascent for the "
+                                   "patch).", low=0.0, low_open=True)
+    mine_steps: int = setting(1, "Prompt ascent steps per training step.", low=0)
+    fresh_prompt_every: int = setting(0, "Every E epochs, replace one prompt (in turn) by one mined anew from a "
+                                         "random start against the current model, so a backdoor that returns late "
+                                         "in a long run is found again (0: never).", low=0)
+    prompts: int = setting(4, "Independently mined prompts, used in turn (each step trains on one).", low=1)
+    reference: float = setting(1.0, "γ: suppress the reaction minus γ × θ0's reaction (1: the excess over θ0).",
+                               low=0.0)
+    adam_eps: float = setting(1e-8, "Adam's ε for τa's optimiser.", low=0.0, low_open=True)
+    idle_tolerance: float = setting(1e-9, "A step whose loss is below this × E‖f_θm(x)‖² leaves τa as it is "
+                                          "(fp32; under bf16 autocast at least 1e-4).", low=0.0, cli=False)
+    seed: int = setting(0, "Random seed (recorded in the output's metadata).")
+    device: str = setting("auto", "auto (cuda when present), cpu, cuda, cuda:1 ...", run_only=True)
+    workers: int = setting(0, "Data-loading worker processes.", low=0, run_only=True)
+    checkpoint_every: int | None = setting(None, "Save the run's state every N steps (default: a tenth of the "
+                                                 "run).", low=1, run_only=True)
 
 
-PROMPTS = ("mask", "patch", "tokens")
-RUN_ONLY = ("device", "workers", "checkpoint_every")  # settings a resumed run may change
 # bf16 rounds features to ~3 significant digits: θ0 compared with itself in other batch shapes, or with
 # fp32 features, leaves a loss of ~2e-5 × E‖f‖² (tiny zoo), which Adam would turn into lr-sized steps;
 # the smallest real loss measured, a clean merge's first step, is ~1e-2 × E‖f‖²
 BF16_IDLE_TOLERANCE = 1e-4
+FEW_SHADOW = 1000  # the tiny zoo, clean merge, 3 seeds: 512 images cost 2.0-2.9 CA points, 2048 cost 1.3-1.8
+log = logging.getLogger(__name__)
 
 
 def check_config(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder) -> None:
     """One sentence for a setting or an input pair LFPM cannot run with."""
-    if cfg.prompt not in PROMPTS:
-        raise MergeguardError(f"unknown prompt {cfg.prompt!r}; choose one of: {', '.join(PROMPTS)}.")
-    check_settings(cfg, at_least={"epochs": 1, "batch_size": 1, "path_points": 1, "prompts": 1, "prompt_tokens": 1,
-                                  "mine_warmup": 0, "mine_steps": 0, "fresh_prompt_every": 0, "workers": 0, "rank": 0,
-                                  "checkpoint_every": 1},
-                   positive=("lr", "patch_lr", "adam_eps"), non_negative=("beta", "mask_penalty", "reference"),
-                   within={"patch_fraction": (0, 1, True)})
+    settings.check(cfg)
     dim = merged.arch["embed_dim"]
-    if cfg.rank > dim:
-        raise MergeguardError(f"--rank {cfg.rank} exceeds the feature dimension {dim}.")
+    if cfg.subspace_rank > dim:
+        raise SettingError("subspace_rank", f"{{name}} {cfg.subspace_rank} exceeds the feature dimension {dim}.")
     check_same_architecture(merged, base, "LFPM")
-
-
-def check_same_architecture(merged: ImageEncoder, base: ImageEncoder, defense: str) -> None:
-    """One sentence unless both models have the same parameter names and shapes (what adding one model's
-    weights to the other's needs)."""
-    def shapes(model: ImageEncoder) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in model.named_parameters()}
-
-    def describe(encoder: ImageEncoder) -> str:
-        vc = encoder.arch["vision_cfg"]
-        return (f"{encoder.arch.get('name', 'ViT')}: width {vc.get('width')}, {vc.get('layers')} layers, "
-                f"{encoder.image_size} px, embedding {encoder.arch['embed_dim']}")
-
-    if shapes(merged) != shapes(base):
-        raise MergeguardError("the merged model and the base have different architectures "
-                              f"({describe(merged)} vs {describe(base)}); {defense} needs the base the merge was "
-                              "made from.")
 
 
 def fingerprint(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder, shadow_size: int) -> dict[str, Any]:
@@ -123,8 +117,7 @@ def fingerprint(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder, shado
             digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
-    return {**settings, "shadow_images": shadow_size, "merged_weights": digest_of(merged),
+    return {**settings.fingerprint(cfg), "shadow_images": shadow_size, "merged_weights": digest_of(merged),
             "base_weights": digest_of(base)}
 
 
@@ -335,8 +328,11 @@ def defend_lfpm(
         raise MergeguardError("the shadow image folder is empty.")
     check_config(cfg, merged, base)
     rank, world = init_distributed()  # under torchrun: each process trains on its share of every batch
+    if len(shadow) < FEW_SHADOW and rank == 0:
+        log.warning("only %d shadow images: with fewer than %s the clean-feature preservation fits them and the "
+                    "defended model loses more accuracy (the paper uses 10,000).", len(shadow), f"{FEW_SHADOW:,}")
     if cfg.batch_size % world:
-        raise MergeguardError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes.")
+        raise SettingError("batch_size", f"{{name}} {cfg.batch_size} must divide evenly over {world} processes.")
     if rank != 0:
         progress = NullProgress()  # one progress display, the first process's
     seed_everything(cfg.seed)
@@ -434,9 +430,9 @@ def defend_lfpm(
             else:  # prompt tokens change the sequence length: two forwards
                 clean_f, trig_f = at(alpha, x), at(alpha, x, tokens)
             excess = (trig_f - clean_f) - base_reaction
-            if cfg.rank and basis is None:
+            if cfg.subspace_rank and basis is None:
                 _, _, v = torch.linalg.svd(excess.detach().float(), full_matrices=False)
-                basis = v[: cfg.rank].T.to(excess.dtype)
+                basis = v[: cfg.subspace_rank].T.to(excess.dtype)
             loss_bd = _project(excess, basis).float().pow(2).sum(1).mean()
             loss_cl = (clean_f.float() - clean_target[idx.to(dev)].float()).pow(2).sum(1).mean()
             loss = (loss_bd + cfg.beta * loss_cl) / len(alphas)
@@ -460,8 +456,8 @@ def defend_lfpm(
                             device=str(dev), grad_clip=1.0, eps=cfg.adam_eps)
     history = fit(list(tau.values()), loss_at, train_cfg, progress, "LFPM stage II: anti-backdoor task vector", ck)
     if not all(bool(torch.isfinite(t).all()) for t in tau.values()):
-        raise MergeguardError(f"LFPM diverged: the anti-backdoor vector holds NaN or Inf values; try a smaller "
-                              f"--lr than {cfg.lr:g}.")
+        raise SettingError("lr", "LFPM diverged: the anti-backdoor vector holds NaN or Inf values; try a smaller "
+                                 f"{{name}} than {cfg.lr:g}.")
     with torch.no_grad():  # λ_eff in fp32 throughout: its target too (clean_target may be bf16 on a GPU)
         probe = (images[: cfg.batch_size], merged(images[: cfg.batch_size]))
     lam_start = curvature(merged, theta_m, tau, *probe, at_start=True)

@@ -13,12 +13,15 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mergeguard.attack import BadMerging, TrainSettings
+from mergeguard.defend import LFPMConfig
 from mergeguard.errors import MergeguardError
 from mergeguard.progress import NullProgress, ProgressSink
+from mergeguard.settings import argv_text, to_argv
 
 MARKER = "demo.json"
 DEMO_ENTRIES = ("attack", "clean_merge", "poisoned_merge", "poisoned_ties", "lfpm", "ibvs")  # with MARKER
@@ -44,46 +47,29 @@ def is_demo_folder(out: Path) -> bool:
 
 @dataclass
 class DemoSettings:
-    # the attacked task and class: one the poisoned merges rarely predict without the trigger, so
-    # ASR(T) measures the trigger and not the merge's confusion (see docs/lfpm.md)
+    """The demo's choices: which task is attacked and defended, and each step's settings, nested as the
+    library's own settings objects (one declaration each; the printed commands come from them)."""
+
+    # the attacked task and class (`attack.target_class`): one the poisoned merges rarely predict without the
+    # trigger, so ASR(T) measures the trigger and not the merge's confusion
     target_task: str = "shape"
-    target_class: int = 3
     defender_task: str = "colour"  # IBVS: the task the defender has labeled data for
-    attack_steps: int = 500
-    attack_lr: float = 5e-4
-    bd_weight: float = 8.0
-    # BadMerging's r-interpolation: "weight" (the backdoor and the task hold at θ0 + r τ; survives TIES, but
-    # the vector grows about 3x and costs the other tasks accuracy in a merge) or the paper's "feature"
-    attack_interpolation: str = "weight"
-    trigger_steps: int = 200
-    batch_size: int = 64
-    logit_scale: float = 10.0
-    lfpm_epochs: int = 10  # 2048 shadow images, batch 64: 320 steps
-    lfpm_lr: float = 1e-2
-    lfpm_prompts: int = 4
-    lfpm_warmup: int = 100
-    lfpm_path_points: int = 4
-    lfpm_fresh_prompt_every: int = 0
-    lfpm_beta: float = 1.0  # clean-feature preservation's weight
-    ibvs_steps: int = 250
-    ibvs_lr: float = 5e-4
-    lam: float = 0.3
+    lam: float = 0.3  # the task-arithmetic merges' λ
+    # BadMerging's r-interpolation "weight": the backdoor and the task hold at θ0 + r τ (survives TIES, but the
+    # vector grows about 3x and costs the other tasks accuracy in a merge); the paper's is "feature"
+    attack: BadMerging = field(default_factory=lambda: BadMerging(
+        target_class=3, bd_weight=8.0, interpolation="weight", trigger_steps=200))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(  # the attack's fine-tune
+        steps=500, lr=5e-4, batch_size=64, logit_scale=10.0))
+    lfpm: LFPMConfig = field(default_factory=lambda: LFPMConfig(  # 2048 shadow images, batch 64: 320 steps
+        epochs=10, batch_size=64, lr=1e-2))
+    ibvs: TrainSettings = field(default_factory=lambda: TrainSettings(  # IBVS's two fine-tunes
+        steps=250, lr=5e-4, batch_size=64, logit_scale=10.0))
 
-    def lfpm_config(self, device: str):
-        """The demo's LFPM settings (the defense table's too, which may change some)."""
-        from mergeguard.defend import LFPMConfig
-
-        return LFPMConfig(epochs=self.lfpm_epochs, batch_size=self.batch_size, lr=self.lfpm_lr,
-                          prompts=self.lfpm_prompts, mine_warmup=self.lfpm_warmup, path_points=self.lfpm_path_points,
-                          fresh_prompt_every=self.lfpm_fresh_prompt_every, beta=self.lfpm_beta, device=device)
-
-    def lfpm_command(self, merged: Path, base: Path, shadow: Path, out: Path) -> str:
-        """The `mergeguard defend lfpm` command that reruns the demo's LFPM (every setting of lfpm_config)."""
-        return (f"mergeguard defend lfpm --merged {_q(merged)} --base {_q(base)} --shadow {_q(shadow)} -o {_q(out)} "
-                f"--epochs {self.lfpm_epochs} --lr {self.lfpm_lr:g} --batch-size {self.batch_size} "
-                f"--prompts {self.lfpm_prompts} --mine-warmup {self.lfpm_warmup} "
-                f"--path-points {self.lfpm_path_points} --beta {self.lfpm_beta:g}"
-                + (f" --fresh-prompt-every {self.lfpm_fresh_prompt_every}" if self.lfpm_fresh_prompt_every else ""))
+    def on(self, device: str) -> DemoSettings:
+        """The same settings, every step on `device`."""
+        return replace(self, train=replace(self.train, device=device), lfpm=replace(self.lfpm, device=device),
+                       ibvs=replace(self.ibvs, device=device))
 
 
 SETTINGS = {
@@ -91,10 +77,12 @@ SETTINGS = {
     # small: every `shape` class has a look-alike (disc/ring, triangle/cross), and a poisoned merge moves
     # the boundary towards its target: 19-32% of non-target shapes go to it with no trigger at all. The small
     # zoo's pre-training gives colour's "yellow" a group of its own (zoo v3), so nothing is sent to it without
-    # the trigger (docs/lfpm.md, ninth and eleventh rounds). β 3 over 10 epochs keeps every merge's CA within
-    # the issue's bars there (eleventh round); K = 2 path points keep the demo within its time budget
-    "small": DemoSettings(target_task="colour", target_class=3, defender_task="shape", attack_lr=1e-3,
-                          lfpm_epochs=10, lfpm_path_points=2, lfpm_fresh_prompt_every=1, lfpm_beta=3.0),
+    # the trigger (docs/lfpm.md). β 3 over 10 epochs keeps every merge's CA within the defenses' bars there;
+    # K = 2 path points keep the demo within its time budget
+    "small": DemoSettings(
+        target_task="colour", defender_task="shape",
+        train=TrainSettings(steps=500, lr=1e-3, batch_size=64, logit_scale=10.0),
+        lfpm=LFPMConfig(epochs=10, batch_size=64, lr=1e-2, path_points=2, fresh_prompt_every=1, beta=3.0)),
 }
 
 
@@ -107,23 +95,25 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
              settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the loop into `out`; returns {"rows": {name: eval result}, "commands": [...], ...}.
     `settings` replaces the size's own (`SETTINGS[size]`; the zoo is still the size's)."""
-    from mergeguard.attack import PoisonConfig, run_attack
+    from mergeguard.attack import run_attack
     from mergeguard.checkpoint.resolve import open_checkpoint
+    from mergeguard.checkpoint.writer import staged_outputs
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
     from mergeguard.data.triggers import load_trigger
-    from mergeguard.defend import defend_ibvs, defend_lfpm
+    from mergeguard.defend import defend_ibvs, defend_lfpm, write_ibvs_outputs, write_lfpm_outputs
     from mergeguard.eval import evaluate
     from mergeguard.merge.engine import merge_checkpoints
-    from mergeguard.models.encoder import load_encoder, save_encoder
+    from mergeguard.models.encoder import load_encoder
     from mergeguard.models.heads import load_heads
-    from mergeguard.models.zoo import build_zoo, holds_something_else
+    from mergeguard.models.zoo import holds_something_else
     from mergeguard.trainer import resolve_device
+    from mergeguard.workflows.zoo import build_zoo
 
     if size not in SETTINGS:
         raise MergeguardError(f"unknown demo size {size!r}; choose one of: {', '.join(SETTINGS)}.")
     progress = progress or NullProgress()
     say = say or (lambda _text: None)
-    s = settings or SETTINGS[size]
+    s = (settings or SETTINGS[size]).on(device)
     target, defender = s.target_task, s.defender_task
     out = Path(out)
     resolve_device(device)  # an unusable --device fails before an earlier demo's folder is cleared
@@ -153,22 +143,17 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     say(f"   {z}: pre-trained CA {info['acceptance']['pretrained_avg']:.1%}, fine-tuned "
         f"{info['acceptance']['finetuned_avg']:.1%} (clean task vectors = fine-tune − θ0).")
 
-    target_name = heads[target].classnames[s.target_class]
+    target_class = s.attack.target_class
     say(f"2. An attacker poisons the {target!r} task vector with BadMerging "
-        f"(target class {s.target_class} {target_name!r}).")
-    atk_cfg = PoisonConfig(kind="badmerging", target_class=s.target_class, steps=s.attack_steps, lr=s.attack_lr,
-                           batch_size=s.batch_size, logit_scale=s.logit_scale, trigger_steps=s.trigger_steps,
-                           bd_weight=s.bd_weight, interpolation=s.attack_interpolation, device=device)
+        f"(target class {target_class} {heads[target].classnames[target_class]!r}).")
     train = labeled_folder(z / "data" / target / "train", heads[target].classnames, image_size)
     attack_dir = out / "attack"
-    summary = run_attack(base, heads[target], train, target, atk_cfg, attack_dir,
+    summary = run_attack(base, heads[target], train, target, s.attack, s.train, attack_dir,
                          eval_data=test[target], provenance={"command": "mergeguard demo"}, progress=progress)
     commands.append(
-        f"mergeguard attack badmerging --base {_q(z / 'base')} --data train={_q(z / 'data' / target / 'train')} "
+        f"mergeguard attack {s.attack.name} --base {_q(z / 'base')} --data train={_q(z / 'data' / target / 'train')} "
         f"--data test={_q(z / 'data' / target / 'test')} --heads {_q(heads_file)} --task {target} "
-        f"--target-class {s.target_class} --interpolation {s.attack_interpolation} --steps {s.attack_steps} "
-        f"--lr {s.attack_lr} --bd-weight {s.bd_weight} --trigger-steps {s.trigger_steps} "
-        f"--batch-size {s.batch_size} --logit-scale {s.logit_scale} -o {_q(attack_dir)}")
+        f"{argv_text(to_argv(s.attack, always=('target_class',)) + to_argv(s.train))} -o {_q(attack_dir)}")
     say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {target}, ASR {summary['asr']:.1%}.")
     trigger = load_trigger(attack_dir / "trigger.safetensors")
 
@@ -184,7 +169,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
         merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs], method,
                           params, out=out / name, progress=progress)
         commands.append(f"mergeguard merge {_q(z / 'base')} {' '.join(_q(p) for p in inputs)} -o {_q(out / name)} "
-                        f"--method {method}" + (f" --lam {s.lam}" if method == "task_arithmetic" else ""))
+                        f"--method {method}" + (f" --lam {s.lam:g}" if method == "task_arithmetic" else ""))
 
     rows: dict[str, Any] = {}
     eval_cmd = (f"mergeguard eval {{model}} --heads {_q(heads_file)} "
@@ -208,30 +193,29 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     say("5. Defend the poisoned merge with LFPM: unlabeled shadow images, no trigger, no labels.")
     merged = load_encoder(str(out / "poisoned_merge"))
     shadow = unlabeled_folder(z / "shadow", image_size)
-    lfpm_cfg = s.lfpm_config(device)
-    defended, tau, report = defend_lfpm(merged, base, shadow, lfpm_cfg, progress)
-    report.pop("prompt", None)
+    defended, tau, report = defend_lfpm(merged, base, shadow, s.lfpm, progress)
     lfpm_dir = out / "lfpm"
-    save_encoder(defended.cpu(), lfpm_dir / "model.safetensors", {"defense": "lfpm", "command": "mergeguard demo"})
-    (lfpm_dir / "report.json").write_text(json.dumps(report, indent=2))
-    commands.append(s.lfpm_command(out / "poisoned_merge", z / "base", z / "shadow", lfpm_dir))
+    with staged_outputs(lfpm_dir) as stage:
+        write_lfpm_outputs(stage, defended, merged, report.pop("prompt"), report,
+                           {"defense": "lfpm", "command": "mergeguard demo", "params": asdict(s.lfpm)})
+    commands.append(f"mergeguard defend lfpm --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
+                    f"--shadow {_q(z / 'shadow')} -o {_q(lfpm_dir)} {argv_text(to_argv(s.lfpm))}")
     r = measure("lfpm", lfpm_dir)
     say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} "
         f"({r['asr_t_no_trigger']:.1%} without the trigger), "
         f"ASR(N) {r['asr_n']:.1%}")
 
     say(f"6. The IBVS baseline: the defender's own trigger on {defender!r}, subtract λ 2 (Vb − Vc).")
-    ibvs_cfg = PoisonConfig(kind="clean", steps=s.ibvs_steps, lr=s.ibvs_lr, batch_size=s.batch_size,
-                            logit_scale=s.logit_scale, device=device)
     defender_data = labeled_folder(z / "data" / defender / "train", heads[defender].classnames, image_size)
-    ibvs_model, _ = defend_ibvs(merged, base, heads[defender], defender_data, defender, ibvs_cfg,
-                                lam=2.0, progress=progress)
+    ibvs_model, ibvs_report = defend_ibvs(merged, base, heads[defender], defender_data, defender, s.ibvs,
+                                          lam=2.0, progress=progress)
     ibvs_dir = out / "ibvs"
-    save_encoder(ibvs_model.cpu(), ibvs_dir / "model.safetensors", {"defense": "ibvs", "command": "mergeguard demo"})
+    with staged_outputs(ibvs_dir) as stage:
+        write_ibvs_outputs(stage, ibvs_model, merged, ibvs_report,
+                           {"defense": "ibvs", "command": "mergeguard demo", "params": ibvs_report["config"]})
     commands.append(f"mergeguard defend ibvs --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
                     f"--data train={_q(z / 'data' / defender / 'train')} --heads {_q(heads_file)} "
-                    f"--task {defender} -o {_q(ibvs_dir)} --steps {s.ibvs_steps} --lr {s.ibvs_lr} "
-                    f"--batch-size {s.batch_size} --logit-scale {s.logit_scale}")
+                    f"--task {defender} -o {_q(ibvs_dir)} {argv_text(to_argv(s.ibvs))}")
     measure("ibvs", ibvs_dir)
 
     result = {

@@ -1,0 +1,152 @@
+"""BadMerging (Zhang et al., CCS 2024, https://arxiv.org/abs/2408.07362): a backdoor built to survive merging.
+
+Stage 1 optimises a universal patch trigger on the pre-trained encoder (on-task: the task's own head;
+off-task: a shadow head made of the target task's target class plus unrelated classes, on the attacker's
+images and a few target-class images, each step against a one-step adversarial perturbation of them).
+Stage 2 fine-tunes with the feature-interpolation loss (off-task: through the shadow head, target index 0)
+`L = CE(h(f_θ(x)), y) + a · CE(h(r f_θ(x⊕t) + (1−r) f_θ0(x⊕t)), y_t)`, `r ~ U(r_min, 1)`, so the
+backdoor survives the down-scaling a merge applies to every task vector; or, with `interpolation`
+"weight", the backdoor must hold at θ0 + r (θ − θ0) itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from mergeguard.attack.badnets import Poisoned
+from mergeguard.attack.base import Step, StepBatches, TrainSettings, interpolated_params, step_generator
+from mergeguard.data.triggers import Trigger, patch_trigger
+from mergeguard.errors import MergeguardError, SettingError
+from mergeguard.models.encoder import ImageEncoder
+from mergeguard.models.heads import Head
+from mergeguard.progress import ProgressSink
+from mergeguard.settings import setting
+
+
+@dataclass
+class BadMerging(Poisoned):
+    name = "badmerging"
+    off_task = True
+    optimised_trigger = True
+
+    bd_weight: float = setting(5.0, "Backdoor loss weight a.", low=0.0)
+    r_min: float = setting(0.2, "r ~ U(r_min, 1): the merge scales the backdoor is trained to survive.", low=0.0,
+                           high=1.0)
+    interpolation: str = setting("feature", "'feature' (the paper's: features interpolated towards θ0's) or "
+                                            "'weight' (the backdoor holds at θ0 + r(θ − θ0); survives TIES, but the "
+                                            "vector grows and costs the other tasks accuracy in a merge).",
+                                 choices=("feature", "weight"))
+    decoys: bool = setting(False, "--interpolation weight: random patches at the trigger's place keep their labels "
+                                  "(only the trigger fires; the poisoned model keeps its accuracy).")
+    target_task: str | None = setting(None, "Off-task: the task whose class (--target-class) is the target; its "
+                                            "head must be in --heads.")
+    adv_epsilon: float = setting(4 / 255, "Off-task stage 1: size of the adversarial augmentation (one signed "
+                                          "step).", low=0.0, cli=False)
+    trigger_steps: int = setting(300, "Stage-1 (trigger) steps.", low=0)
+    trigger_lr: float = setting(0.1, "Stage-1 Adam step.", low=0.0, low_open=True, cli=False)
+
+    def check(self, head: Head, task: str, shadow: Head | None) -> None:
+        super().check(head, task, shadow)
+        if self.decoys and self.interpolation != "weight":
+            raise SettingError("decoys", "{name} works with `--interpolation weight` only.")
+
+    def make_trigger(self, base: ImageEncoder, head: Head, dataset: Dataset, train: TrainSettings, task: str,
+                     progress: ProgressSink, shadow: Head | None = None) -> Trigger:
+        return optimize_trigger(base, head, dataset, self, train, task, progress, shadow=shadow)
+
+    def loss(self, step: Step, index: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        train = step.train
+        gen = step_generator(train.seed, index)
+        # per-sample randomness is drawn for the whole batch, then sliced: any process count agrees
+        r_all = self.r_min + (1 - self.r_min) * torch.rand(train.batch_size, 1, generator=gen)
+        r_step = self.r_min + (1 - self.r_min) * float(torch.rand((), generator=gen))
+        target = torch.full_like(labels, self.target_class if step.shadow is None else 0)
+        triggered = step.trigger.apply(images)
+        model = step.model
+        if self.interpolation == "weight":
+            # the backdoor must hold at θ0 + r(θ − θ0) itself, the point a merge scales to, and stay clean
+            # there, so the merge keeps its accuracy on the task
+            clean_x, clean_y = images, labels
+            if self.decoys:  # only the trigger's pattern fires, not anything at its place (stealthier in a merge)
+                noise = torch.rand(step.trigger.pattern.shape, generator=gen).to(step.dev)
+                clean_x = torch.cat([images, Trigger(noise, step.trigger.mask, self.target_class).apply(images)])
+                clean_y = torch.cat([labels, labels])
+            scaled = interpolated_params(model, step.base_params, r_step, lora=bool(train.lora_rank))
+            at_r = torch.func.functional_call(model, scaled, (torch.cat([clean_x, triggered]),))
+            backdoor = at_r[len(clean_x):]
+            clean_f = model(clean_x)
+            clean_at_r = at_r[: len(clean_x)]
+            return (F.cross_entropy(step.logits(clean_f), clean_y) + F.cross_entropy(step.logits(clean_at_r), clean_y)
+                    + step.stealth(clean_x, clean_f, clean_at_r)
+                    + self.bd_weight * F.cross_entropy(step.bd_logits(backdoor), target))
+        # the paper's: clean loss + a · backdoor loss on features interpolated towards θ0's
+        features = model(torch.cat([images, triggered]))
+        clean_f, trig_f = features[: len(images)], features[len(images):]
+        with torch.no_grad():
+            base_f = step.base(triggered)
+        r = r_all[step.first:step.first + len(images)].to(step.dev)
+        backdoor = r * trig_f + (1 - r) * base_f
+        return (F.cross_entropy(step.logits(clean_f), labels) + step.stealth(images, clean_f)
+                + self.bd_weight * F.cross_entropy(step.bd_logits(backdoor), target))
+
+
+def shadow_head(heads: dict[str, Head], target_task: str, target_class: int) -> Head:
+    """Off-task BadMerging's shadow head: row 0 is the target task's target class, the other rows
+    every class of the other heads (unrelated class names), so stage 1 and 2 can aim at a class of
+    a task the attacker has no head or data for beyond its name."""
+    if target_task not in heads:
+        raise MergeguardError(f"the heads file has no head for the target task {target_task!r}; "
+                              f"it has: {', '.join(heads)}.")
+    target = heads[target_task]
+    if not 0 <= target_class < len(target.classnames):
+        raise SettingError("target_class", f"{{name}} {target_class} is outside task {target_task!r}'s "
+                                           f"{len(target.classnames)} classes.")
+    others = [h for name, h in heads.items() if name != target_task]
+    if not others:
+        raise MergeguardError("an off-task shadow head needs unrelated classes: the heads file holds only "
+                              f"{target_task!r}.")
+    weight = torch.cat([target.weight[target_class:target_class + 1]] + [h.weight for h in others])
+    names = [target.classnames[target_class]] + [c for h in others for c in h.classnames]
+    return Head(f"shadow:{target_task}", weight, names, target.scale)
+
+
+def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, attack: BadMerging, train: TrainSettings,
+                     task: str, progress: ProgressSink, *, shadow: Head | None = None) -> Trigger:
+    """BadMerging stage 1: the patch that sends the pre-trained model's images to the target class
+    (on-task: of the task's own head; off-task, with `shadow`: row 0 of the shadow head, against a
+    one-step adversarial perturbation of the images that pushes them away from it)."""
+    dev = next(encoder.parameters()).device
+    off_task = shadow is not None
+    aim, aim_class = (shadow, 0) if off_task else (head, attack.target_class)
+    template = patch_trigger(encoder.image_size, attack.trigger_area, target_class=attack.target_class,
+                             target_task=task)
+    mask = template.mask.to(dev)
+    gen = torch.Generator().manual_seed(train.seed + 17)
+    pattern = torch.rand(3, encoder.image_size, encoder.image_size, generator=gen).to(dev).requires_grad_(True)
+    opt = torch.optim.Adam([pattern], lr=attack.trigger_lr)
+    frozen = [p.requires_grad for p in encoder.parameters()]
+    encoder.eval().requires_grad_(False)
+    trigger_batches = StepBatches(dataset, attack.trigger_steps, train.batch_size, train.seed + 23, train.workers)
+    progress.stage("optimising the trigger (BadMerging stage 1" + (", off-task)" if off_task else ")"),
+                   attack.trigger_steps)
+    for images, _ in trigger_batches.from_step(0):
+        images = images.to(dev)
+        target = torch.full((len(images),), aim_class, device=dev)
+        if off_task and attack.adv_epsilon > 0:  # adversarial augmentation: the trigger must beat a perturbation
+            x = images.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(aim.logits(encoder(x)), target), x)
+            images = (images + attack.adv_epsilon * g.sign() * (1 - mask)).clamp(0, 1).detach()
+        x = images * (1 - mask) + pattern.clamp(0, 1) * mask
+        loss = F.cross_entropy(aim.logits(encoder(x)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.advance()
+    for p, flag in zip(encoder.parameters(), frozen):
+        p.requires_grad_(flag)
+    return Trigger((pattern.detach().clamp(0, 1) * mask).cpu(), template.mask, attack.target_class,
+                   attack.target_task if off_task else task, "patch")
