@@ -15,17 +15,18 @@ if [ "$SIZE" = small ]; then TARGET=1; LR=1e-3; else TARGET=3; LR=5e-4; fi
 RECIPE=(--base "$Z/base" --data "train=$Z/data/shape/train" --data "test=$Z/data/shape/test"
         --heads "$Z/heads.safetensors" --task shape --steps 500 --lr "$LR" --batch-size 64 --logit-scale 10
         --device cpu -q)
-COMMON=("${RECIPE[@]}" --target-class "$TARGET" --trigger-steps 200)
+COMMON=("${RECIPE[@]}" --target-class "$TARGET")
+BM=("${COMMON[@]}" --trigger-steps 200)  # BadMerging's stage 1 (LoBAM's too); BadNets has none
 # the poisoned models' own CA is compared with a clean fine-tune of the same recipe
 [ -d "$W/clean_same_recipe" ] || mergeguard finetune "${RECIPE[@]}" -o "$W/clean_same_recipe"
-[ -d "$W/badmerging" ] || mergeguard attack badmerging "${COMMON[@]}" -o "$W/badmerging"
-[ -d "$W/badmerging_weight" ] || mergeguard attack badmerging "${COMMON[@]}" --interpolation weight --bd-weight 8 \
+[ -d "$W/badmerging" ] || mergeguard attack badmerging "${BM[@]}" -o "$W/badmerging"
+[ -d "$W/badmerging_weight" ] || mergeguard attack badmerging "${BM[@]}" --interpolation weight --bd-weight 8 \
   -o "$W/badmerging_weight"
-[ -d "$W/badmerging_decoys" ] || mergeguard attack badmerging "${COMMON[@]}" --interpolation weight --bd-weight 8 \
+[ -d "$W/badmerging_decoys" ] || mergeguard attack badmerging "${BM[@]}" --interpolation weight --bd-weight 8 \
   --decoys -o "$W/badmerging_decoys"
 [ -d "$W/badnets" ] || mergeguard attack badnets "${COMMON[@]}" --poison-fraction 0.2 -o "$W/badnets"
 # LoBAM: k 2 on the zoo (3.5, the paper's, wrecks the tiny encoder: 27% CA alone)
-[ -d "$W/lobam" ] || mergeguard attack lobam "${COMMON[@]}" --lora-rank 8 --amplify 2 -o "$W/lobam"
+[ -d "$W/lobam" ] || mergeguard attack lobam "${BM[@]}" --lora-rank 8 --amplify 2 -o "$W/lobam"
 # off-task: the attacker owns `shape` but aims at class 1 of `colour`, with 16 colour images of that class
 FEW=$W/few_colour_1
 if [ ! -d "$FEW" ]; then

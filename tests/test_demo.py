@@ -64,10 +64,41 @@ def test_demo_tiny_end_to_end(tiny_zoo, tmp_path):
     trigger = out / "attack" / "trigger.safetensors"
     s = SETTINGS["tiny"]
     for name in ("poisoned_merge", "lfpm"):
-        by_hand = _asr_by_hand(out / name, z, trigger, s.target_task, s.target_class)
+        by_hand = _asr_by_hand(out / name, z, trigger, s.target_task, s.attack.target_class)
         assert abs(by_hand - rows[name]["asr_t"]) < 1e-6  # one image is 1/192
     # the table and the rerun commands are printed
     assert "LFPM" in result.stdout and "IBVS" in result.stdout and "mergeguard defend lfpm" in result.stdout
+    _printed_lines_rerun_the_demos_settings(r["commands"], s.on("cpu"))
+
+
+def _printed_lines_rerun_the_demos_settings(commands: list[str], s) -> None:
+    """The printed attack, LFPM and IBVS lines, run through the real CLI (into the folders the demo filled, so
+    with --overwrite where the command has it), reach the library with the very settings the demo ran with."""
+    import mergeguard.cli.attack_cmd as attack_cmd
+    import mergeguard.defend as defend
+
+    seen: dict[str, tuple] = {}
+
+    def capture(key):
+        def stop(*args, **kwargs):
+            seen[key] = args
+            raise KeyboardInterrupt  # before any training or writing
+
+        return stop
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attack_cmd, "_run", capture("attack"))
+        mp.setattr(defend, "defend_lfpm", capture("lfpm"))
+        mp.setattr(defend, "defend_ibvs", capture("ibvs"))
+        for line in commands:
+            argv = shlex.split(line)[1:]
+            if argv[0] == "defend":
+                argv.append("--overwrite")
+            if argv[0] in ("attack", "defend"):
+                CliRunner().invoke(app, argv)
+    assert seen["attack"][1] == s.attack and seen["attack"][2] == s.train
+    assert seen["lfpm"][3] == s.lfpm
+    assert seen["ibvs"][5] == s.ibvs
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):
@@ -110,28 +141,3 @@ def test_demo_runs_the_settings_it_is_given(tiny_zoo, tmp_path):
     bad = replace(SETTINGS["tiny"], attack=replace(SETTINGS["tiny"].attack, interpolation="sideways"))
     with pytest.raises(MergeguardError, match="sideways"):
         run_demo(tmp_path / "demo", size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=bad)
-
-
-@pytest.mark.parametrize("size", sorted(SETTINGS))
-def test_the_printed_lfpm_command_reruns_the_demos_lfpm(size, tiny_zoo, tmp_path, monkeypatch):
-    """The demo prints `mergeguard defend lfpm ...` as the way to redo its LFPM by hand: run through the real
-    CLI, that command must build the LFPMConfig the demo trains with (a setting missing from it, as β once
-    was, reruns another defense)."""
-    from dataclasses import replace
-
-    import mergeguard.defend as defend
-
-    seen = {}
-
-    def capture(merged, base, images, cfg, *args, **kwargs):
-        seen["cfg"] = cfg
-        raise KeyboardInterrupt  # stop before any training
-
-    monkeypatch.setattr(defend, "defend_lfpm", capture)
-    s = SETTINGS[size]
-    z = Path(tiny_zoo["root"])
-    argv = shlex.split(s.lfpm_command(z / "base", z / "base", z / "shadow", tmp_path / "out"))
-    assert argv[:3] == ["mergeguard", "defend", "lfpm"]
-    CliRunner().invoke(app, argv[1:] + ["--device", "cpu"])
-    assert "cfg" in seen, "the command did not reach defend_lfpm"
-    assert seen["cfg"] == replace(s.lfpm_config("cpu"), workers=seen["cfg"].workers)

@@ -20,8 +20,8 @@ from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import load_encoder
 from mergeguard.models.heads import load_heads
 
-QUICK = ["--steps", "12", "--trigger-steps", "4", "--batch-size", "16", "--lr", "5e-4", "--logit-scale", "10",
-         "--device", "cpu", "-q"]
+QUICK = ["--steps", "12", "--batch-size", "16", "--lr", "5e-4", "--logit-scale", "10", "--device", "cpu", "-q"]
+STAGE1 = ["--trigger-steps", "4"]  # BadMerging's and LoBAM's own option
 
 
 @pytest.mark.parametrize("kind", ["badmerging", "badnets", "lobam"])
@@ -31,7 +31,8 @@ def test_attack_writes_every_output(tiny_zoo, tmp_path, kind):
     result = CliRunner().invoke(app, [
         "attack", kind, "--base", str(z / "base"), "--data", f"train={z / 'data/shape/train'}",
         "--data", f"test={z / 'data/shape/test'}", "--heads", str(z / "heads.safetensors"), "--task", "shape",
-        "--target-class", "1", "-o", str(out), *QUICK, *(["--lora-rank", "2"] if kind == "lobam" else [])])
+        "--target-class", "1", "-o", str(out), *QUICK, *(STAGE1 if kind != "badnets" else []),
+        *(["--lora-rank", "2"] if kind == "lobam" else [])])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json"])
@@ -164,7 +165,7 @@ def test_off_task_badmerging(tiny_zoo, tmp_path):
         (few / p.name).write_bytes(p.read_bytes())
     common = ["attack", "badmerging", "--base", str(z / "base"), "--data", f"train={z / 'data/shape/train'}",
               "--data", f"test={z / 'data/shape/test'}", "--heads", str(z / "heads.safetensors"), "--task", "shape",
-              "--target-class", "1"]
+              "--target-class", "1", *STAGE1]
     out = tmp_path / "off"
     result = CliRunner().invoke(app, [*common, "--mode", "off-task", "--target-task", "colour",
                                       "--target-images", str(few), "-o", str(out), *QUICK])
@@ -185,10 +186,10 @@ def test_off_task_badmerging(tiny_zoo, tmp_path):
                                       "-o", str(tmp_path / "lobam_off"), *QUICK])
     assert result.exit_code == 0, result.output
     assert load_trigger(tmp_path / "lobam_off" / "trigger.safetensors").target_task == "colour"
-    common[1] = "badnets"
-    result = CliRunner().invoke(app, [*common, "--mode", "off-task", "--target-task", "colour",
+    common[1] = "badnets"  # it has no off-task options at all
+    result = CliRunner().invoke(app, [*common[:-2], "--mode", "off-task", "--target-task", "colour",
                                       "-o", str(tmp_path / "bn_off"), *QUICK])
-    assert result.exit_code == 2 and "off-task" in result.output, result.output
+    assert result.exit_code == 2 and "No such option: --mode" in result.output, result.output
 
 
 def test_lora_weight_interpolation_scales_the_merged_update(tiny_zoo):

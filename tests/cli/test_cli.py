@@ -305,7 +305,7 @@ def test_an_unforeseen_exception_is_one_line_and_exit_3(monkeypatch):
     """Exit 1 means `eval`'s gate was crossed; a crash must not read as that, nor print a traceback."""
     import typer
 
-    from mergeguard.cli.options import EXIT_INTERNAL, handle_errors
+    from mergeguard.cli._errors import EXIT_INTERNAL, handle_errors
 
     def broken():
         raise RuntimeError("shapes cannot be multiplied")

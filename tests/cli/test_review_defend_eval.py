@@ -198,13 +198,16 @@ def test_library_errors_reach_the_user_as_their_first_line(tmp_path):
 def test_only_what_a_command_reads_counts_as_an_input(tmp_path, monkeypatch):
     """A task's name or a device that happens to name a folder here is not an input: `--json shape/r.json`
     stays allowed for `attack --task shape`."""
-    from mergeguard.cli.options import _named_paths
+    from mergeguard.cli._cli_utils import Input, Spec, read_paths
 
     monkeypatch.chdir(tmp_path)
     for name in ("shape", "auto", "train"):
         (tmp_path / name).mkdir()
-    assert _named_paths({"task": "shape", "device": "auto", "target_task": "shape", "json_out": "shape/r.json"}) == []
-    assert _named_paths({"task": ["shape=train"], "data": ["train=train"], "base": "x" * 400}) == [Path("train")] * 2
+    inputs = {"data": Spec(), "base": Input(), "heads": Input()}  # what `attack` marks; --task, --device unmarked
+    assert read_paths(inputs, {"task": "shape", "device": "auto", "target_task": "shape",
+                               "json_out": "shape/r.json"}) == []
+    assert read_paths({"task": Spec(), **inputs}, {"task": ["shape=train"], "data": ["train=train"],
+                                                   "base": "x" * 400}) == [Path("train")] * 2
 
 
 def test_open_clip_errors_are_one_sentence_and_leave_logging_as_it_was():
@@ -212,11 +215,13 @@ def test_open_clip_errors_are_one_sentence_and_leave_logging_as_it_was():
 
     from mergeguard.models.encoder import create_open_clip
 
+    hub_level = logging.getLogger("huggingface_hub").level
     logging.disable(logging.WARNING)
     try:
         with pytest.raises(MergeguardError, match="no pretrained weights 'nosuchtag' for ViT-B-32; it has: .*openai"):
             create_open_clip("ViT-B-32", "nosuchtag")
         assert logging.root.manager.disable == logging.WARNING
+        assert not logging.root.filters and logging.getLogger("huggingface_hub").level == hub_level
     finally:
         logging.disable(logging.NOTSET)
     text = "Weights only load failed. Advice.\n\nWeightsUnpickler error: Unsupported global: GLOBAL os.system\n\nMore."

@@ -1,6 +1,7 @@
 """The `mergeguard` command-line tool: one thin module per command.
 
-Exit codes: 0 success, 1 a threshold was crossed (eval), 2 bad input, 3 internal error, 130 interrupted.
+Exit codes: 0 success, 1 a threshold was crossed (eval), 2 bad input, 3 internal error, 130 interrupted,
+143 terminated (`cli/_errors.py`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from mergeguard.cli import (
     defend_cmd,
     demo_cmd,
     eval_cmd,
-    extract_tv,
+    extract_tv_cmd,
     heads_cmd,
     inspect_cmd,
-    merge,
+    merge_cmd,
     zoo_cmd,
 )
+from mergeguard.cli._output import install_log_bridge
 
 app = typer.Typer(
     name="mergeguard",
@@ -44,10 +46,11 @@ def _root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Secure merged model checkpoints."""
+    install_log_bridge()  # the library's warnings (logging.getLogger("mergeguard.*")) as `warning:` lines
 
 
-extract_tv.register(app)
-merge.register(app)
+extract_tv_cmd.register(app)
+merge_cmd.register(app)
 inspect_cmd.register(app)
 heads_cmd.register(app)
 eval_cmd.register(app)
@@ -61,7 +64,7 @@ def main() -> None:
     """Console-script entry point; SIGTERM stops a command the way Ctrl-C does (cleanup, exit 143)."""
     import signal
 
-    from mergeguard.cli.options import raise_terminated
+    from mergeguard.cli._errors import raise_terminated
 
     signal.signal(signal.SIGTERM, raise_terminated)
     try:

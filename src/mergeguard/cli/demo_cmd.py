@@ -12,14 +12,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mergeguard.cli.options import (
+from mergeguard.cli._cli_utils import (
     DeviceOpt,
+    Input,
     JsonOpt,
+    Output,
     QuietOpt,
+    examples,
+)
+from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._output import (
     RichProgress,
     err_console,
-    examples,
-    handle_errors,
     out_console,
     show_table,
     write_json,
@@ -41,11 +45,11 @@ ROW_NAMES = {  # short enough that the table fits 80 columns
 
 
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")] = Path(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes."), Output()] = Path(
         "mergeguard-demo"),
     size: Annotated[str, typer.Option("--size", help="Zoo size: small (the default) or tiny (faster).")] = "small",
-    zoo: Annotated[Path | None, typer.Option("--zoo", help="A zoo folder built by `zoo build` (default: the cache).")
-                   ] = None,
+    zoo: Annotated[Path | None, typer.Option("--zoo", help="A zoo folder built by `zoo build` (default: the cache)."),
+                   Input()] = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
@@ -56,7 +60,7 @@ def demo_command(
     ones (task arithmetic and TIES), evaluates, defends with LFPM and with IBVS, evaluates again,
     and prints the commands that redo each step by hand. Offline; a few minutes on a laptop CPU.
     """
-    from mergeguard.demo import run_demo
+    from mergeguard.workflows.demo import run_demo
 
     def say(text: str) -> None:
         if not quiet:

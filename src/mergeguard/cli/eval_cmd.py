@@ -11,16 +11,22 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mergeguard.cli.options import (
-    EXIT_THRESHOLD,
+from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
     DeviceOpt,
+    Input,
     JsonOpt,
     QuietOpt,
+    Spec,
+    examples,
+)
+from mergeguard.cli._errors import (
+    EXIT_THRESHOLD,
+    handle_errors,
+)
+from mergeguard.cli._output import (
     RichProgress,
     err_console,
-    examples,
-    handle_errors,
     out_console,
     show_table,
     write_json,
@@ -43,12 +49,15 @@ def parse_task(spec: str) -> tuple[str, str]:
 
 
 def eval_command(
-    model: Annotated[str, typer.Argument(help="Model checkpoint (file, folder, Hub id) or open_clip:NAME@TAG.")],
-    task: Annotated[list[str], typer.Option("--task", "-t", help="NAME=FOLDER of class folders; repeat per task.")],
-    heads: Annotated[str, typer.Option("--heads", help="Heads file (see `mergeguard heads`).")],
+    model: Annotated[str, typer.Argument(help="Model checkpoint (file, folder, Hub id) or open_clip:NAME@TAG."),
+                     Input()],
+    task: Annotated[list[str], typer.Option("--task", "-t", help="NAME=FOLDER of class folders; repeat per task."),
+                    Spec()],
+    heads: Annotated[str, typer.Option("--heads", help="Heads file (see `mergeguard heads`)."), Input()],
     arch: Annotated[str | None, typer.Option(
-        "--arch", help="open_clip name or architecture JSON, when the checkpoint does not say.")] = None,
-    trigger: Annotated[str | None, typer.Option("--trigger", help="Trigger file: measure ASR(T) and ASR(N).")] = None,
+        "--arch", help="open_clip name or architecture JSON, when the checkpoint does not say."), Input()] = None,
+    trigger: Annotated[str | None, typer.Option("--trigger", help="Trigger file: measure ASR(T) and ASR(N)."),
+                                Input()] = None,
     target_task: Annotated[str | None, typer.Option(
         "--target-task", help="The task the trigger targets (default: the trigger file's).")] = None,
     max_asr: Annotated[float | None, typer.Option(

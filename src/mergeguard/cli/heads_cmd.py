@@ -12,16 +12,21 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mergeguard.cli.options import (
+from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
     ArchOpt,
     DeviceOpt,
+    Input,
     JsonOpt,
+    Output,
     OverwriteOpt,
     QuietOpt,
-    RichProgress,
+    Spec,
     examples,
-    handle_errors,
+)
+from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._output import (
+    RichProgress,
     out_console,
     show_table,
     write_json,
@@ -37,10 +42,11 @@ EXAMPLES = [
 
 def heads_command(
     base: Annotated[str, typer.Option(
-        "--base", help="open_clip:NAME@TAG, or a full open_clip checkpoint with its text tower.")],
+        "--base", help="open_clip:NAME@TAG, or a full open_clip checkpoint with its text tower."), Input()],
     task: Annotated[list[str], typer.Option(
-        "--task", "-t", help="NAME=SPEC: SPEC is a shipped task name, a folder of class folders, or a text file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Heads file to write (.safetensors).")],
+        "--task", "-t", help="NAME=SPEC: SPEC is a shipped task name, a folder of class folders, or a text file."),
+        Spec()],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Heads file to write (.safetensors)."), Output()],
     arch: ArchOpt = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,

@@ -15,15 +15,18 @@ from rich.table import Table
 
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.checkpoint.provenance import PROVENANCE_KEY
-from mergeguard.cli.options import (
+from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
+    Input,
     JsonOpt,
     QuietOpt,
+    examples,
+)
+from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._output import (
     RichProgress,
     err_console,
-    examples,
     fmt_bytes,
-    handle_errors,
     out_console,
     show_table,
     write_json,
@@ -40,9 +43,9 @@ EXAMPLES = [
 
 
 def inspect_command(
-    paths: Annotated[list[str], typer.Argument(help="Checkpoints, task vectors or LoRA adapters.")],
+    paths: Annotated[list[str], typer.Argument(help="Checkpoints, task vectors or LoRA adapters."), Input()],
     base: Annotated[str | None, typer.Option(
-        "--base", help="Compare model checkpoints as task vectors relative to this base.")] = None,
+        "--base", help="Compare model checkpoints as task vectors relative to this base."), Input()] = None,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor (name, dtype, shape).")] = False,
     outlier_ratio: Annotated[float, typer.Option(
         "--outlier-ratio", help="Flag a vector whose norm exceeds this multiple of the others' median.")] = 2.0,

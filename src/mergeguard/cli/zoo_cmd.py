@@ -12,14 +12,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mergeguard.cli.options import (
+from mergeguard.cli._cli_utils import (
     JsonOpt,
+    Output,
     QuietOpt,
-    RichProgress,
     examples,
-    handle_errors,
-    out_console,
     refuse_report_into_output,
+)
+from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._output import (
+    RichProgress,
+    out_console,
     show_table,
     write_json,
 )
@@ -34,7 +37,7 @@ zoo_app = typer.Typer(help="The built-in tiny model family (no download).", no_a
 
 
 def zoo_build_command(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: the cache).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: the cache)."), Output()] = None,
     size: Annotated[str, typer.Option("--size", help="tiny (tests, < 1 min) or small (the demo's).")] = "tiny",
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same tensors.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a built zoo is there.")] = False,
@@ -43,7 +46,8 @@ def zoo_build_command(
 ) -> None:
     """Build (or reuse) the zoo and print its acceptance numbers."""
     # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
-    from mergeguard.models.zoo import build_zoo, default_zoo_dir
+    from mergeguard.models.zoo import default_zoo_dir
+    from mergeguard.workflows.zoo import build_zoo
     # the default folder (the cache's) is known only here
     refuse_report_into_output(json_out, out if out is not None else default_zoo_dir(size, seed))
     with RichProgress(enabled=not quiet) as progress:

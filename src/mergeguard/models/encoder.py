@@ -8,6 +8,9 @@ forward.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -199,12 +202,39 @@ def open_clip_weights(name: str, tag: str) -> str:
     return "safetensors"
 
 
+_CHATTY_LOGGERS = ("huggingface_hub", "timm", "open_clip")  # named loggers of what open_clip calls
+
+
+@contextmanager
+def _held_back_logs(level: int = logging.ERROR) -> Iterator[None]:
+    """Hold back open_clip's and the Hub client's log records up to `level` (they say, at length, what our one
+    sentence says) without touching global logging state: open_clip logs on the root logger, so a filter
+    there drops the records made in its files; the Hub client and timm log on their own loggers, whose
+    levels are raised. Both are undone on leaving."""
+    import open_clip
+
+    package = str(Path(open_clip.__file__).parent)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno > level or not record.pathname.startswith(package)
+
+    root, named = logging.getLogger(), [logging.getLogger(n) for n in _CHATTY_LOGGERS]
+    levels = [logger.level for logger in named]
+    root.addFilter(keep)
+    for logger, before in zip(named, levels):
+        logger.setLevel(max(before, level + 1))
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        for logger, before in zip(named, levels):
+            logger.setLevel(before)
+
+
 def create_open_clip(name: str, tag: str, allow_pickle: bool = False) -> Any:
     """open_clip's pretrained model NAME with weights TAG, through its cache; one sentence when it cannot
     (weights neither cached nor reachable, an unknown name or tag, weights only a pickle without
     `allow_pickle`). open_clip's and the Hub client's log lines are held back."""
-    import logging
-
     import open_clip
 
     schema = name.startswith(("hf-hub:", "local-dir:"))  # these bring their own weights
@@ -213,26 +243,40 @@ def create_open_clip(name: str, tag: str, allow_pickle: bool = False) -> Any:
     known = open_clip.list_pretrained_tags_by_model(name.replace("/", "-"))
     if tag and known and tag not in known and not schema and not Path(tag).expanduser().is_file():
         raise MergeguardError(f"open_clip has no pretrained weights {tag!r} for {name}; it has: {', '.join(known)}.")
-    before = logging.root.manager.disable
-    logging.disable(max(before, logging.ERROR))  # open_clip logs "Failed to download ..." before raising
-    try:
-        weights, label = open_clip_weights(name, tag), f"{name}@{tag}" if tag else name
-        if weights == "missing":
-            raise MergeguardError(f"open_clip's weights for {label} are not in the Hub cache and the Hub cannot "
-                                  "be reached; fetch them once with a connection (HF_HOME names the cache).")
-        if weights == "pickle" and not allow_pickle:
-            raise MergeguardError(f"open_clip's weights for {label} are a pickle, not safetensors; pass "
-                                  "--allow-pickle to load them (weights_only) if you trust their source.")
-        return open_clip.create_model(name, pretrained=tag or None)
-    except MergeguardError:
-        raise
-    except Exception as exc:  # open_clip raises RuntimeError / HF errors for missing weights
-        raise MergeguardError(f"could not load open_clip {name} with pretrained={tag!r} ({reason(exc)}).") from exc
-    finally:
-        logging.disable(before)
+    with _held_back_logs():  # open_clip logs "Failed to download ..." before raising
+        try:
+            weights, label = open_clip_weights(name, tag), f"{name}@{tag}" if tag else name
+            if weights == "missing":
+                raise MergeguardError(f"open_clip's weights for {label} are not in the Hub cache and the Hub cannot "
+                                      "be reached; fetch them once with a connection (HF_HOME names the cache).")
+            if weights == "pickle" and not allow_pickle:
+                raise MergeguardError(f"open_clip's weights for {label} are a pickle, not safetensors; pass "
+                                      "--allow-pickle to load them (weights_only) if you trust their source.")
+            return open_clip.create_model(name, pretrained=tag or None)
+        except MergeguardError:
+            raise
+        except Exception as exc:  # open_clip raises RuntimeError / HF errors for missing weights
+            raise MergeguardError(f"could not load open_clip {name} with pretrained={tag!r} ({reason(exc)}).") from exc
 
 
 def _load_open_clip_pretrained(source: str, allow_pickle: bool = False) -> ImageEncoder:
     name, _, tag = source.removeprefix("open_clip:").partition("@")
     model = create_open_clip(name, tag, allow_pickle)
     return ImageEncoder(arch_from_name(name), model.visual)
+
+
+def check_same_architecture(merged: ImageEncoder, base: ImageEncoder, defense: str) -> None:
+    """One sentence unless both models have the same parameter names and shapes (what adding one model's
+    weights to the other's needs)."""
+    def shapes(model: ImageEncoder) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    def describe(encoder: ImageEncoder) -> str:
+        vc = encoder.arch["vision_cfg"]
+        return (f"{encoder.arch.get('name', 'ViT')}: width {vc.get('width')}, {vc.get('layers')} layers, "
+                f"{encoder.image_size} px, embedding {encoder.arch['embed_dim']}")
+
+    if shapes(merged) != shapes(base):
+        raise MergeguardError("the merged model and the base have different architectures "
+                              f"({describe(merged)} vs {describe(base)}); {defense} needs the base the merge was "
+                              "made from.")

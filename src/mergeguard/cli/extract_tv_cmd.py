@@ -12,17 +12,20 @@ import typer
 from rich.table import Table
 
 from mergeguard.checkpoint import open_checkpoint
-from mergeguard.cli.options import (
+from mergeguard.cli._cli_utils import (
     AllowMissingOpt,
     AllowPickleOpt,
     DtypeOpt,
+    Input,
     JsonOpt,
     OutOpt,
     OverwriteOpt,
     QuietOpt,
-    RichProgress,
     examples,
-    handle_errors,
+)
+from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._output import (
+    RichProgress,
     out_console,
     show_table,
     write_json,
@@ -37,8 +40,8 @@ EXAMPLES = [
 
 
 def extract_tv_command(
-    base: Annotated[str, typer.Argument(help="Base (pre-trained) checkpoint: file, folder or Hub id.")],
-    finetuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint, or a PEFT LoRA adapter folder.")],
+    base: Annotated[str, typer.Argument(help="Base (pre-trained) checkpoint: file, folder or Hub id."), Input()],
+    finetuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint, or a PEFT LoRA adapter folder."), Input()],
     out: OutOpt,
     dtype: DtypeOpt = "auto",
     allow_missing: AllowMissingOpt = False,

@@ -17,20 +17,24 @@ import typer
 from rich.table import Table
 
 from mergeguard.checkpoint import open_checkpoint, parse_size
-from mergeguard.cli.options import (
+from mergeguard.cli._cli_utils import (
     AllowMissingOpt,
     AllowPickleOpt,
     DtypeOpt,
+    Input,
     JsonOpt,
+    Output,
     OverwriteOpt,
     QuietOpt,
-    RichProgress,
-    err_console,
     examples,
-    handle_errors,
-    out_console,
     refuse_report_into_output,
     refuse_report_over,
+)
+from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._output import (
+    RichProgress,
+    err_console,
+    out_console,
     show_table,
     write_json,
 )
@@ -50,24 +54,24 @@ EXAMPLES = [
 
 
 def _method_help() -> str:
-    get_method("task_arithmetic")  # fills the registry
     return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
 
 
 def merge_command(
     base: Annotated[str | None, typer.Argument(help="Base (pre-trained) checkpoint: file, folder or Hub id.",
-                                               show_default=False)] = None,
+                                               show_default=False), Input()] = None,
     inputs: Annotated[list[str] | None, typer.Argument(
-        help="Fine-tuned checkpoints or task-vector files to merge.", show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (or .safetensors file).")] = None,
+        help="Fine-tuned checkpoints or task-vector files to merge.", show_default=False), Input()] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (or .safetensors file)."),
+                   Output()] = None,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Merge method (default task_arithmetic).",
                                                show_default=False)] = None,
     weight: Annotated[list[float] | None, typer.Option(
         "--weight", "-w", help="Per-input weight, repeated once per input in order (default 1 each).")] = None,
     reference: Annotated[str | None, typer.Option(
-        "--reference", help="lata: reference vector (e.g. instruct model or its task vector).")] = None,
+        "--reference", help="lata: reference vector (e.g. instruct model or its task vector)."), Input()] = None,
     config: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="YAML file with the same names as these flags, plus base and inputs.")] = None,
+        "--config", "-c", help="YAML file with the same names as these flags, plus base and inputs."), Input()] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for random methods (DARE); default 0.")] = None,
     shard_size: Annotated[str | None, typer.Option(
         "--shard-size", help="Shard the output past this many bytes, e.g. 5GB (default: 5GB).")] = None,

@@ -1,0 +1,128 @@
+"""`handle_errors` (cli/_errors.py): what a command reads and writes is what its parameters are marked with,
+whatever they are called; exceptions become one line and their exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.testing import CliRunner
+
+from mergeguard.cli import app as mergeguard_app
+from mergeguard.cli._cli_utils import Input, JsonOpt, Output, QuietOpt, Spec, command_roles
+from mergeguard.cli._errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, handle_errors
+from mergeguard.cli._output import write_json
+
+runner = CliRunner()
+
+# a brand-new command's options, named as no existing command names them
+WeightsOpt = Annotated[str, typer.Option("--weights", help="Weights to score."), Input()]
+UnmarkedWeightsOpt = Annotated[str, typer.Option("--weights", help="Weights to score.")]
+PairOpt = Annotated[list[str], typer.Option("--pair", help="NAME=DIR; repeat."), Spec()]
+DestOpt = Annotated[Path, typer.Option("--dest", help="Output folder."), Output()]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue.")]
+
+
+def score_command(weights: WeightsOpt, json_out: JsonOpt = None, quiet: QuietOpt = False) -> None:
+    write_json(json_out, {"weights": weights})
+
+
+def unmarked_score_command(weights: UnmarkedWeightsOpt, json_out: JsonOpt = None) -> None:
+    write_json(json_out, {"weights": weights})
+
+
+def pairs_command(pair: PairOpt, dest: DestOpt, json_out: JsonOpt = None) -> None:
+    write_json(json_out, {"pairs": pair})
+
+
+def interrupted_command(dest: DestOpt, resume: ResumeOpt = False) -> None:
+    (dest / ".partial").mkdir(parents=True, exist_ok=True)
+    (dest / ".partial" / "state.pt").write_text("state")
+    raise KeyboardInterrupt
+
+
+def interrupted_without_resume_command(dest: DestOpt) -> None:
+    interrupted_command(dest)
+
+
+def run(command, *args):
+    one = typer.Typer()
+    one.command()(handle_errors(command))
+    return runner.invoke(one, [str(a) for a in args])
+
+
+def test_json_over_a_marked_input_is_refused_whatever_its_name(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    result = run(score_command, "--weights", weights, "--json", weights)
+    assert result.exit_code == EXIT_BAD_INPUT and "choose another --json" in result.output, result.output
+    assert weights.read_bytes() == b"weights"
+
+
+def test_without_the_marker_the_same_input_is_not_protected(tmp_path):
+    """The marker, not the parameter's name, is what makes `--weights` an input."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    result = run(unmarked_score_command, "--weights", weights, "--json", weights)
+    assert result.exit_code == 0, result.output
+    assert weights.read_text().startswith("{")
+
+
+def test_spec_inputs_and_the_marked_output_are_protected(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "out").mkdir()
+    into_spec = run(pairs_command, "--pair", f"a={tmp_path / 'images'}", "--dest", tmp_path / "out", "--json",
+                    tmp_path / "images" / "r.json")
+    into_output = run(pairs_command, "--pair", f"a={tmp_path / 'images'}", "--dest", tmp_path / "out", "--json",
+                      tmp_path / "out" / "r.json")
+    assert into_spec.exit_code == EXIT_BAD_INPUT and "choose another --json" in into_spec.output
+    assert into_output.exit_code == EXIT_BAD_INPUT and "would be written into the output" in into_output.output
+    assert not (tmp_path / "images" / "r.json").exists() and not (tmp_path / "out" / "r.json").exists()
+    fine = run(pairs_command, "--pair", f"a={tmp_path / 'images'}", "--dest", tmp_path / "out", "--json",
+               tmp_path / "r.json")
+    assert fine.exit_code == 0, fine.output
+
+
+def test_an_interrupted_run_points_to_resume_only_where_the_command_has_it(tmp_path):
+    resumable = run(interrupted_command, "--dest", tmp_path / "a")
+    assert resumable.exit_code == EXIT_INTERRUPTED
+    assert f"--resume continues from {tmp_path / 'a'}/.partial" in resumable.output.replace("\n", "")
+    plain = run(interrupted_without_resume_command, "--dest", tmp_path / "b")
+    assert plain.exit_code == EXIT_INTERRUPTED and "nothing was written" in plain.output
+
+
+def _commands(group: typer.Typer, prefix: str = ""):
+    for info in group.registered_commands:
+        yield prefix + info.name, info.callback
+    for sub in group.registered_groups:
+        yield from _commands(sub.typer_instance, prefix + sub.name + " ")
+
+
+def test_every_command_marks_what_it_reads_and_writes():
+    """Each command's inputs as its markers say (the merge command's rebuilt signature and the attacks'
+    hidden options included); a task's name (`attack --task cars`) is not an input, `eval --task NAME=DIR` is."""
+    attack = {"base": Input, "data": Spec, "heads": Input, "target_images": Input, "arch": Input}
+    expected = {
+        "extract-tv": {"base": Input, "finetuned": Input},
+        "merge": {"base": Input, "inputs": Input, "reference": Input, "config": Input},
+        "inspect": {"paths": Input, "base": Input},
+        "heads": {"base": Input, "task": Spec, "arch": Input},
+        "eval": {"model": Input, "task": Spec, "heads": Input, "arch": Input, "trigger": Input},
+        "finetune": {"base": Input, "data": Spec, "heads": Input, "arch": Input},
+        "demo": {"zoo": Input},
+        "zoo build": {},
+        "attack badmerging": attack, "attack lobam": attack,
+        "attack badnets": {k: v for k, v in attack.items() if k != "target_images"},  # it has no off-task mode
+        "defend lfpm": {"merged": Input, "base": Input, "shadow": Input, "arch": Input},
+        "defend ibvs": {"merged": Input, "base": Input, "data": Spec, "heads": Input, "arch": Input},
+    }
+    resumable = {"finetune", "attack badmerging", "attack badnets", "attack lobam", "defend lfpm"}
+    seen = {}
+    for name, callback in _commands(mergeguard_app):
+        roles = command_roles(callback)
+        seen[name] = {k: type(v) for k, v in roles.inputs.items()}
+        assert roles.output == ("out" if name not in ("eval", "inspect") else None), name
+        assert ("--resume" in roles.flags) == (name in resumable), name
+        assert roles.flags["--json"] == "json_out" and roles.flags["--quiet"] == "quiet", name
+    assert seen == expected

@@ -1,0 +1,123 @@
+"""Settings declared once (mergeguard.settings): the checks, the argv of a printed command, and the CLI
+options made from the same declarations, which must parse that argv back into the same settings."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass, fields, replace
+
+import pytest
+from typer.testing import CliRunner
+
+from mergeguard import settings
+from mergeguard.attack import ATTACKS, BadMerging, TrainSettings
+from mergeguard.cli import app
+from mergeguard.defend import LFPMConfig
+from mergeguard.errors import SettingError
+from mergeguard.settings import setting
+
+
+@dataclass
+class Toy:
+    count: int = setting(3, "an integer of at least 1", low=1)
+    rate: float = setting(0.5, "a positive number", low=0.0, low_open=True)
+    share: float = setting(0.1, "in [0, 1]", low=0.0, high=1.0)
+    mode: str = setting("a", "a choice", choices=("a", "b"))
+    flag: bool = setting(False, "a switch")
+    device: str = setting("auto", "where", run_only=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"count": 0}, "count must be at least 1 (got 0)."),
+    ({"rate": 0.0}, "rate must be a positive number (got 0.0)."),
+    ({"rate": math.inf}, "rate must be a finite number (got inf)."),
+    ({"share": 1.5}, "share must be in [0, 1] (got 1.5)."),
+    ({"mode": "c"}, "mode must be one of a, b (got 'c')."),
+])
+def test_each_declared_range_is_one_sentence_naming_the_field(change, message):
+    with pytest.raises(SettingError) as err:
+        settings.check(replace(Toy(), **change))
+    assert str(err.value) == message and err.value.field == next(iter(change))
+    assert err.value.phrased("--" + err.value.field) == "--" + message  # what the CLI shows
+
+
+def test_defaults_pass_and_the_fingerprint_leaves_out_run_only_fields():
+    settings.check(Toy())
+    assert settings.fingerprint(Toy()) == {"count": 3, "rate": 0.5, "share": 0.1, "mode": "a", "flag": False}
+
+
+def test_argv_lists_changed_fields_and_required_ones():
+    toy = Toy(count=7, rate=1e-3, flag=True, device="cpu")
+    assert settings.to_argv(toy) == ["--count", "7", "--rate", "0.001", "--flag", "--device", "cpu"]
+    assert settings.to_argv(Toy(), always=("mode",)) == ["--mode", "a"]
+
+
+def _every_field_changed(obj):
+    """`obj` with every CLI-offered field moved off its default to another valid value."""
+    new = {}
+    for f, spec in settings.declared(obj):
+        if not spec.cli or f.name in ("device", "workers"):
+            continue
+        value = f.default
+        if spec.choices:
+            new[f.name] = next(c for c in spec.choices if c != value)
+        elif isinstance(value, bool):
+            new[f.name] = not value
+        elif isinstance(value, int):
+            new[f.name] = value + 1 if spec.high is None else value
+        elif isinstance(value, float):
+            new[f.name] = value / 2 if value else 0.25
+        elif value is None and f.name in ("checkpoint_every", "lora_rank"):
+            new[f.name] = 3
+        elif value is None and f.name in ("logit_scale", "lora_alpha"):
+            new[f.name] = 7.5
+    return replace(obj, **new)
+
+
+def _captured(monkeypatch, module, name, argv):
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen["args"] = args
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(module, name, capture)
+    result = CliRunner().invoke(app, argv)
+    assert "args" in seen, result.output
+    return seen["args"]
+
+
+def test_the_printed_lfpm_command_parses_back_to_the_same_settings(monkeypatch, tmp_path):
+    """Every LFPM setting, changed, survives settings → argv → `defend lfpm` → LFPMConfig: the demo's printed
+    command reruns the demo's LFPM, and a field added to LFPMConfig is an option at once."""
+    import mergeguard.defend as defend
+
+    cfg = _every_field_changed(replace(LFPMConfig(), device="cpu"))
+    assert cfg != replace(LFPMConfig(), device="cpu")
+    (tmp_path / "m").mkdir()
+    argv = ["defend", "lfpm", "--merged", str(tmp_path / "m"), "--base", str(tmp_path / "m"), "--shadow",
+            str(tmp_path / "m"), "-o", str(tmp_path / "o"), *shlex.split(settings.argv_text(settings.to_argv(cfg)))]
+    from types import SimpleNamespace
+
+    encoder = SimpleNamespace(image_size=32)
+    monkeypatch.setattr(defend, "load_models", lambda *a, **k: ([encoder, encoder], [], None))
+    monkeypatch.setattr("mergeguard.data.folders.unlabeled_folder", lambda *a, **k: [])
+    args = _captured(monkeypatch, defend, "defend_lfpm", argv)
+    got = next(a for a in args if isinstance(a, LFPMConfig))
+    assert got == cfg
+
+
+@pytest.mark.parametrize("name", ["badnets", "badmerging", "lobam"])
+def test_an_attack_command_parses_back_to_the_same_settings(name, monkeypatch, tmp_path):
+    import mergeguard.cli.attack_cmd as attack_cmd
+
+    attack = _every_field_changed(ATTACKS[name]())
+    attack = replace(attack, target_task=None) if isinstance(attack, BadMerging) else attack
+    train = _every_field_changed(replace(TrainSettings(), device="cpu"))
+    argv = ["attack", name, "--base", "b", "--data", "train=d", "--heads", "h", "--task", "t", "-o",
+            str(tmp_path / "o"), *settings.to_argv(attack, always=("target_class",)), *settings.to_argv(train)]
+    args = _captured(monkeypatch, attack_cmd, "_run", argv)
+    assert args[1] == attack and args[2] == train
+    assert {f.name for f in fields(attack)} - {"target_task"} <= {a[2:].replace("-", "_") for a in argv
+                                                                 if a.startswith("--")} | {"adv_epsilon", "trigger_lr"}
