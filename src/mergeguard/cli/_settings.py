@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from mergeguard.settings import declared, flag
+from mergeguard.settings import check, declared, flag
 
 T = TypeVar("T")
 
@@ -51,6 +51,9 @@ def with_settings(*classes: type, required: Sequence[str] = (), skip: Sequence[s
 
 
 def build(cls: type[T], values: dict[str, Any], **override: Any) -> T:
-    """`cls` from the command's option values (the fields it declares; the others keep their defaults)."""
+    """`cls` from the command's option values (the fields it declares; the others keep their defaults),
+    checked against its declaration before the command reads or writes anything."""
     given = {f.name: values[f.name] for f, _ in declared(cls) if f.name in values}
-    return cls(**{**given, **override})
+    obj = cls(**{**given, **override})
+    check(obj)
+    return obj
