@@ -46,7 +46,7 @@ def _assert_same(one_path: Path, two_path: Path, label: str, atol: float) -> Non
             a, b = torch.cat([a[:w], a[2 * w:]]), torch.cat([b[:w], b[2 * w:]])
         # float sums reduce in another order; Adam magnifies that where gradients are tiny, so compare
         # against the size of a step
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=atol, msg=f"{label} {k}")
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=atol, msg=lambda m, k=k: f"{label} {k}: {m}")
 
 
 def test_two_processes_equal_one(tiny_zoo, tmp_path):
@@ -71,7 +71,11 @@ def test_lfpm_two_processes_equal_one(tiny_zoo, tmp_path, shadow_subset):
                         "--path-points", "2", "--device", "cpu", "-q"])
     assert not list(tmp_path.glob("lfpm2/.partial"))
     _assert_same(tmp_path / "lfpm1" / "anti_backdoor_tv.safetensors",
-                 tmp_path / "lfpm2" / "anti_backdoor_tv.safetensors", "lfpm", atol=4e-4)  # lr 1e-3 × 4 steps
+                 tmp_path / "lfpm2" / "anti_backdoor_tv.safetensors", "lfpm",
+                 # one Adam step (lr 1e-3) of 4: on an AMD EPYC machine one entry of conv1's 12,288 ended 0.55 of a
+                 # step apart (5.5e-4, at 8d8a310 too): rounding noise where the gradient is ~0, which Adam
+                 # normalises into a step; a missing all-reduce moves many entries by several steps
+                 atol=1e-3)
     p1 = open_checkpoint(tmp_path / "lfpm1" / "prompts.safetensors")
     p2 = open_checkpoint(tmp_path / "lfpm2" / "prompts.safetensors")
     for k in p1.keys():  # the mined prompts agree too
