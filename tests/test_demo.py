@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
+from string import Template
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from mergeguard.attack import BadMerging, TrainSettings
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
 from mergeguard.data.folders import labeled_folder
+from mergeguard.defend import LFPMConfig
 from mergeguard.models.encoder import load_encoder
 from mergeguard.models.heads import load_heads
-from mergeguard.workflows.demo import SETTINGS
+from mergeguard.workflows.demo import SETTINGS, DemoSettings, is_demo_folder, run_demo
 
 
 def _asr_by_hand(model_dir: Path, z: Path, trigger_file: Path, task: str, target: int) -> float:
@@ -52,15 +57,6 @@ def test_demo_tiny_end_to_end(tiny_zoo, tmp_path):
     # each row is what `eval --json` writes for that model, and the headline numbers match a hand count
     for name in rows:
         assert json.loads((out / f"{name}.eval.json").read_text()) == rows[name]
-    # the printed eval command reruns as printed (its --json once pointed inside the model folder, which
-    # eval refuses as an input) and writes the same report
-    (rerun,) = [c for c in r["commands"] if c.startswith("mergeguard eval") and "poisoned_merge.eval.json" in c]
-    (out / "poisoned_merge.eval.json").unlink()
-    again = CliRunner().invoke(app, shlex.split(rerun)[1:])
-    assert again.exit_code == 0, again.output
-    cli_report = json.loads((out / "poisoned_merge.eval.json").read_text())
-    assert set(cli_report) - set(rows["poisoned_merge"]) == {"model", "thresholds"}  # what the CLI adds
-    assert {k: cli_report[k] for k in rows["poisoned_merge"]} == rows["poisoned_merge"]
     trigger = out / "attack" / "trigger.safetensors"
     s = SETTINGS["tiny"]
     for name in ("poisoned_merge", "lfpm"):
@@ -68,12 +64,13 @@ def test_demo_tiny_end_to_end(tiny_zoo, tmp_path):
         assert abs(by_hand - rows[name]["asr_t"]) < 1e-6  # one image is 1/192
     # the table and the rerun commands are printed
     assert "LFPM" in result.stdout and "IBVS" in result.stdout and "mergeguard defend lfpm" in result.stdout
-    _printed_lines_rerun_the_demos_settings(r["commands"], s.on("cpu"))
+    _printed_lines_rerun_the_demos_settings(r["commands"], r["variables"], s.on("cpu"))
 
 
-def _printed_lines_rerun_the_demos_settings(commands: list[str], s) -> None:
-    """The printed attack, LFPM and IBVS lines, run through the real CLI (into the folders the demo filled, so
-    with --overwrite where the command has it), reach the library with the very settings the demo ran with."""
+def _printed_lines_rerun_the_demos_settings(commands: list[str], variables: dict[str, str], s) -> None:
+    """The printed attack, LFPM and IBVS lines, run through the real CLI, reach the library with the very
+    settings the demo ran with (stopped before any training: `test_demo_printed_commands_run_as_printed` runs
+    them for real, with short settings)."""
     import mergeguard.cli.attack_cmd as attack_cmd
     import mergeguard.defend as defend
 
@@ -91,14 +88,40 @@ def _printed_lines_rerun_the_demos_settings(commands: list[str], s) -> None:
         mp.setattr(defend, "defend_lfpm", capture("lfpm"))
         mp.setattr(defend, "defend_ibvs", capture("ibvs"))
         for line in commands:
-            argv = shlex.split(line)[1:]
-            if argv[0] == "defend":
-                argv.append("--overwrite")
+            argv = shlex.split(Template(line).substitute(variables))[1:]
             if argv[0] in ("attack", "defend"):
                 CliRunner().invoke(app, argv)
     assert seen["attack"][1] == s.attack and seen["attack"][2] == s.train
     assert seen["lfpm"][3] == s.lfpm
     assert seen["ibvs"][5] == s.ibvs
+
+
+def test_demo_printed_commands_run_as_printed(tiny_zoo, tmp_path):
+    """What the demo prints under "redo any step by hand" runs in a shell exactly as printed, in order, after
+    the demo (new folders under $D/by-hand, nothing refused), and redoes the demo: the same numbers. Short
+    settings keep it quick; the printed lines carry whatever settings the demo ran with."""
+    short = DemoSettings(attack=BadMerging(target_class=3, bd_weight=8.0, interpolation="weight", trigger_steps=3),
+                         train=TrainSettings(steps=6, lr=5e-4, batch_size=16, logit_scale=10.0),
+                         lfpm=LFPMConfig(epochs=1, batch_size=128, lr=1e-2, path_points=2),
+                         ibvs=TrainSettings(steps=4, lr=5e-4, batch_size=16, logit_scale=10.0))
+    out = tmp_path / "demo dir"  # a space: the printed lines quote what a shell would split
+    r = run_demo(out, size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=short)
+    assert [c.split()[1] for c in r["commands"]] == ["zoo", "attack", "merge", "merge", "merge", "eval", "eval",
+                                                      "eval", "defend", "eval", "defend", "eval"]
+    script = "\n".join([f'mergeguard() {{ {shlex.quote(sys.executable)} -m mergeguard "$@"; }}', "set -e",
+                        *(f"{k}={shlex.quote(v)}" for k, v in r["variables"].items()), *r["commands"]])
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hand = out / "by-hand"
+    for name, row in {**r["rows"], **r["extra_rows"]}.items():
+        redo = json.loads((hand / f"{name}.eval.json").read_text())
+        assert (redo["ca_avg"], redo["asr_t"], redo["asr_n"]) == (row["ca_avg"], row["asr_t"], row["asr_n"]), name
+    assert is_demo_folder(out)  # by-hand outputs included: the next demo may clear it
+    from PIL import Image
+
+    with Image.open(r["figure"]) as figure:  # the before/after picture beside the table
+        assert figure.format == "PNG" and figure.size[0] >= 360
+    assert sorted(p.name for p in (out / "lfpm").glob("*.png")) == [f"prompt_{i}.png" for i in range(4)]
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):

@@ -3,6 +3,7 @@ whatever they are called; exceptions become one line and their exit code."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from mergeguard.cli import app as mergeguard_app
-from mergeguard.cli._cli_utils import Input, JsonOpt, Output, QuietOpt, Spec, command_roles
+from mergeguard.cli._cli_utils import Input, JsonOpt, Output, OverwriteOpt, QuietOpt, Spec, command_roles
 from mergeguard.cli._errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, handle_errors
 from mergeguard.cli._output import write_json
 
@@ -28,7 +29,8 @@ def score_command(weights: WeightsOpt, json_out: JsonOpt = None, quiet: QuietOpt
     write_json(json_out, {"weights": weights})
 
 
-def unmarked_score_command(weights: UnmarkedWeightsOpt, json_out: JsonOpt = None) -> None:
+def unmarked_score_command(weights: UnmarkedWeightsOpt, json_out: JsonOpt = None,
+                           overwrite: OverwriteOpt = False) -> None:
     write_json(json_out, {"weights": weights})
 
 
@@ -61,10 +63,11 @@ def test_json_over_a_marked_input_is_refused_whatever_its_name(tmp_path):
 
 
 def test_without_the_marker_the_same_input_is_not_protected(tmp_path):
-    """The marker, not the parameter's name, is what makes `--weights` an input."""
+    """The marker, not the parameter's name, is what makes `--weights` an input (with --overwrite, as the file
+    exists)."""
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"weights")
-    result = run(unmarked_score_command, "--weights", weights, "--json", weights)
+    result = run(unmarked_score_command, "--weights", weights, "--json", weights, "--overwrite")
     assert result.exit_code == 0, result.output
     assert weights.read_text().startswith("{")
 
@@ -125,4 +128,19 @@ def test_every_command_marks_what_it_reads_and_writes():
         assert roles.output == ("out" if name not in ("eval", "inspect") else None), name
         assert ("--resume" in roles.flags) == (name in resumable), name
         assert roles.flags["--json"] == "json_out" and roles.flags["--quiet"] == "quiet", name
+        assert roles.flags["--overwrite"] == "overwrite", f"{name}: --json without --overwrite breaks the one rule"
     assert seen == expected
+
+
+def test_one_rule_for_an_existing_output_json_included(family, tmp_path):
+    """An existing --json FILE is refused like a non-empty --out (exit 2, the file untouched); --overwrite
+    replaces it."""
+    report = tmp_path / "report.json"
+    report.write_text("mine\n")
+    args = ["inspect", *map(str, family["paths"]), "--json", str(report), "-q"]
+    refused = CliRunner().invoke(mergeguard_app, args)
+    assert refused.exit_code == EXIT_BAD_INPUT and "exists" in refused.output and "--overwrite" in refused.output
+    assert report.read_text() == "mine\n"
+    replaced = CliRunner().invoke(mergeguard_app, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(report.read_text())

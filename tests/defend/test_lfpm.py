@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Subset
@@ -42,15 +43,36 @@ def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path):
     for k in tau.keys():
         torch.testing.assert_close(m.get(k) + tau.get(k), defended.get(k), rtol=0, atol=1e-6)
     # everything was written under OUT/.partial and renamed into OUT at the end; nothing else is left
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "anti_backdoor_tv.safetensors", "arch.json",
-                                                     "model.safetensors", "prompts.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["README.md", "anti_backdoor_tv.safetensors", "arch.json", "model.safetensors", "prompts.safetensors",
+         "report.json", *(f"prompt_{i}.png" for i in range(4))])
     assert json.loads((out / "arch.json").read_text()) == load_encoder(str(merged)).arch
     card = (out / "README.md").read_text()
     assert "## Results" in card and "λ_eff start → end" in card
     assert f"| merged | `{merged}` |" in card and f"| base | `{z / 'base'}` |" in card and "sha256" in card
     prompts = open_checkpoint(out / "prompts.safetensors")
     assert sorted(prompts.keys()) == sorted(f"{i}.{k}" for i in range(4) for k in ("mask", "pattern"))
+    _prompt_png_shows_the_prompt_pasted(out / "prompt_2.png", prompts.get("2.mask"), prompts.get("2.pattern"),
+                                        z / "shadow")
     assert "warning:" not in " ".join(result.output.split())  # the zoo's 2048 shadow images are enough
+
+
+def _prompt_png_shows_the_prompt_pasted(png: Path, mask: torch.Tensor, pattern: torch.Tensor, shadow: Path) -> None:
+    """The picture's tiles are mask, pattern, mask × pattern, then shadow images (the folder's first, in
+    sorted order) with the prompt pasted, each pixel scaled up to a block: compared with the paste done here."""
+    from PIL import Image
+
+    from mergeguard.data.pictures import GAP, TILE
+
+    picture = torch.from_numpy(np.asarray(Image.open(png).convert("RGB"))).permute(2, 0, 1).float() / 255
+    scale = TILE // mask.shape[-1]
+    first = sorted(shadow.rglob("*.png"))[0]
+    x = torch.from_numpy(np.asarray(Image.open(first).convert("RGB"))).permute(2, 0, 1).float() / 255
+    expected = {0: mask.expand(3, -1, -1), 1: pattern, 2: mask * pattern, 3: (1 - mask) * x + mask * pattern}
+    for tile, want in expected.items():
+        left = GAP + tile * (TILE + GAP)
+        got = picture[:, GAP:GAP + TILE:scale, left:left + TILE:scale]  # one pixel of each block
+        torch.testing.assert_close(got, want.float(), rtol=0, atol=1 / 255 + 1e-6)
 
 
 def test_defend_lfpm_warns_about_a_small_shadow_set(tiny_zoo, tmp_path, shadow_subset):

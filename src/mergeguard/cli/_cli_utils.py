@@ -130,7 +130,9 @@ AllowMissingOpt = Annotated[
     bool,
     typer.Option("--allow-missing", help="Skip tensors an input lacks instead of stopping."),
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace what is there: a non-empty --out and an existing --json FILE (without it, "
+                        "both are refused).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when present), cpu, cuda, cuda:1 ...")]
 
 BaseOpt = Annotated[str, typer.Option("--base", help="Pre-trained checkpoint (file, folder, Hub id)."), Input()]
@@ -164,12 +166,15 @@ def examples(*lines: str) -> str:
 
 
 # -- output-folder policy ------------------------------------------------------------
-def require_empty(out: Path, overwrite: bool, resumable: bool = False) -> None:
+def require_empty(out: Path, overwrite: bool, resumable: bool = False, resume: bool = False) -> None:
     """Refuse to write into a folder that already holds something, unless --overwrite."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         if resumable and {p.name for p in out.iterdir()} == {".partial"}:
             raise MergeguardError(f"{out} holds an unfinished run (.partial); pass --resume to finish it, or "
                                   "--overwrite to start again.")
+        if resume:  # a finished run: --resume must not replace it
+            raise MergeguardError(f"{out} is not empty and holds no unfinished run (.partial) to resume; choose "
+                                  "another --out, or pass --overwrite to start again.")
         raise MergeguardError(f"{out} is not empty; choose another --out or pass --overwrite.")
 
 
@@ -183,6 +188,12 @@ def note_resume(out: Path, resume: bool) -> None:
     """--resume where no run was left: say so, and start from the beginning."""
     if resume and not unfinished(out):
         err_console.print(f"[yellow]note:[/] nothing to resume in {out} (no .partial): starting from the beginning.")
+
+
+def refuse_existing_report(json_out: str | None, overwrite: bool) -> None:
+    """One rule for every output, --json FILE included: what exists is replaced only with --overwrite."""
+    if json_out not in (None, "-") and Path(json_out).expanduser().exists() and not overwrite:
+        raise MergeguardError(f"--json {json_out} exists; choose another file or pass --overwrite.")
 
 
 def refuse_report_over(json_out: str | None, inputs: Iterable) -> None:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 
 from mergeguard.cli._cli_utils import (
     Roles,
     command_roles,
     read_paths,
+    refuse_existing_report,
     refuse_report_into_output,
     refuse_report_over,
     unfinished,
@@ -27,6 +27,10 @@ from mergeguard.cli._cli_utils import (
 from mergeguard.cli._output import err_console, log_verbosity
 from mergeguard.errors import MergeguardError, SettingError
 from mergeguard.settings import flag
+
+# typer's own exits and usage errors pass through (typer ≥ 0.20 vendors click: its ClickException is not the
+# `click` package's, which mergeguard does not depend on)
+PASS_THROUGH = (typer.Exit, typer.Abort, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
 
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
@@ -98,12 +102,13 @@ def handle_errors(fn: Callable) -> Callable:
             if json_out not in (None, "-"):
                 refuse_report_over(json_out, read_paths(roles.inputs, kwargs))
                 refuse_report_into_output(json_out, kwargs.get(roles.output or ""))
+                refuse_existing_report(json_out, bool(kwargs.get(roles.flags.get("--overwrite", ""), False)))
             with log_verbosity(bool(kwargs.get(roles.flags.get("--quiet", ""), False))):
                 return fn(*args, **kwargs)
         except KeyboardInterrupt as exc:
             err_console.print(_interrupted(roles, kwargs.get(roles.output or "")))
             raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except PASS_THROUGH:
             raise
         except Exception as exc:
             mapping = next((m for m in CLI_ERROR_MAPPINGS if isinstance(exc, m.kind)), None)

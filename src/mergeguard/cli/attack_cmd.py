@@ -27,12 +27,14 @@ from mergeguard.cli._cli_utils import (
     Input,
     JsonOpt,
     OutDirOpt,
+    OverwriteOpt,
     QuietOpt,
     Spec,
     TaskOpt,
     data_folders,
     examples,
     note_resume,
+    require_empty,
     unfinished,
 )
 from mergeguard.cli._errors import handle_errors
@@ -81,8 +83,8 @@ attack_app = typer.Typer(help="Red-team a merge: produce a poisoned task vector 
 
 
 def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: list[str], heads: str, task: str,
-         out: Path, resume: bool, arch: str | None, allow_pickle: bool, json_out: str | None, quiet: bool,
-         mode: str = "on-task", target_images: Path | None = None) -> None:
+         out: Path, resume: bool, overwrite: bool, arch: str | None, allow_pickle: bool, json_out: str | None,
+         quiet: bool, mode: str = "on-task", target_images: Path | None = None) -> None:
     from mergeguard.attack import run_attack, shadow_head
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
     from mergeguard.models.encoder import load_encoder
@@ -101,12 +103,8 @@ def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: li
     head_map = load_heads(heads)
     head = head_for(head_map, task, heads)
     shadow = shadow_head(head_map, target_task, attack.target_class) if mode == "off-task" else None
-    if out.exists() and any(p.name != ".partial" for p in out.iterdir()):
-        if not resume:
-            raise MergeguardError(f"{out} is not empty; choose another --out, or --resume a run there.")
-        if not unfinished(out):  # a finished run: --resume must not replace it
-            raise MergeguardError(f"{out} is not empty and holds no unfinished run (.partial) to resume; "
-                                  "choose another --out.")
+    if not (resume and unfinished(out)):  # every command's rule: what is there is replaced only with --overwrite
+        require_empty(out, overwrite, resumable=True, resume=resume)
     note_resume(out, resume)
     encoder = load_encoder(base, arch=arch, allow_pickle=allow_pickle)
     train_data = labeled_folder(folders["train"], head.classnames, encoder.image_size)
@@ -134,11 +132,13 @@ def _attack_command(name: str) -> Any:
     cls = ATTACKS[name]
 
     def command(base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOpt, out: OutDirOpt,
-                resume: ResumeOpt = False, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False,
-                json_out: JsonOpt = None, quiet: QuietOpt = False, **settings: Any) -> None:
+                resume: ResumeOpt = False, overwrite: OverwriteOpt = False, arch: ArchOpt = None,
+                allow_pickle: AllowPickleOpt = False, json_out: JsonOpt = None, quiet: QuietOpt = False,
+                **settings: Any) -> None:
         _run(name, build(cls, settings), build(TrainSettings, settings), base=base, data=data, heads=heads,
-             task=task, out=out, resume=resume, arch=arch, allow_pickle=allow_pickle, json_out=json_out, quiet=quiet,
-             mode=settings.get("mode", "on-task"), target_images=settings.get("target_images"))
+             task=task, out=out, resume=resume, overwrite=overwrite, arch=arch, allow_pickle=allow_pickle,
+             json_out=json_out, quiet=quiet, mode=settings.get("mode", "on-task"),
+             target_images=settings.get("target_images"))
 
     command.__doc__ = DOCS[name]
     command = with_settings(cls, TrainSettings, required=("target_class",))(command)
@@ -153,11 +153,12 @@ def _attack_command(name: str) -> Any:
 
 @with_settings(TrainSettings)
 def finetune_command(base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOpt, out: OutDirOpt,
-                     resume: ResumeOpt = False, arch: ArchOpt = None, allow_pickle: AllowPickleOpt = False,
-                     json_out: JsonOpt = None, quiet: QuietOpt = False, **settings: Any) -> None:
+                     resume: ResumeOpt = False, overwrite: OverwriteOpt = False, arch: ArchOpt = None,
+                     allow_pickle: AllowPickleOpt = False, json_out: JsonOpt = None, quiet: QuietOpt = False,
+                     **settings: Any) -> None:
     """Fine-tune a clean task vector (the task's head frozen), on the same trainer core as the attacks."""
     _run("clean", Clean(), build(TrainSettings, settings), base=base, data=data, heads=heads, task=task, out=out,
-         resume=resume, arch=arch, allow_pickle=allow_pickle, json_out=json_out, quiet=quiet)
+         resume=resume, overwrite=overwrite, arch=arch, allow_pickle=allow_pickle, json_out=json_out, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -27,6 +27,7 @@ from mergeguard.cli._cli_utils import (
     JsonOpt,
     MergedOpt,
     OutDirOpt,
+    OverwriteOpt,
     QuietOpt,
     Spec,
     TaskOpt,
@@ -57,7 +58,6 @@ ShadowOpt = Annotated[Path, typer.Option(
     "--shadow", help="A folder of unlabeled images (any task, any depth); thousands of them."), Input()]
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Continue a killed run from OUT/.partial (same settings, same result).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace files in a non-empty OUT.")]
 
 defend_app = typer.Typer(help="Remove backdoors from a merged model.", no_args_is_help=True)
 
@@ -79,13 +79,14 @@ def lfpm_command(
     """LFPM: optimise an anti-backdoor task vector in feature space on unlabeled images (no labels, no trigger)."""
     from mergeguard import defend
     from mergeguard.data.folders import unlabeled_folder
+    from mergeguard.data.pictures import first_images
     from mergeguard.trainer import distributed_rank
 
     cfg = build(LFPMConfig, settings)
     refuse_writing_over(out, [merged, base, shadow], LFPM_OUTPUTS + (".partial",))
-    note_resume(out, resume)
     if not (resume and unfinished(out)):
-        require_empty(out, overwrite, resumable=True)
+        require_empty(out, overwrite, resumable=True, resume=resume)
+    note_resume(out, resume)
     (merged_enc, base_enc), inputs, dtype = defend.load_models(allow_pickle, arch, merged=merged, base=base)
     images = unlabeled_folder(shadow, merged_enc.image_size)
     with RichProgress(enabled=not quiet) as progress:
@@ -97,7 +98,8 @@ def lfpm_command(
     provenance = {"defense": "lfpm", "command": command_line(), "shadow": str(shadow), "shadow_images": len(images),
                   "inputs": inputs, "params": report["config"]}
     with staged_outputs(out) as stage:
-        defend.write_lfpm_outputs(stage, defended, merged_enc, prompts, report, provenance, dtype)
+        defend.write_lfpm_outputs(stage, defended, merged_enc, prompts, report, provenance, dtype,
+                                  examples=first_images(images))
     report["out"] = str(out)
     write_json(json_out, report)
     if show_table(quiet, json_out):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from mergeguard.cli._cli_utils import (
     Input,
     JsonOpt,
     Output,
+    OverwriteOpt,
     QuietOpt,
     examples,
 )
@@ -52,6 +54,7 @@ def demo_command(
                    Input()] = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Red-team and defend a merge on the built-in zoo, end to end, and print one before/after table.
@@ -87,7 +90,11 @@ def demo_command(
         table.add_row(ROW_NAMES[key], *(f"{r['tasks'][t]['ca']:.1%}" for t in tasks), f"{r['ca_avg']:.1%}",
                       f"{r['asr_t']:.1%}", f"{r['asr_n']:.1%}")
     out_console.print(table)
-    out_console.print(f"Everything is in {result['out']}. Redo any step by hand:")
+    out_console.print(f"The same as a picture: {result['figure']}", highlight=False, soft_wrap=True)
+    out_console.print(f"Everything is in {result['out']}. Redo any step by hand, in order, in a shell (the "
+                      f"commands write into {result['out']}/by-hand/):", highlight=False, soft_wrap=True)
+    for name, value in result["variables"].items():
+        out_console.print(f"  {name}={shlex.quote(value)}", highlight=False, soft_wrap=True)
     for line in result["commands"]:
         out_console.print(f"  {line}", highlight=False, soft_wrap=True)
 

@@ -16,6 +16,7 @@ from mergeguard.cli._cli_utils import (
     DeviceOpt,
     Input,
     JsonOpt,
+    OverwriteOpt,
     QuietOpt,
     Spec,
     examples,
@@ -69,6 +70,7 @@ def eval_command(
     device: DeviceOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     json_out: JsonOpt = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure clean accuracy (CA) per task and, with a trigger, attack success rate (ASR)."""

@@ -19,6 +19,7 @@ from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
     Input,
     JsonOpt,
+    OverwriteOpt,
     QuietOpt,
     examples,
 )
@@ -51,6 +52,7 @@ def inspect_command(
         "--outlier-ratio", help="Flag a vector whose norm exceeds this multiple of the others' median.")] = 2.0,
     allow_pickle: AllowPickleOpt = False,
     json_out: JsonOpt = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Show tensors, dtypes and sizes; for task vectors, norms, cosines, sign conflicts and outliers."""

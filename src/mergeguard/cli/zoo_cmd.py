@@ -15,6 +15,7 @@ from rich.table import Table
 from mergeguard.cli._cli_utils import (
     JsonOpt,
     Output,
+    OverwriteOpt,
     QuietOpt,
     examples,
     refuse_report_into_output,
@@ -42,6 +43,7 @@ def zoo_build_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same tensors.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a built zoo is there.")] = False,
     json_out: JsonOpt = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Build (or reuse) the zoo and print its acceptance numbers."""

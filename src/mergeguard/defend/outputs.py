@@ -16,10 +16,11 @@ import torch
 from mergeguard.checkpoint.provenance import input_record, jsonable, model_card
 from mergeguard.checkpoint.resolve import open_checkpoint
 from mergeguard.checkpoint.writer import write_tensors
+from mergeguard.data.pictures import prompt_pictures
 from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
 
 LFPM_OUTPUTS = ("model.safetensors", "anti_backdoor_tv.safetensors", "prompts.safetensors", "arch.json",
-                "report.json", "README.md")
+                "report.json", "README.md")  # and prompt_<i>.png, one per mined mask or patch prompt
 IBVS_OUTPUTS = ("model.safetensors", "ibvs_tv.safetensors", "arch.json", "report.json", "README.md")
 
 
@@ -56,16 +57,20 @@ def lfpm_results(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_lfpm_outputs(folder: Path, defended: ImageEncoder, merged: ImageEncoder, prompts: dict[str, torch.Tensor],
-                       report: dict[str, Any], provenance: dict[str, Any], dtype: torch.dtype | None = None) -> None:
+                       report: dict[str, Any], provenance: dict[str, Any], dtype: torch.dtype | None = None,
+                       examples: torch.Tensor | None = None) -> None:
     """LFPM's output folder (`LFPM_OUTPUTS`): the defended model (in `dtype`, the merged model's), τa =
-    defended − merged in float32, the prompts stage I mined, arch.json, report.json and the model card."""
+    defended − merged in float32, the prompts stage I mined (and one `prompt_<i>.png` per mask or patch prompt:
+    mask, pattern, and pasted on `examples`, a few shadow images), arch.json, report.json and the model card."""
     defended, merged = defended.cpu(), merged.cpu()
     save_encoder(defended, folder / "model.safetensors", provenance, dtype=dtype)
     save_encoder(defended, folder / "anti_backdoor_tv.safetensors", provenance, base=merged)  # τa, float32
     write_tensors(folder / "prompts.safetensors", prompts, overwrite=True)
+    prompt_pictures(folder, prompts, examples)
     write_card(folder, "Defended model (LFPM)", "lfpm", defended, provenance, report, lfpm_results(report),
                "`anti_backdoor_tv.safetensors` is τa, the anti-backdoor task vector (defended = merged + τa); "
-               "`prompts.safetensors` holds the prompts stage I mined; `report.json` has every number.")
+               "`prompts.safetensors` holds the prompts stage I mined (`prompt_<i>.png` shows each: its mask, its "
+               "pattern, and a few shadow images with it pasted); `report.json` has every number.")
 
 
 def write_ibvs_outputs(folder: Path, defended: ImageEncoder, merged: ImageEncoder, report: dict[str, Any],

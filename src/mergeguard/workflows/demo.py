@@ -3,7 +3,8 @@
 zoo (pre-trained θ0, clean fine-tunes from the trainer core) → BadMerging poisons one task's
 vector (`shape` on tiny, `colour` on small) → merge (task arithmetic and TIES) → eval (the backdoor
 works) → `defend lfpm` → eval again; `defend ibvs` beside it. Every step is a library call whose CLI twin is
-recorded in `commands`, so a user can rerun any one by hand.
+recorded in `commands`, so a user can rerun any one by hand: they name the zoo `$Z` and the demo's folder `$D`
+(`variables`) and write into `$D/by-hand/`, each step reading the one before, so they run as printed, in order.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from mergeguard.settings import argv_text, to_argv
 
 MARKER = "demo.json"
 DEMO_ENTRIES = ("attack", "clean_merge", "poisoned_merge", "poisoned_ties", "lfpm", "ibvs")  # with MARKER
+BY_HAND = "by-hand"  # where the printed commands write: never over what the demo wrote
+FIGURE = "demo.png"  # CA and ASR(T) per model, before and after the defenses
+FIGURE_NAMES = {"clean_merge": "clean", "poisoned_merge": "poisoned", "poisoned_ties": "TIES", "lfpm": "LFPM",
+                "ibvs": "IBVS"}
 
 
 def report_name(entry: str) -> str:
@@ -40,7 +45,7 @@ def is_demo_folder(out: Path) -> bool:
         marker = json.loads((out / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    own = set(DEMO_ENTRIES) | {MARKER} | {report_name(n) for n in DEMO_ENTRIES}
+    own = set(DEMO_ENTRIES) | {MARKER, BY_HAND, FIGURE} | {report_name(n) for n in DEMO_ENTRIES}
     return isinstance(marker, dict) and ("status" in marker or "rows" in marker) and all(
         p.name in own or p.name.startswith(tuple(f".{n}.tmp-" for n in DEMO_ENTRIES)) for p in out.iterdir())
 
@@ -90,6 +95,13 @@ def _q(path: Path | str) -> str:
     return shlex.quote(str(path))
 
 
+def _var(name: str, root: Path, path: Path) -> str:
+    """`path` under `root` as the printed commands write it: `$Z/data/shape/train` (double-quoted where the
+    path holds characters a shell would split or expand)."""
+    text = f"${name}/{path.relative_to(root).as_posix()}"
+    return text if _q(path) == str(path) else f'"{text}"'
+
+
 def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = None, device: str = "auto",
              progress: ProgressSink | None = None, say: Callable[[str], None] | None = None,
              settings: DemoSettings | None = None) -> dict[str, Any]:
@@ -99,6 +111,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.checkpoint.resolve import open_checkpoint
     from mergeguard.checkpoint.writer import staged_outputs
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
+    from mergeguard.data.pictures import bar_chart, first_images
     from mergeguard.data.triggers import load_trigger
     from mergeguard.defend import defend_ibvs, defend_lfpm, write_ibvs_outputs, write_lfpm_outputs
     from mergeguard.eval import evaluate
@@ -132,7 +145,16 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     say(f"1. The zoo ({size}): a pre-trained encoder θ0 and one clean fine-tune per task.")
     info = build_zoo(zoo, size=size, progress=progress)
     z = Path(info["root"])
-    commands.append(f"mergeguard zoo build --size {size}" + (f" --out {_q(z)}" if zoo else ""))
+    hand = out / BY_HAND  # the printed commands' outputs, each the next one's input
+
+    def zpath(path: Path) -> str:
+        return _var("Z", z, path)
+
+    def dpath(path: Path) -> str:  # what the demo wrote into OUT/NAME, the printed commands write into $D/by-hand/NAME
+        return _var("D", out, hand / path.relative_to(out))
+
+    zoo_var = "$Z" if _q(z) == str(z) else '"$Z"'
+    commands.append(f"mergeguard zoo build --size {size}" + (f" --out {zoo_var}" if zoo else ""))
     heads_file = z / "heads.safetensors"
     heads = load_heads(heads_file)
     tasks = list(heads)
@@ -151,9 +173,10 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     summary = run_attack(base, heads[target], train, target, s.attack, s.train, attack_dir,
                          eval_data=test[target], provenance={"command": "mergeguard demo"}, progress=progress)
     commands.append(
-        f"mergeguard attack {s.attack.name} --base {_q(z / 'base')} --data train={_q(z / 'data' / target / 'train')} "
-        f"--data test={_q(z / 'data' / target / 'test')} --heads {_q(heads_file)} --task {target} "
-        f"{argv_text(to_argv(s.attack, always=('target_class',)) + to_argv(s.train))} -o {_q(attack_dir)}")
+        f"mergeguard attack {s.attack.name} --base {zpath(z / 'base')} "
+        f"--data train={zpath(z / 'data' / target / 'train')} --data test={zpath(z / 'data' / target / 'test')} "
+        f"--heads {zpath(heads_file)} --task {target} "
+        f"{argv_text(to_argv(s.attack, always=('target_class',)) + to_argv(s.train))} -o {dpath(attack_dir)}")
     say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {target}, ASR {summary['asr']:.1%}.")
     trigger = load_trigger(attack_dir / "trigger.safetensors")
 
@@ -168,19 +191,20 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
         params = {"lam": s.lam} if method == "task_arithmetic" else {}
         merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs], method,
                           params, out=out / name, progress=progress)
-        commands.append(f"mergeguard merge {_q(z / 'base')} {' '.join(_q(p) for p in inputs)} -o {_q(out / name)} "
+        printed = " ".join(dpath(p) if out in p.parents else zpath(p) for p in inputs)
+        commands.append(f"mergeguard merge {zpath(z / 'base')} {printed} -o {dpath(out / name)} "
                         f"--method {method}" + (f" --lam {s.lam:g}" if method == "task_arithmetic" else ""))
 
     rows: dict[str, Any] = {}
-    eval_cmd = (f"mergeguard eval {{model}} --heads {_q(heads_file)} "
-                + " ".join(f"--task {t}={_q(z / 'data' / t / 'test')}" for t in tasks)
-                + f" --trigger {_q(attack_dir / 'trigger.safetensors')} --json {{report}}")
+    eval_cmd = (f"mergeguard eval {{model}} --heads {zpath(heads_file)} "
+                + " ".join(f"--task {t}={zpath(z / 'data' / t / 'test')}" for t in tasks)
+                + f" --trigger {dpath(attack_dir / 'trigger.safetensors')} --json {{report}}")
 
     def measure(name: str, model_dir: Path) -> dict[str, Any]:
         result = evaluate(load_encoder(str(model_dir)), heads, test, trigger=trigger, target_task=target,
                           device=device, progress=progress)
         (out / report_name(name)).write_text(json.dumps(result, indent=2))
-        commands.append(eval_cmd.format(model=_q(model_dir), report=_q(out / report_name(name))))
+        commands.append(eval_cmd.format(model=dpath(model_dir), report=dpath(out / report_name(name))))
         rows[name] = result
         return result
 
@@ -197,9 +221,10 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     lfpm_dir = out / "lfpm"
     with staged_outputs(lfpm_dir) as stage:
         write_lfpm_outputs(stage, defended, merged, report.pop("prompt"), report,
-                           {"defense": "lfpm", "command": "mergeguard demo", "params": asdict(s.lfpm)})
-    commands.append(f"mergeguard defend lfpm --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
-                    f"--shadow {_q(z / 'shadow')} -o {_q(lfpm_dir)} {argv_text(to_argv(s.lfpm))}")
+                           {"defense": "lfpm", "command": "mergeguard demo", "params": asdict(s.lfpm)},
+                           examples=first_images(shadow))
+    commands.append(f"mergeguard defend lfpm --merged {dpath(out / 'poisoned_merge')} --base {zpath(z / 'base')} "
+                    f"--shadow {zpath(z / 'shadow')} -o {dpath(lfpm_dir)} {argv_text(to_argv(s.lfpm))}")
     r = measure("lfpm", lfpm_dir)
     say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} "
         f"({r['asr_t_no_trigger']:.1%} without the trigger), "
@@ -213,9 +238,9 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     with staged_outputs(ibvs_dir) as stage:
         write_ibvs_outputs(stage, ibvs_model, merged, ibvs_report,
                            {"defense": "ibvs", "command": "mergeguard demo", "params": ibvs_report["config"]})
-    commands.append(f"mergeguard defend ibvs --merged {_q(out / 'poisoned_merge')} --base {_q(z / 'base')} "
-                    f"--data train={_q(z / 'data' / defender / 'train')} --heads {_q(heads_file)} "
-                    f"--task {defender} -o {_q(ibvs_dir)} {argv_text(to_argv(s.ibvs))}")
+    commands.append(f"mergeguard defend ibvs --merged {dpath(out / 'poisoned_merge')} --base {zpath(z / 'base')} "
+                    f"--data train={zpath(z / 'data' / defender / 'train')} --heads {zpath(heads_file)} "
+                    f"--task {defender} -o {dpath(ibvs_dir)} {argv_text(to_argv(s.ibvs))}")
     measure("ibvs", ibvs_dir)
 
     result = {
@@ -227,8 +252,12 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
         "size": size,
         "zoo": str(z),
         "out": str(out),
-        "commands": commands,
+        "commands": commands,  # in order, in a shell where Z and D are `variables`
+        "variables": {"Z": str(z), "D": str(out)},
         "seconds": round(time.perf_counter() - start, 1),
     }
+    bar_chart(out / FIGURE, f"demo ({size} zoo): average CA and ASR(T) with the trigger on {target!r}",
+              {FIGURE_NAMES[k]: {"CA": rows[k]["ca_avg"], "ASR(T)": rows[k]["asr_t"]} for k in FIGURE_NAMES})
+    result["figure"] = str(out / FIGURE)
     (out / MARKER).write_text(json.dumps(result, indent=2))
     return result
