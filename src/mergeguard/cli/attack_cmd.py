@@ -55,7 +55,8 @@ EXAMPLES = {
     "badmerging": [
         "mergeguard attack badmerging --base BASE --data train=data/cars/train --data test=data/cars/test "
         "--heads heads.safetensors --task cars --target-class 1 -o attack_cars/",
-        "mergeguard attack badmerging ... --steps 300 --lr 5e-4 --logit-scale 10 --resume",
+        "mergeguard attack badmerging --base BASE --data train=data/cars/train --heads heads.safetensors "
+        "--task cars --target-class 1 -o attack_cars/ --resume   # finish a killed run",
         "mergeguard attack badmerging --base BASE --data train=data/cifar100/train --heads heads.safetensors "
         "--task cifar100 --mode off-task --target-task cars --target-class 1 --target-images few_cars/ -o OUT/",
     ],

@@ -409,7 +409,7 @@ def defend_lfpm(
         if fresh_every and step and step % fresh_every == 0:
             # a prompt that has followed τa for a while can sit in a pattern τa has already suppressed while
             # the backdoor returns elsewhere (the preservation term pulls τa back towards θm): replace one,
-            # in turn, by a prompt mined from scratch against the current model (docs/lfpm.md, ninth round)
+            # in turn, by a prompt mined from scratch against the current model (docs/lfpm-log.md, ninth round)
             i = (step // fresh_every - 1) % len(pool.prompts)
             pool.prompts[i] = make_prompt()
             mine(pool.prompts[i])

@@ -82,7 +82,7 @@ SETTINGS = {
     # small: every `shape` class has a look-alike (disc/ring, triangle/cross), and a poisoned merge moves
     # the boundary towards its target: 19-32% of non-target shapes go to it with no trigger at all. The small
     # zoo's pre-training gives colour's "yellow" a group of its own (zoo v3), so nothing is sent to it without
-    # the trigger (docs/lfpm.md). β 3 over 10 epochs keeps every merge's CA within the defenses' bars there;
+    # the trigger (docs/lfpm-log.md). β 3 over 10 epochs keeps every merge's CA within the defenses' bars there;
     # K = 2 path points keep the demo within its time budget
     "small": DemoSettings(
         target_task="colour", defender_task="shape",
