@@ -108,7 +108,8 @@ def test_every_command_marks_what_it_reads_and_writes():
     attack = {"base": Input, "data": Spec, "heads": Input, "target_images": Input, "arch": Input}
     expected = {
         "extract-tv": {"base": Input, "finetuned": Input},
-        "merge": {"base": Input, "inputs": Input, "reference": Input, "config": Input},
+        "merge": {"base": Input, "inputs": Input, "add": Input, "subtract": Input, "reference": Input,
+                  "config": Input},
         "inspect": {"paths": Input, "base": Input},
         "heads": {"base": Input, "task": Spec, "arch": Input},
         "eval": {"model": Input, "task": Spec, "heads": Input, "arch": Input, "trigger": Input},

@@ -40,7 +40,7 @@ from mergeguard.cli._output import (
 )
 from mergeguard.errors import MergeguardError
 from mergeguard.merge import METHODS, merge_checkpoints
-from mergeguard.merge.config import load_config
+from mergeguard.merge.config import load_config, signed_inputs
 from mergeguard.merge.registry import all_params, get_method
 
 EXAMPLES = [
@@ -49,6 +49,8 @@ EXAMPLES = [
     "mergeguard merge openai/clip-vit-base-patch32 user/clip-cars@v1 user/clip-dtd -o merged/ --method dare_ties",
     "mergeguard merge base/ ft1/ ft2/ -o merged/ --method ties --weight 1 --weight 0.5 --normalize sum",
     "mergeguard merge base/ ft1/ ft2/ -o merged/ --method lata --reference instruct/ --mode mask",
+    "mergeguard merge base/ --subtract toxic/ -o forgot/ --lam 0.5              # forgetting: θ0 − 0.5 τ",
+    "mergeguard merge base/ --add C/ --add B/ --subtract A/ -o analogy/        # θ0 + λ (τC + τB − τA)",
     "mergeguard merge --config merge.yaml -o merged/",
 ]
 
@@ -68,6 +70,12 @@ def merge_command(
                                                show_default=False)] = None,
     weight: Annotated[list[float] | None, typer.Option(
         "--weight", "-w", help="Per-input weight, repeated once per input in order (default 1 each).")] = None,
+    add: Annotated[list[str] | None, typer.Option(
+        "--add", help="A task vector added with weight +1 (learning; an analogy's plus side). Repeatable."),
+        Input()] = None,
+    subtract: Annotated[list[str] | None, typer.Option(
+        "--subtract", help="A task vector subtracted, weight -1 (forgetting: θ0 − λτ; an analogy's minus side). "
+                           "Repeatable."), Input()] = None,
     reference: Annotated[str | None, typer.Option(
         "--reference", help="lata: reference vector (e.g. instruct model or its task vector)."), Input()] = None,
     config: Annotated[Path | None, typer.Option(
@@ -86,6 +94,7 @@ def merge_command(
     """Merge task vectors onto a base model with a registered method, tensor by tensor."""
     settings: dict[str, Any] = load_config(config) if config else {}
     cli = {"base": base, "inputs": inputs or None, "out": out, "method": method, "weight": weight or None,
+           "add": add or None, "subtract": subtract or None,
            "reference": reference, "seed": seed, "shard_size": shard_size,
            "dtype": dtype if dtype != "auto" else None}
     if inputs and not weight:
@@ -98,8 +107,14 @@ def merge_command(
 
     if not settings.get("base"):
         raise MergeguardError("give a BASE checkpoint (argument or 'base' in --config).")
+    if inputs and not (add or subtract):
+        for key in ("add", "subtract"):  # the YAML's operations go with the YAML's inputs, which these replace
+            settings.pop(key, None)
+    settings["inputs"], settings["weight"] = signed_inputs(settings.get("inputs"), settings.get("weight"),
+                                                           settings.pop("add", None), settings.pop("subtract", None))
     if not settings.get("inputs"):
-        raise MergeguardError("give at least one INPUT to merge (arguments or 'inputs' in --config).")
+        raise MergeguardError("give at least one INPUT to merge (arguments, --add, --subtract, or 'inputs' in "
+                              "--config).")
     if not settings.get("out"):
         raise MergeguardError("give an output path with -o/--out.")
     chosen = get_method(settings.get("method", "task_arithmetic"))

@@ -6,6 +6,8 @@ base: openai/clip-vit-base-patch32      # or a local file / folder
 inputs:
   - finetuned/cars                      # weight 1
   - {path: finetuned/dtd, weight: 0.5}
+add: [finetuned/pets]                   # weight +1 (as --add); the analogy's and learning's side
+subtract: [finetuned/toxic]             # weight -1 (as --subtract): forgetting
 lam: 0.3
 density: 0.2
 normalize: mean                         # or sum
@@ -27,7 +29,7 @@ from mergeguard.errors import MergeguardError
 from mergeguard.merge.registry import all_params
 
 ENGINE_KEYS = {"method", "base", "inputs", "reference", "seed", "dtype", "shard_size", "out",
-               "allow_missing", "allow_pickle", "weight", "overwrite"}
+               "allow_missing", "allow_pickle", "weight", "overwrite", "add", "subtract"}
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -82,4 +84,21 @@ def load_config(path: str | Path) -> dict[str, Any]:
         settings["inputs"] = paths
         if "weight" not in settings:
             settings["weight"] = weights
+    for key in ("add", "subtract"):
+        value = settings.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise MergeguardError(f"'{key}' in {path} must be a list of paths.")
     return settings
+
+
+def signed_inputs(inputs: list[str] | None, weights: list[float] | None, add: list[str] | None,
+                  subtract: list[str] | None) -> tuple[list[str], list[float]]:
+    """Task arithmetic's three operations as one weighted list: `inputs` with their `weights` (1 each by
+    default), then every `add` at +1 (learning, an analogy's plus side) and every `subtract` at −1
+    (forgetting: θ0 − λτ; an analogy's minus side)."""
+    inputs, add, subtract = list(inputs or []), list(add or []), list(subtract or [])
+    weights = [float(w) for w in weights] if weights else [1.0] * len(inputs)
+    if len(weights) != len(inputs):
+        raise MergeguardError(f"--weight was given {len(weights)} times for {len(inputs)} inputs (--add and "
+                              "--subtract take +1 and -1 and need none).")
+    return inputs + add + subtract, weights + [1.0] * len(add) + [-1.0] * len(subtract)
