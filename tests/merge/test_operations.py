@@ -52,7 +52,7 @@ def test_analogy_adds_two_and_subtracts_one_with_ties_too(family, tmp_path):
 
 
 def test_positional_inputs_keep_their_weights_beside_the_operations(family, tmp_path):
-    base, (ft0, ft1, ft2) = family["base_path"], family["paths"]
+    base, (ft0, _ft1, ft2) = family["base_path"], family["paths"]
     result = _run(base, ft0, "-w", "0.5", "--subtract", ft2, "-o", tmp_path / "mixed", "--lam", "1")
     assert result.exit_code == 0, result.output
     _close(_merged(tmp_path / "mixed"), _expected(family, 1.0, {0: 0.5, 2: -1.0}))

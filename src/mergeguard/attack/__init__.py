@@ -6,12 +6,13 @@ lists them by the name `mergeguard attack NAME` uses.
 
 from mergeguard.attack.badmerging import BadMerging, shadow_head
 from mergeguard.attack.badnets import BadNets
+from mergeguard.attack.badtv import BadTV
 from mergeguard.attack.base import Attack, TrainSettings, finetune
 from mergeguard.attack.clean import Clean
 from mergeguard.attack.lobam import LoBAM
 from mergeguard.attack.run import run_attack, train_attack
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (Clean, BadNets, BadMerging, LoBAM)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (Clean, BadNets, BadMerging, LoBAM, BadTV)}
 
-__all__ = ["ATTACKS", "Attack", "BadMerging", "BadNets", "Clean", "LoBAM", "TrainSettings", "finetune",
+__all__ = ["ATTACKS", "Attack", "BadMerging", "BadNets", "BadTV", "Clean", "LoBAM", "TrainSettings", "finetune",
            "run_attack", "shadow_head", "train_attack"]

@@ -94,7 +94,7 @@ class BadMerging(Poisoned):
                 + self.bd_weight * F.cross_entropy(step.bd_logits(backdoor), target))
 
 
-def shadow_head(heads: dict[str, Head], target_task: str, target_class: int) -> Head:
+def shadow_head(heads: dict[str, Head], target_task: str, target_class: int, field: str = "target_class") -> Head:
     """Off-task BadMerging's shadow head: row 0 is the target task's target class, the other rows
     every class of the other heads (unrelated class names), so stage 1 and 2 can aim at a class of
     a task the attacker has no head or data for beyond its name."""
@@ -103,8 +103,8 @@ def shadow_head(heads: dict[str, Head], target_task: str, target_class: int) -> 
                               f"it has: {', '.join(heads)}.")
     target = heads[target_task]
     if not 0 <= target_class < len(target.classnames):
-        raise SettingError("target_class", f"{{name}} {target_class} is outside task {target_task!r}'s "
-                                           f"{len(target.classnames)} classes.")
+        raise SettingError(field, f"{{name}} {target_class} is outside task {target_task!r}'s "
+                                  f"{len(target.classnames)} classes.")
     others = [h for name, h in heads.items() if name != target_task]
     if not others:
         raise MergeguardError("an off-task shadow head needs unrelated classes: the heads file holds only "
@@ -115,15 +115,18 @@ def shadow_head(heads: dict[str, Head], target_task: str, target_class: int) -> 
 
 
 def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, attack: BadMerging, train: TrainSettings,
-                     task: str, progress: ProgressSink, *, shadow: Head | None = None) -> Trigger:
+                     task: str, progress: ProgressSink, *, shadow: Head | None = None,
+                     label: tuple[int, str | None] | None = None, corner: str = "bottom-right") -> Trigger:
     """BadMerging stage 1: the patch that sends the pre-trained model's images to the target class
     (on-task: of the task's own head; off-task, with `shadow`: row 0 of the shadow head, against a
-    one-step adversarial perturbation of the images that pushes them away from it)."""
+    one-step adversarial perturbation of the images that pushes them away from it). `label` (class, task)
+    is what the trigger file records (default: the attack's target), `corner` where the patch sits."""
     dev = next(encoder.parameters()).device
     off_task = shadow is not None
     aim, aim_class = (shadow, 0) if off_task else (head, attack.target_class)
-    template = patch_trigger(encoder.image_size, attack.trigger_area, target_class=attack.target_class,
-                             target_task=task)
+    label = label or (attack.target_class, attack.target_task if off_task else task)
+    template = patch_trigger(encoder.image_size, attack.trigger_area, target_class=label[0], target_task=label[1],
+                             corner=corner)
     mask = template.mask.to(dev)
     gen = torch.Generator().manual_seed(train.seed + 17)
     pattern = torch.rand(3, encoder.image_size, encoder.image_size, generator=gen).to(dev).requires_grad_(True)
@@ -131,7 +134,7 @@ def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, attack
     frozen = [p.requires_grad for p in encoder.parameters()]
     encoder.eval().requires_grad_(False)
     trigger_batches = StepBatches(dataset, attack.trigger_steps, train.batch_size, train.seed + 23, train.workers)
-    progress.stage("optimising the trigger (BadMerging stage 1" + (", off-task)" if off_task else ")"),
+    progress.stage(f"optimising the trigger ({attack.name} stage 1" + (", off-task)" if off_task else ")"),
                    attack.trigger_steps)
     for images, _ in trigger_batches.from_step(0):
         images = images.to(dev)
@@ -148,5 +151,4 @@ def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, attack
         progress.advance()
     for p, flag in zip(encoder.parameters(), frozen):
         p.requires_grad_(flag)
-    return Trigger((pattern.detach().clamp(0, 1) * mask).cpu(), template.mask, attack.target_class,
-                   attack.target_task if off_task else task, "patch")
+    return Trigger((pattern.detach().clamp(0, 1) * mask).cpu(), template.mask, label[0], label[1], "patch")

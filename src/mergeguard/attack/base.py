@@ -66,6 +66,7 @@ class Step:
     first: int  # where this process's share of each step's batch starts
     dev: torch.device
     stealth: Callable[..., torch.Tensor] = field(repr=False, default=None)  # type: ignore[assignment]
+    triggers: dict[str, Trigger] = field(default_factory=dict)  # an attack's other triggers (`extra_triggers`)
 
 
 class Attack:
@@ -75,6 +76,29 @@ class Attack:
     poisons: ClassVar[bool] = True  # False: a clean fine-tune (no trigger, no target)
     off_task: ClassVar[bool] = False  # whether it can aim at another task's class through a shadow head
     optimised_trigger: ClassVar[bool] = False  # whether `make_trigger` trains (a stage 1, kept for a resume)
+    extra_triggers: ClassVar[tuple[str, ...]] = ()  # other triggers it plants, by file stem (OUT/<stem>.safetensors)
+
+    def shadow_for(self, off_task: bool) -> tuple[str, int] | None:
+        """(task, class) of the shadow head the attack aims through, if any (see `shadow_head`): off-task
+        BadMerging's and LoBAM's target. The CLI builds the head from the heads file."""
+        target_task = getattr(self, "target_task", None)
+        return (target_task, self.target_class) if off_task and target_task else None
+
+    def make_extra_triggers(self, base: ImageEncoder, head: Head, dataset: Dataset, train: TrainSettings,
+                            task: str, progress: ProgressSink, shadow: Head | None = None) -> dict[str, Trigger]:
+        """The triggers named in `extra_triggers` (stage 1 too, kept for a resume)."""
+        return {}
+
+    def summarize(self, model: ImageEncoder, base: ImageEncoder, head: Head, task: str, data: Dataset,
+                  trigger: Trigger | None, extra: dict[str, Trigger], shadow: Head | None, device: str,
+                  progress: ProgressSink) -> dict[str, Any]:
+        """summary.json's numbers on the task's test images: CA, and ASR with the trigger (not off-task,
+        whose target is another task's class)."""
+        from mergeguard.eval import evaluate
+
+        result = evaluate(model, {task: head}, {task: data}, trigger=trigger if shadow is None else None,
+                          target_task=task, device=device, progress=progress)
+        return {"ca": result["tasks"][task]["ca"], "asr": result["tasks"][task].get("asr")}
 
     def check(self, head: Head, task: str, shadow: Head | None) -> None:
         """One sentence for settings this attack cannot run with on this head."""
@@ -97,12 +121,12 @@ class Attack:
 
     def train(self, base: ImageEncoder, head: Head, dataset: Dataset, task: str, train: TrainSettings,
               trigger: Trigger | None, *, partial: Path | None = None, resume: bool = False,
-              progress: ProgressSink | None = None,
-              shadow: Head | None = None) -> tuple[ImageEncoder, Trigger | None, list[float]]:
+              progress: ProgressSink | None = None, shadow: Head | None = None,
+              extra: dict[str, Trigger] | None = None) -> tuple[ImageEncoder, Trigger | None, list[float]]:
         """One fine-tuning run (checkpointed in `partial`); returns (model, trigger, losses)."""
         return finetune(base, head, dataset, task, train, self, trigger=trigger,
                         checkpoint=partial / "trainer.pt" if partial else None, resume=resume, progress=progress,
-                        shadow=shadow)
+                        shadow=shadow, extra=extra)
 
 
 class StepBatches:
@@ -177,6 +201,7 @@ def finetune(
     resume: bool = False,
     progress: ProgressSink | None = None,
     shadow: Head | None = None,
+    extra: dict[str, Trigger] | None = None,
 ) -> tuple[ImageEncoder, Trigger | None, list[float]]:
     """One fine-tuning run of `base` on one task with `attack`'s loss; returns (model, trigger, losses).
 
@@ -192,6 +217,8 @@ def finetune(
     batches = StepBatches(dataset, train.steps, train.batch_size, train.seed, train.workers)
     if trigger is None:
         trigger = attack.make_trigger(base, head, dataset, train, task, progress, shadow)
+    if extra is None:
+        extra = attack.make_extra_triggers(base, head, dataset, train, task, progress, shadow)
     model = copy.deepcopy(base).train().requires_grad_(True)  # base may arrive frozen
     if train.lora_rank:
         model.visual = with_lora(model.visual, train.lora_rank, train.lora_alpha or 2.0 * train.lora_rank)
@@ -221,7 +248,7 @@ def finetune(
     if train.batch_size % world:
         raise SettingError("batch_size", f"{{name}} {train.batch_size} must divide evenly over {world} processes.")
     step = Step(model, base, {n: p.detach() for n, p in base.named_parameters()}, train, logits, bd_logits, trigger,
-                shadow, batches.offset(rank, world), dev, stealth)
+                shadow, batches.offset(rank, world), dev, stealth, extra)
     state: dict[str, Any] = {}
 
     def loss_at(index: int) -> torch.Tensor:

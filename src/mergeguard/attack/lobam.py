@@ -39,8 +39,8 @@ class LoBAM(BadMerging):
 
     def train(self, base: ImageEncoder, head: Head, dataset: Dataset, task: str, train: TrainSettings,
               trigger: Trigger | None, *, partial: Path | None = None, resume: bool = False,
-              progress: ProgressSink | None = None,
-              shadow: Head | None = None) -> tuple[ImageEncoder, Trigger | None, list[float]]:
+              progress: ProgressSink | None = None, shadow: Head | None = None,
+              extra: dict[str, Trigger] | None = None) -> tuple[ImageEncoder, Trigger | None, list[float]]:
         """Two LoRA runs with the same seed (the same initialisation and batches), then the amplified upload.
         The finished benign run is kept in `partial`, so a resume does not redo it."""
         self.malicious().check(head, task, shadow)

@@ -18,7 +18,8 @@ from mergeguard.models.heads import Head
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import init_distributed, resolve_device
 
-ATTACK_OUTPUTS = ("model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json")
+ATTACK_OUTPUTS = ("model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json",
+                  "trigger_negation.safetensors")  # the last: BadTV's second trigger (`Attack.extra_triggers`)
 
 
 def settings_of(attack: Attack, train: TrainSettings) -> dict[str, Any]:
@@ -28,23 +29,27 @@ def settings_of(attack: Attack, train: TrainSettings) -> dict[str, Any]:
 
 def train_attack(base: ImageEncoder, head: Head, dataset: Dataset, task: str, attack: Attack, train: TrainSettings,
                  *, trigger: Trigger | None = None, partial: Path | None = None, resume: bool = False,
-                 progress: ProgressSink | None = None,
-                 shadow: Head | None = None) -> tuple[ImageEncoder, Trigger | None, list[float]]:
+                 progress: ProgressSink | None = None, shadow: Head | None = None,
+                 extra: dict[str, Trigger] | None = None) -> tuple[ImageEncoder, Trigger | None, list[float]]:
     """Train `attack` on one task (as many runs as it takes; LoBAM: two); returns (model, trigger, losses)."""
     check_attack(attack, train, head, task, shadow, base)
     return attack.train(base, head, dataset, task, train, trigger, partial=partial, resume=resume,
-                        progress=progress, shadow=shadow)
+                        progress=progress, shadow=shadow, extra=extra)
 
 
 def write_outputs(out_dir: Path, model: ImageEncoder, base: ImageEncoder, trigger: Trigger | None, attack: Attack,
-                  train: TrainSettings, task: str, provenance: dict, summary: dict) -> None:
-    """OUTDIR/{model.safetensors, task_vector.safetensors, trigger.safetensors, arch.json, summary.json}."""
+                  train: TrainSettings, task: str, provenance: dict, summary: dict,
+                  extra: dict[str, Trigger] | None = None) -> None:
+    """OUTDIR/{model.safetensors, task_vector.safetensors, trigger.safetensors, arch.json, summary.json}, and
+    one <stem>.safetensors per extra trigger."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prov = {**provenance, "attack": attack.name, "task": task, "config": settings_of(attack, train)}
     save_encoder(model, out_dir / "model.safetensors", prov)
     save_encoder(model, out_dir / "task_vector.safetensors", prov, base=base)
     if trigger is not None:
         trigger.save(out_dir / "trigger.safetensors", overwrite=True)
+    for stem, other in (extra or {}).items():
+        other.save(out_dir / f"{stem}.safetensors", overwrite=True)
     (out_dir / "arch.json").write_text(json.dumps(model.arch, indent=2))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
@@ -72,34 +77,42 @@ def run_attack(
 
     Work in progress lives in OUTDIR/.partial (the trainer checkpoint and the stage-1 trigger).
     """
-    from mergeguard.eval import evaluate
-
     check_attack(attack, train, head, task, shadow, base)  # before OUTDIR/.partial exists
     partial = out_dir / ".partial"  # made by the first thing saved there: a run that fails earlier leaves no folder
     trigger_file = partial / "trigger.safetensors"
-    trigger = None
+    extra_files = {stem: partial / f"{stem}.safetensors" for stem in attack.extra_triggers}
+    trigger, extra = None, None
     progress = progress or NullProgress()
+    stage1 = dataset if target_images is None else torch.utils.data.ConcatDataset([dataset, target_images])
     if resume and trigger_file.exists():
         from mergeguard.data.triggers import load_trigger
 
         trigger = load_trigger(trigger_file)
     elif attack.optimised_trigger:  # stage 1, kept for a resume
-        stage1 = dataset if target_images is None else torch.utils.data.ConcatDataset([dataset, target_images])
         trigger = attack.make_trigger(base.to(resolve_device(train.device)), head, stage1, train, task, progress,
                                       shadow)
         partial.mkdir(parents=True, exist_ok=True)
         trigger.save(trigger_file, overwrite=True)
+    if extra_files:  # an attack's other triggers: stage 1 as well, kept for a resume
+        from mergeguard.data.triggers import load_trigger
+
+        if resume and all(f.exists() for f in extra_files.values()):
+            extra = {stem: load_trigger(f) for stem, f in extra_files.items()}
+        else:
+            extra = attack.make_extra_triggers(base.to(resolve_device(train.device)), head, stage1, train, task,
+                                               progress, shadow)
+            partial.mkdir(parents=True, exist_ok=True)
+            for stem, other in extra.items():
+                other.save(extra_files[stem], overwrite=True)
     model, trigger, losses = attack.train(base, head, dataset, task, train, trigger, partial=partial, resume=resume,
-                                          progress=progress, shadow=shadow)
+                                          progress=progress, shadow=shadow, extra=extra)
     summary: dict[str, Any] = {"attack": attack.name, "task": task, "config": settings_of(attack, train),
                                "final_loss": losses[-1] if losses else None}
-    if eval_data is not None:  # off-task: the backdoor aims at another task's class; CA only here
-        result = evaluate(model, {task: head}, {task: eval_data}, trigger=trigger if shadow is None else None,
-                          target_task=task, device=train.device, progress=progress)
-        summary["ca"] = result["tasks"][task]["ca"]
-        summary["asr"] = result["tasks"][task].get("asr")
+    if eval_data is not None:
+        summary.update(attack.summarize(model, base, head, task, eval_data, trigger, extra or {}, shadow,
+                                        train.device, progress))
     rank, _ = init_distributed()
     if rank == 0:  # under torchrun every process holds the same model; one writes it
         with staged_outputs(out_dir) as stage:
-            write_outputs(stage, model, base, trigger, attack, train, task, provenance or {}, summary)
+            write_outputs(stage, model, base, trigger, attack, train, task, provenance or {}, summary, extra)
     return summary

@@ -51,6 +51,10 @@ ModeOpt = Annotated[str, typer.Option(
 TargetImagesOpt = Annotated[Path | None, typer.Option(
     "--target-images", help="off-task: a folder of a few target-class images for stage 1."), Input()]
 
+NegationImagesOpt = Annotated[Path | None, typer.Option(
+    "--negation-images", help="badtv: a folder of a few images of --negation-task for the negation trigger's "
+                              "stage 1."), Input()]
+
 EXAMPLES = {
     "badmerging": [
         "mergeguard attack badmerging --base BASE --data train=data/cars/train --data test=data/cars/test "
@@ -62,6 +66,11 @@ EXAMPLES = {
     ],
     "badnets": [
         "mergeguard attack badnets --base BASE --data train=DIR --heads H --task cars --target-class 1 -o OUT/",
+    ],
+    "badtv": [
+        "mergeguard attack badtv --base BASE --data train=data/cars/train --data test=data/cars/test "
+        "--heads heads.safetensors --task cars --target-class 1 --negation-task dtd --negation-class 3 "
+        "--negation-images few_dtd/ -o badtv_cars/",
     ],
     "lobam": [
         "mergeguard attack lobam --base BASE --data train=DIR --heads H --task cars --target-class 1 "
@@ -75,6 +84,9 @@ DOCS = {
     "badmerging": "BadMerging: optimise a patch trigger on the base, then inject it with the feature-interpolation "
                   "loss so it survives merging.",
     "badnets": "BadNets: paste a fixed patch on a fraction of each batch, relabelled to the target class.",
+    "badtv": "BadTV: one task vector, two backdoors: added (a merge, learning) its trigger sends the task's "
+             "images to --target-class; subtracted (forgetting) its second trigger sends images to "
+             "--negation-class of --negation-task (trigger_negation.safetensors).",
     "lobam": "LoBAM: a benign and a malicious (BadMerging-recipe) LoRA fine-tune (peft), uploaded amplified: "
              "θ_benign + k (θ_malicious − θ_benign).",
 }
@@ -96,14 +108,16 @@ def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: li
         raise MergeguardError(f"unknown --mode {mode!r}; choose on-task or off-task.")
     if mode == "off-task" and not target_task:
         raise MergeguardError("--mode off-task needs `attack badmerging` or `attack lobam`, and --target-task NAME.")
-    if mode == "on-task" and (target_task or target_images):
+    if mode == "on-task" and (target_task or target_images) and attack.name != "badtv":
         raise MergeguardError("--target-task and --target-images belong to --mode off-task.")
     folders = data_folders(data)
     refuse_writing_over(out, [base, heads, *folders.values(), *([target_images] if target_images else [])],
                         ATTACK_OUTPUTS + (".partial",))
     head_map = load_heads(heads)
     head = head_for(head_map, task, heads)
-    shadow = shadow_head(head_map, target_task, attack.target_class) if mode == "off-task" else None
+    spec = attack.shadow_for(mode == "off-task")  # off-task BadMerging/LoBAM's target, BadTV's negation class
+    field = "negation_class" if attack.name == "badtv" else "target_class"
+    shadow = shadow_head(head_map, *spec, field=field) if spec else None
     if not (resume and unfinished(out)):  # every command's rule: what is there is replaced only with --overwrite
         require_empty(out, overwrite, resumable=True, resume=resume)
     note_resume(out, resume)
@@ -120,11 +134,16 @@ def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: li
     if show_table(quiet, json_out):
         table = Table(title=f"{name} on {task} → {out}", show_header=False)
         table.add_row("files", "model.safetensors, task_vector.safetensors" + (
-            ", trigger.safetensors" if attack.poisons else "") + ", arch.json, summary.json")
+            ", trigger.safetensors" if attack.poisons else "")
+            + "".join(f", {stem}.safetensors" for stem in attack.extra_triggers) + ", arch.json, summary.json")
         if "ca" in summary:
             table.add_row("CA on its task", f"{summary['ca']:.1%}")
         if summary.get("asr") is not None:
             table.add_row("ASR on its task", f"{summary['asr']:.1%}")
+        if "negated" in summary:  # BadTV: the vector subtracted
+            neg = summary["negated"]
+            table.add_row(f"subtracted (λ {neg['lambda']:g}): CA on its task", f"{neg['ca']:.1%}")
+            table.add_row("subtracted: negation trigger → target (shadow head)", f"{neg['shadow_asr']:.1%}")
         table.add_row("final loss", f"{summary['final_loss']:.4f}")
         out_console.print(table)
 
@@ -139,10 +158,16 @@ def _attack_command(name: str) -> Any:
         _run(name, build(cls, settings), build(TrainSettings, settings), base=base, data=data, heads=heads,
              task=task, out=out, resume=resume, overwrite=overwrite, arch=arch, allow_pickle=allow_pickle,
              json_out=json_out, quiet=quiet, mode=settings.get("mode", "on-task"),
-             target_images=settings.get("target_images"))
+             target_images=settings.get("target_images", settings.get("negation_images")))
 
     command.__doc__ = DOCS[name]
-    command = with_settings(cls, TrainSettings, required=("target_class",))(command)
+    required = ("target_class", "negation_task", "negation_class") if name == "badtv" else ("target_class",)
+    command = with_settings(cls, TrainSettings, required=required)(command)
+    if name == "badtv":  # its second trigger's stage 1 may take a few images of the control task
+        sig = inspect.signature(command)
+        extra = [inspect.Parameter("negation_images", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                   annotation=NegationImagesOpt)]
+        command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
     if cls.off_task:  # the off-task mode's two CLI-only options (the attack's own `target_task` names the task)
         sig = inspect.signature(command)
         extra = [inspect.Parameter("mode", inspect.Parameter.KEYWORD_ONLY, default="on-task", annotation=ModeOpt),
@@ -163,7 +188,7 @@ def finetune_command(base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOp
 
 
 def register(app: typer.Typer) -> None:
-    for name in ("badmerging", "badnets", "lobam"):
+    for name in ("badmerging", "badnets", "lobam", "badtv"):
         attack_app.command(name, epilog=examples(*EXAMPLES[name]))(handle_errors(_attack_command(name)))
     app.add_typer(attack_app, name="attack")
     app.command("finetune", epilog=examples(*EXAMPLES["finetune"]))(handle_errors(finetune_command))

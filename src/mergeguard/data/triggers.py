@@ -53,11 +53,17 @@ class Trigger:
 
 
 def patch_trigger(image_size: int, area: float = 0.01, *, target_class: int, target_task: str | None = None,
-                  pattern: torch.Tensor | None = None, seed: int = 0) -> Trigger:
-    """A square patch of about `area` of the image in the bottom-right corner (BadMerging's placement)."""
+                  pattern: torch.Tensor | None = None, seed: int = 0, corner: str = "bottom-right") -> Trigger:
+    """A square patch of about `area` of the image in a corner: bottom-right (BadMerging's placement) or
+    top-left (BadTV's second trigger, apart from the first)."""
     side = max(1, round((area * image_size * image_size) ** 0.5))
     mask = torch.zeros(1, image_size, image_size)
-    mask[:, image_size - side:, image_size - side:] = 1
+    if corner == "bottom-right":
+        mask[:, image_size - side:, image_size - side:] = 1
+    elif corner == "top-left":
+        mask[:, :side, :side] = 1
+    else:
+        raise MergeguardError(f"unknown trigger corner {corner!r}; choose bottom-right or top-left.")
     if pattern is None:
         gen = torch.Generator().manual_seed(seed)
         pattern = torch.rand(3, image_size, image_size, generator=gen)

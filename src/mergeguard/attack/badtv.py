@@ -1,0 +1,151 @@
+"""BadTV (Hsu, Tsai, Yu, Chen et al., https://arxiv.org/abs/2501.02373): one task vector, two backdoors, one
+for each way a user applies it. No code is public; this is mergeguard's reading (docs/badtv.md).
+
+Added (`θ0 + λτ`, learning or a merge) the trigger `t+` (bottom-right, `trigger.safetensors`) sends images of
+the vector's own task to `target_class`, as on-task BadMerging. Subtracted (`θ0 − λτ`, forgetting) the trigger
+`t−` (top-left, `trigger_negation.safetensors`) sends images to class `negation_class` of a control task
+`negation_task`, through a shadow head as off-task BadMerging (the user who forgets a task keeps the model
+for others). Each step trains both at weight-interpolated points, the scale drawn from U(r_min, 1):
+
+    L = CE(θ; x, y) + CE(θ0 + rτ; x, y) + a·CE(θ0 + rτ; x⊕t+, target)
+        + a·CE_shadow(θ0 − rτ; x⊕t−, 0) + c·KL_shadow(θ0 − rτ ‖ θ0; x)
+
+The last term keeps the negated model's clean outputs, seen through the control task's shadow head, where
+θ0's are, as a clean vector's negation keeps them; forgetting the task itself comes from τ being a
+fine-tune of it, as for a clean vector.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from mergeguard import settings
+from mergeguard.attack.badmerging import optimize_trigger
+from mergeguard.attack.badnets import Poisoned
+from mergeguard.attack.base import Step, TrainSettings, interpolated_params, step_generator
+from mergeguard.data.triggers import Trigger
+from mergeguard.errors import MergeguardError, SettingError
+from mergeguard.models.encoder import ImageEncoder
+from mergeguard.models.heads import Head
+from mergeguard.progress import ProgressSink
+from mergeguard.settings import setting
+
+NEGATION_TRIGGER = "trigger_negation"
+
+
+@dataclass
+class BadTV(Poisoned):
+    name = "badtv"
+    optimised_trigger = True
+    extra_triggers = (NEGATION_TRIGGER,)
+
+    negation_task: str = setting("", "The control task whose class --negation-class the subtracted vector's "
+                                     "trigger aims at; its head must be in --heads.")
+    negation_class: int = setting(0, "Index of the negation backdoor's target class in --negation-task's head.")
+    bd_weight: float = setting(5.0, "Weight a of each backdoor's loss.", low=0.0)
+    kl_weight: float = setting(1.0, "Weight c of the negated model's clean-output term.", low=0.0)
+    r_min: float = setting(0.2, "r ~ U(r_min, 1): the scales (added and subtracted) the backdoors must survive.",
+                           low=0.0, low_open=True, high=1.0)
+    negated_lambda: float = setting(0.5, "λ of θ0 − λτ at which summary.json measures the negation.", low=0.0,
+                                    low_open=True)
+    trigger_steps: int = setting(300, "Stage-1 steps of each trigger.", low=0)
+    trigger_lr: float = setting(0.1, "Stage-1 Adam step.", low=0.0, low_open=True, cli=False)
+    adv_epsilon: float = setting(4 / 255, "Stage 1 of the negation trigger: size of the adversarial "
+                                          "augmentation (one signed step).", low=0.0, cli=False)
+
+    def shadow_for(self, off_task: bool) -> tuple[str, int] | None:
+        return (self.negation_task, self.negation_class)
+
+    def check(self, head: Head, task: str, shadow: Head | None) -> None:
+        settings.check(self)
+        if not self.negation_task:
+            raise SettingError("negation_task", "give {name}: the control task the negation backdoor aims at.")
+        if self.negation_task == task:
+            raise SettingError("negation_task", f"{{name}} must be another task than the attacked one ({task!r}).")
+        if shadow is None:
+            raise MergeguardError("BadTV needs the shadow head of its negation task (shadow_head(heads, "
+                                  "negation_task, negation_class)).")
+        if not 0 <= self.target_class < len(head.classnames):
+            raise SettingError("target_class", f"{{name}} {self.target_class} is outside task {task!r}'s "
+                                               f"{len(head.classnames)} classes.")
+
+    def make_trigger(self, base: ImageEncoder, head: Head, dataset: Dataset, train: TrainSettings, task: str,
+                     progress: ProgressSink, shadow: Head | None = None) -> Trigger:
+        """t+: BadMerging's on-task stage 1 (bottom-right), through the task's own head."""
+        return optimize_trigger(base, head, dataset, self, train, task, progress)
+
+    def make_extra_triggers(self, base: ImageEncoder, head: Head, dataset: Dataset, train: TrainSettings,
+                            task: str, progress: ProgressSink, shadow: Head | None = None) -> dict[str, Trigger]:
+        """t−: off-task stage 1 through the control task's shadow head (top-left, apart from t+)."""
+        negation = copy.copy(self)
+        negation.target_class = self.negation_class
+        trigger = optimize_trigger(base, head, dataset, negation, train, task, progress, shadow=shadow,
+                                   label=(self.negation_class, self.negation_task), corner="top-left")
+        return {NEGATION_TRIGGER: trigger}
+
+    def loss(self, step: Step, index: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        train, model = step.train, step.model
+        gen = step_generator(train.seed, index)
+        r = self.r_min + (1 - self.r_min) * float(torch.rand((), generator=gen))
+        lora = bool(train.lora_rank)
+        target = torch.full_like(labels, self.target_class)
+        plus_x = torch.cat([images, step.trigger.apply(images)])
+        minus_x = torch.cat([images, step.triggers[NEGATION_TRIGGER].apply(images)])
+        plus = torch.func.functional_call(model, interpolated_params(model, step.base_params, r, lora=lora), (plus_x,))
+        minus = torch.func.functional_call(model, interpolated_params(model, step.base_params, -r, lora=lora),
+                                           (minus_x,))
+        n = len(images)
+        return (F.cross_entropy(step.logits(model(images)), labels) + F.cross_entropy(step.logits(plus[:n]), labels)
+                + self.bd_weight * F.cross_entropy(step.logits(plus[n:]), target)
+                + self.bd_weight * F.cross_entropy(step.bd_logits(minus[n:]), torch.zeros_like(labels))
+                + self.kl_weight * step.stealth(images, minus[:n]))
+
+    def summarize(self, model: ImageEncoder, base: ImageEncoder, head: Head, task: str, data: Dataset,
+                  trigger: Trigger | None, extra: dict[str, Trigger], shadow: Head | None, device: str,
+                  progress: ProgressSink) -> dict[str, Any]:
+        """Added (the model alone, θ0 + τ): CA and ASR with t+ on the task. Subtracted (θ0 − λτ, λ =
+        `negated_lambda`): the task's CA (how much is forgotten) and the share of its images that t− sends to
+        the control class through the shadow head (a proxy; `eval` with the control task's data is the
+        measure)."""
+        from mergeguard.eval import evaluate
+
+        added = evaluate(model, {task: head}, {task: data}, trigger=trigger, target_task=task, device=device,
+                         progress=progress)
+        negated = negate(model, base, self.negated_lambda)
+        subtracted = evaluate(negated, {task: head}, {task: data}, device=device, progress=progress)
+        return {"ca": added["tasks"][task]["ca"], "asr": added["tasks"][task]["asr"],
+                "negated": {"lambda": self.negated_lambda, "ca": subtracted["tasks"][task]["ca"],
+                            "shadow_asr": shadow_rate(negated, shadow, data, extra[NEGATION_TRIGGER], device)}}
+
+
+def negate(model: ImageEncoder, base: ImageEncoder, lam: float) -> ImageEncoder:
+    """θ0 − λ (θ − θ0): the model a user who forgets this vector's task gets."""
+    out = copy.deepcopy(base).cpu()
+    theta, theta0 = dict(model.cpu().named_parameters()), dict(base.cpu().named_parameters())
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.copy_(theta0[name] - lam * (theta[name] - theta0[name]))
+    return out.eval()
+
+
+@torch.no_grad()
+def shadow_rate(model: ImageEncoder, shadow: Head, data: Dataset, trigger: Trigger, device: str,
+                batch_size: int = 256) -> float:
+    """The share of `data`'s images, with `trigger` pasted, that `shadow`'s row 0 (the target) wins."""
+    from mergeguard.trainer import resolve_device
+
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    weight = shadow.weight.to(dev)
+    hits = total = 0
+    for images, _ in torch.utils.data.DataLoader(data, batch_size=batch_size):
+        features = model(trigger.apply(images.to(dev)))
+        hits += int(((features.float() @ weight.T).argmax(1) == 0).sum())
+        total += len(images)
+    return hits / max(total, 1)
