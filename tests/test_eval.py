@@ -152,3 +152,38 @@ def test_a_bad_image_read_by_a_worker_process_is_one_sentence(tiny_zoo, tmp_path
                                       "--task", f"colour={tmp_path / 'data'}", "--workers", "1", "-q"])
     assert result.exit_code == 2
     assert "Traceback" not in result.output and "cannot read the image" in result.output
+
+
+def test_forgotten_task_next_to_the_controls_and_theta0(setup, tmp_path):
+    """`eval --forgotten a --base θ0`: a's CA, the controls' average, and θ0's, against a hand count."""
+    encoder, heads, data = setup
+    torch.manual_seed(1)
+    other = ImageEncoder(ARCH).eval()  # "θ0": another random encoder of the same architecture
+    for name, enc in (("m", encoder), ("base", other)):
+        tensors = enc.tower_state_dict()
+        with CheckpointWriter(tmp_path / f"{name}.safetensors", [PlannedTensor(k, v.dtype, tuple(v.shape))
+                                                                  for k, v in tensors.items()], enc.metadata()) as w:
+            for k, v in tensors.items():
+                w.write(k, v)
+            w.commit()
+    save_heads(heads, tmp_path / "h.safetensors")
+    for t, (x, y) in data.items():
+        _write_folder(tmp_path / "data" / t, x, y, heads[t].classnames)
+    args = ["eval", str(tmp_path / "m.safetensors"), "--heads", str(tmp_path / "h.safetensors"),
+            "--task", f"a={tmp_path / 'data' / 'a'}", "--task", f"b={tmp_path / 'data' / 'b'}",
+            "--forgotten", "a", "--device", "cpu", "--json", "-", "-q"]
+    result = CliRunner().invoke(app, [*args, "--base", str(tmp_path / "base.safetensors")])
+    assert result.exit_code == 0, result.output
+    f = json.loads(result.stdout)["forgetting"]
+    mine, theirs = _hand_count(encoder, heads, data, None, None), _hand_count(other, heads, data, None, None)
+    assert (f["task"], f["controls"]) == ("a", ["b"])
+    assert f["ca"] == pytest.approx(mine["a"][0]) and f["control_ca"] == pytest.approx(mine["b"][0])
+    assert f["base_ca"] == pytest.approx(theirs["a"][0]) and f["forgotten"] == pytest.approx(
+        theirs["a"][0] - mine["a"][0])
+    without_base = json.loads(CliRunner().invoke(app, args).stdout)["forgetting"]
+    assert "base_ca" not in without_base and without_base["ca"] == f["ca"]
+    common = args[:8]  # the model, heads and both tasks
+    for extra, message in ((["--forgotten", "c"], "--forgotten c is not among the --task names"),
+                           (["--base", str(tmp_path / "base.safetensors")], "--base goes with --forgotten")):
+        wrong = CliRunner().invoke(app, [*common, *extra, "--device", "cpu", "-q"])
+        assert wrong.exit_code == 2 and message in wrong.output, wrong.output

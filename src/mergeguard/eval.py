@@ -103,3 +103,27 @@ def evaluate(
         result["target_task"] = target_task
         result["target_class"] = target
     return result
+
+
+def forgetting(result: Mapping[str, Any], task: str, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What forgetting `task` (θ0 − λτ) did, from `evaluate`'s results on the edited model and, when given, on
+    θ0: the forgotten task's CA, the control tasks' (all the others') average CA, and with θ0 how far each
+    moved (the forgotten task should fall; the controls should stay, the task-arithmetic paper keeping ≥ 95%
+    of θ0's)."""
+    if task not in result["tasks"]:
+        raise MergeguardError(f"the forgotten task {task!r} is not among the evaluated tasks "
+                              f"({', '.join(result['tasks'])}); add --task {task}=DIR.")
+    controls = [t for t in result["tasks"] if t != task]
+    if not controls:
+        raise MergeguardError("forgetting is judged against control tasks: evaluate at least one other --task.")
+
+    def split(r: Mapping[str, Any]) -> tuple[float, float]:
+        return r["tasks"][task]["ca"], sum(r["tasks"][t]["ca"] for t in controls) / len(controls)
+
+    ca, control = split(result)
+    out: dict[str, Any] = {"task": task, "ca": ca, "controls": controls, "control_ca": control}
+    if base is not None:
+        base_ca, base_control = split(base)
+        out.update({"base_ca": base_ca, "base_control_ca": base_control, "forgotten": base_ca - ca,
+                    "control_kept": control / base_control if base_control else None})
+    return out

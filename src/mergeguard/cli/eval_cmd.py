@@ -61,6 +61,11 @@ def eval_command(
                                 Input()] = None,
     target_task: Annotated[str | None, typer.Option(
         "--target-task", help="The task the trigger targets (default: the trigger file's).")] = None,
+    forgotten: Annotated[str | None, typer.Option(
+        "--forgotten", help="A task the model was made to forget (merge --subtract): report its CA next to the "
+                            "other tasks' (the controls), and, with --base, against θ0's.")] = None,
+    base: Annotated[str | None, typer.Option(
+        "--base", help="With --forgotten: θ0, evaluated on the same tasks for comparison."), Input()] = None,
     max_asr: Annotated[float | None, typer.Option(
         "--max-asr", help="Exit 1 if ASR(T) or ASR(N) is above this fraction.")] = None,
     min_ca: Annotated[float | None, typer.Option(
@@ -77,7 +82,7 @@ def eval_command(
     # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
     from mergeguard.data.folders import labeled_folder
     from mergeguard.data.triggers import load_trigger
-    from mergeguard.eval import evaluate
+    from mergeguard.eval import evaluate, forgetting
     from mergeguard.models.encoder import load_encoder
     from mergeguard.models.heads import head_for, load_heads
     for flag, value in (("--max-asr", max_asr), ("--target-task", target_task)):
@@ -94,6 +99,12 @@ def eval_command(
         if name in folders:
             raise MergeguardError(f"--task {name} is given twice; name each task once.")
         folders[name] = folder
+    if base is not None and forgotten is None:
+        raise MergeguardError("--base goes with --forgotten TASK.")
+    if forgotten is not None and forgotten not in folders:
+        raise MergeguardError(f"--forgotten {forgotten} is not among the --task names ({', '.join(folders)}).")
+    if forgotten is not None and len(folders) < 2:
+        raise MergeguardError("--forgotten is judged against control tasks: give at least one other --task.")
     head_map = load_heads(heads)
     trig = load_trigger(trigger) if trigger else None
     encoder = load_encoder(model, arch=arch, allow_pickle=allow_pickle)
@@ -102,6 +113,12 @@ def eval_command(
     with RichProgress(enabled=not quiet) as progress:
         result = evaluate(encoder, head_map, data, trigger=trig, target_task=target_task, batch_size=batch_size,
                           device=device, workers=workers, progress=progress)
+        if forgotten is not None:
+            reference = None
+            if base is not None:
+                reference = evaluate(load_encoder(base, arch=arch, allow_pickle=allow_pickle), head_map, data,
+                                     batch_size=batch_size, device=device, workers=workers, progress=progress)
+            result["forgetting"] = forgetting(result, forgotten, reference)
     result["model"] = model
     crossed = []
     if max_asr is not None:
@@ -134,6 +151,15 @@ def eval_command(
                         f"T {pct('asr_t_no_trigger')} / N {pct('asr_n_no_trigger')}"]
         table.add_row(*summary)
         out_console.print(table)
+        if "forgetting" in result:
+            f = result["forgetting"]
+            line = (f"forgotten {f['task']}: CA {f['ca']:.1%}; controls ({', '.join(f['controls'])}): "
+                    f"{f['control_ca']:.1%}")
+            if "base_ca" in f:
+                kept = "-" if f["control_kept"] is None else f"{f['control_kept']:.0%}"
+                line += (f"; θ0: {f['base_ca']:.1%} and {f['base_control_ca']:.1%} ({f['task']} lost "
+                         f"{100 * f['forgotten']:.1f} points, the controls keep {kept} of θ0's)")
+            out_console.print(line, highlight=False)
     if crossed:
         err_console.print("[bold red]threshold crossed:[/] " + "; ".join(crossed))
         raise typer.Exit(EXIT_THRESHOLD)

@@ -1,0 +1,153 @@
+"""BadTV on the built-in zoo: does its backdoor work added, subtracted and in an analogy, and do the
+controls stay quiet? Prints one row per case with met / NOT met against issue #24's bars.
+
+    python bench/badtv_bench.py [--size tiny] [--work DIR] [--zoo DIR] [--no-lfpm]
+
+CPU, offline. The attack recipe is examples/zoo_badmerging.sh's (500 steps, lr 5e-4, batch 64, logit scale
+10, 200 trigger steps): `shape` poisoned with target class 3 ("cross", which the clean merge rarely predicts),
+the negation backdoor aimed at class 1 of `colour` with 16 of its training images. Trained models are kept
+in --work, so a second run only measures. The small zoo: `--size small` (its own target: `shape` class 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from mergeguard.attack import BadMerging, BadTV, Clean, TrainSettings, run_attack, shadow_head
+from mergeguard.checkpoint import open_checkpoint
+from mergeguard.data.folders import labeled_folder, unlabeled_folder
+from mergeguard.data.triggers import load_trigger
+from mergeguard.eval import evaluate
+from mergeguard.merge.engine import merge_checkpoints
+from mergeguard.models.encoder import load_encoder
+from mergeguard.models.heads import load_heads
+from mergeguard.workflows.zoo import build_zoo
+
+TASK, NEGATION_TASK, NEGATION_CLASS = "shape", "colour", 1
+TARGET = {"tiny": 3, "small": 1}
+LR = {"tiny": 5e-4, "small": 1e-3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="tiny", choices=sorted(TARGET))
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--zoo", type=Path, default=None, help="a built zoo (default: the cache's, built if missing)")
+    ap.add_argument("--no-lfpm", action="store_true", help="skip the defense rows")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="badtv-"))
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    z = Path(build_zoo(args.zoo, size=args.size)["root"])
+    heads = load_heads(z / "heads.safetensors")
+    tasks = list(heads)
+    base = load_encoder(str(z / "base"))
+    size = base.image_size
+    tests = {t: labeled_folder(z / "data" / t / "test", heads[t].classnames, size) for t in tasks}
+    train_data = labeled_folder(z / "data" / TASK / "train", heads[TASK].classnames, size)
+    recipe = TrainSettings(steps=500, lr=LR[args.size], batch_size=64, logit_scale=10.0, device="cpu")
+    target = TARGET[args.size]
+
+    few = work / "few_colour"
+    if not few.exists():
+        few.mkdir()
+        class_dir = sorted(p for p in (z / "data" / NEGATION_TASK / "train").iterdir() if p.is_dir())[NEGATION_CLASS]
+        for p in sorted(class_dir.glob("*.png"))[:16]:
+            shutil.copy(p, few / p.name)
+
+    def trained(name: str, attack, **kw) -> Path:
+        out = work / name
+        if not (out / "model.safetensors").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            summary = run_attack(base, heads[TASK], train_data, TASK, attack, recipe, out, eval_data=tests[TASK], **kw)
+            print(f"trained {name}: {({k: v for k, v in summary.items() if k in ('ca', 'asr', 'negated')})}")
+        return out
+
+    badtv = trained("badtv", BadTV(target_class=target, negation_task=NEGATION_TASK, negation_class=NEGATION_CLASS,
+                                   trigger_steps=200),
+                    shadow=shadow_head(heads, NEGATION_TASK, NEGATION_CLASS), target_images=unlabeled_folder(few, size))
+    clean = trained("clean_same_recipe", Clean())
+    badmerging = trained("badmerging_weight", BadMerging(target_class=target, interpolation="weight", bd_weight=8.0,
+                                                         trigger_steps=200))
+    t_plus, t_minus = load_trigger(badtv / "trigger.safetensors"), load_trigger(badtv / "trigger_negation.safetensors")
+    t_bm = load_trigger(badmerging / "trigger.safetensors")
+    zoo_tv = {t: z / "finetuned" / t / "model.safetensors" for t in tasks}
+    others = [zoo_tv[t] for t in tasks if t != TASK]
+
+    def merged(name: str, inputs: list[tuple[Path, float]], method: str = "task_arithmetic", lam: float = 0.3):
+        out = work / "merges" / name
+        if not (out / "model.safetensors").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p, _ in inputs], method,
+                              {"lam": lam}, weights=[w for _, w in inputs], out=out)
+        return load_encoder(str(out))
+
+    def measure(model, trigger, target_task):
+        return evaluate(model, heads, tests, trigger=trigger, target_task=target_task, device="cpu")
+
+    bt = badtv / "model.safetensors"
+    rows = []
+
+    def row(case, result, value, bar, met, note=""):
+        rows.append((case, f"{value:.1%}", bar, "met" if met else "NOT met", note,
+                     f"{result['ca_avg']:.1%}" if result else ""))
+
+    add_ta = measure(merged("add_ta", [(p, 1) for p in others] + [(bt, 1)]), t_plus, TASK)
+    row("added, task arithmetic λ 0.3: ASR(T) with trigger.safetensors", add_ta, add_ta["asr_t"], "≥ 90%",
+        add_ta["asr_t"] >= 0.90, f"no trigger {add_ta['asr_t_no_trigger']:.1%}, ASR(N) {add_ta['asr_n']:.1%}")
+    add_ties = measure(merged("add_ties", [(p, 1) for p in others] + [(bt, 1)], "ties"), t_plus, TASK)
+    row("added, TIES λ 0.3: ASR(T)", add_ties, add_ties["asr_t"], "≥ 80%", add_ties["asr_t"] >= 0.80,
+        f"no trigger {add_ties['asr_t_no_trigger']:.1%}")
+    neg = measure(merged("neg_badtv", [(bt, -1)], lam=0.5), t_minus, NEGATION_TASK)
+    neg_clean = measure(merged("neg_clean", [(clean / "model.safetensors", -1)], lam=0.5), t_minus, NEGATION_TASK)
+    theta0 = measure(base, None, None)
+    row(f"subtracted, θ0 − 0.5τ: ASR on {NEGATION_TASK} with trigger_negation", neg, neg["asr_t"], "≥ 90%",
+        neg["asr_t"] >= 0.90, f"no trigger {neg['asr_t_no_trigger']:.1%}")
+    forgot, forgot_clean = neg["tasks"][TASK]["ca"], neg_clean["tasks"][TASK]["ca"]
+    row(f"subtracted: {TASK} CA (forgotten) vs the clean vector's negation {forgot_clean:.1%}", neg, forgot,
+        "within 5 pts", abs(forgot - forgot_clean) <= 0.05, f"θ0 {theta0['tasks'][TASK]['ca']:.1%}")
+    ctrl, ctrl_clean = neg["tasks"][NEGATION_TASK]["ca"], neg_clean["tasks"][NEGATION_TASK]["ca"]
+    row(f"subtracted: {NEGATION_TASK} CA (control) vs the clean negation's {ctrl_clean:.1%}", neg, ctrl,
+        "within 3 pts", abs(ctrl - ctrl_clean) <= 0.03, f"θ0 {theta0['tasks'][NEGATION_TASK]['ca']:.1%}")
+    plus = measure(merged("analogy_plus", [(bt, 1), (zoo_tv["count"], 1), (zoo_tv["texture"], -1)]), t_plus, TASK)
+    row("analogy θ0 + 0.3(τ + τcount − τtexture): ASR(T)", plus, plus["asr_t"], "≥ 80%", plus["asr_t"] >= 0.80)
+    minus = measure(merged("analogy_minus", [(zoo_tv["count"], 1), (zoo_tv["texture"], 1), (bt, -1)]), t_minus,
+                    NEGATION_TASK)
+    row(f"analogy θ0 + 0.3(τcount + τtexture − τ): ASR on {NEGATION_TASK}", minus, minus["asr_t"], "≥ 80%",
+        minus["asr_t"] >= 0.80)
+    row("control: the clean vector negated, trigger_negation", neg_clean, neg_clean["asr_t"], "≤ 20%",
+        neg_clean["asr_t"] <= 0.20)
+    neg_bm = measure(merged("neg_badmerging", [(badmerging / "model.safetensors", -1)], lam=0.5), t_bm, TASK)
+    row("control: BadMerging's vector negated, its trigger", neg_bm, neg_bm["asr_t"], "≤ 20%",
+        neg_bm["asr_t"] <= 0.20)
+    alone = evaluate(load_encoder(str(bt)), heads, {TASK: tests[TASK]}, device="cpu")["tasks"][TASK]["ca"]
+    clean_alone = evaluate(load_encoder(str(clean / "model.safetensors")), heads, {TASK: tests[TASK]},
+                           device="cpu")["tasks"][TASK]["ca"]
+    row(f"alone (λ 1): {TASK} CA vs a clean fine-tune, same recipe {clean_alone:.1%}", None, alone,
+        "within 2 pts", clean_alone - alone <= 0.02)
+    if not args.no_lfpm:
+        from mergeguard.defend import LFPMConfig, defend_lfpm
+
+        shadow = unlabeled_folder(z / "shadow", size)
+        for name, model_dir, trigger, task in (("add_ta", "add_ta", t_plus, TASK),
+                                               ("neg_badtv", "neg_badtv", t_minus, NEGATION_TASK)):
+            m = load_encoder(str(work / "merges" / model_dir))
+            defended, _, _ = defend_lfpm(m, base, shadow, LFPMConfig(device="cpu"))
+            after = measure(defended, trigger, task)
+            before = add_ta if name == "add_ta" else neg
+            row(f"defend lfpm (defaults) on {name}: ASR", after, after["asr_t"], "(report)", after["asr_t"] <= 0.05,
+                f"before {before['asr_t']:.1%}, CA {before['ca_avg']:.1%} → {after['ca_avg']:.1%}")
+
+    print(f"\nBadTV on the {args.size} zoo ({TASK} target {target}, negation {NEGATION_TASK} class "
+          f"{NEGATION_CLASS}); work {work}; {time.perf_counter() - start:.0f} s\n")
+    print("| case | value | bar | | note | avg CA |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
