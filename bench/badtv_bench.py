@@ -82,6 +82,7 @@ def main() -> None:
         out = work / "merges" / name
         if not (out / "model.safetensors").exists():
             shutil.rmtree(out, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
             merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p, _ in inputs], method,
                               {"lam": lam}, weights=[w for _, w in inputs], out=out)
         return load_encoder(str(out))

@@ -73,3 +73,11 @@ def shadow_subset(tiny_zoo, tmp_path: Path):
         return dest
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow`: every test that needs the tiny zoo (built once per session, minutes on 2 cores) or is marked so
+    itself; `pytest -m "not slow"` is the quick subset for iterating, the full suite is CI's."""
+    for item in items:
+        if "tiny_zoo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
