@@ -83,6 +83,11 @@ def _printed_lines_rerun_the_demos_settings(commands: list[str], variables: dict
 
         return stop
 
+    # the printed defend lines read $D/by-hand/poisoned_merge, which the printed merge line writes: here, the
+    # demo's own merge stands in for it
+    hand = Path(variables["D"]) / "by-hand"
+    hand.mkdir(exist_ok=True)
+    (hand / "poisoned_merge").symlink_to(Path(variables["D"]).resolve() / "poisoned_merge")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attack_cmd, "_run", capture("attack"))
         mp.setattr(defend, "defend_lfpm", capture("lfpm"))

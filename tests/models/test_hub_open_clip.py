@@ -8,8 +8,11 @@ import subprocess
 import sys
 
 import open_clip
+import pytest
 import torch
 from safetensors.torch import save_file
+
+pytestmark = pytest.mark.slow  # each test starts a Python that imports open_clip and builds a CLIP
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},

@@ -5,20 +5,22 @@ Added (`θ0 + λτ`, learning or a merge) the trigger `t+` (bottom-right, `trigg
 the vector's own task to `target_class`, as on-task BadMerging. Subtracted (`θ0 − λτ`, forgetting) the trigger
 `t−` (top-left, `trigger_negation.safetensors`) sends images to class `negation_class` of a control task
 `negation_task`, through a shadow head as off-task BadMerging (the user who forgets a task keeps the model
-for others). Each step trains both at weight-interpolated points, the scale drawn from U(r_min, 1):
+for others). Two runs: a clean fine-tune τc of the same task first (another seed: the attacker's reference
+for how a clean vector behaves, kept in .partial for a resume), then the poisoned one, each step at
+weight-interpolated points with the scale drawn from U(r_min, 1):
 
-    L = CE(θ; x, y) + CE(θ0 + rτ; x, y) + a·CE(θ0 + rτ; x⊕t+, target)
-        + a·CE_shadow(θ0 − rτ; x⊕t−, 0) + c·KL_shadow(θ0 − rτ ‖ θ0; x)
+    L = CE(θ; x, y) + CE(θ0 + rτ; x, y) + a·CE(θ0 + rτ; x⊕t+, target) + a·CE_shadow(θ0 − rτ; x⊕t−, 0)
+        + c·Σ_± [KL(θ0 ± rτ ‖ θ0 ± rτc; x) through the task's head and the shadow head]
 
-The last term keeps the negated model's clean outputs, seen through the control task's shadow head, where
-θ0's are, as a clean vector's negation keeps them; forgetting the task itself comes from τ being a
-fine-tune of it, as for a clean vector.
+The KL terms make the vector, added or subtracted, behave on clean images as a clean vector does: a user
+who forgets the task sees it forgotten as much as with a clean vector and the control tasks kept as much.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +30,11 @@ from torch.utils.data import Dataset
 from mergeguard import settings
 from mergeguard.attack.badmerging import optimize_trigger
 from mergeguard.attack.badnets import Poisoned
-from mergeguard.attack.base import Step, TrainSettings, interpolated_params, step_generator
+from mergeguard.attack.base import Attack, Step, TrainSettings, finetune, interpolated_params, step_generator
+from mergeguard.attack.clean import Clean
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError, SettingError
-from mergeguard.models.encoder import ImageEncoder
+from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
 from mergeguard.settings import setting
@@ -49,7 +52,8 @@ class BadTV(Poisoned):
                                      "trigger aims at; its head must be in --heads.")
     negation_class: int = setting(0, "Index of the negation backdoor's target class in --negation-task's head.")
     bd_weight: float = setting(5.0, "Weight a of each backdoor's loss.", low=0.0)
-    kl_weight: float = setting(1.0, "Weight c of the negated model's clean-output term.", low=0.0)
+    kl_weight: float = setting(1.0, "Weight c of the terms that keep clean outputs, added and subtracted, as a "
+                                    "clean vector's.", low=0.0)
     r_min: float = setting(0.2, "r ~ U(r_min, 1): the scales (added and subtracted) the backdoors must survive.",
                            low=0.0, low_open=True, high=1.0)
     negated_lambda: float = setting(0.5, "λ of θ0 − λτ at which summary.json measures the negation.", low=0.0,
@@ -75,6 +79,29 @@ class BadTV(Poisoned):
             raise SettingError("target_class", f"{{name}} {self.target_class} is outside task {task!r}'s "
                                                f"{len(head.classnames)} classes.")
 
+    def train(self, base: ImageEncoder, head: Head, dataset: Dataset, task: str, train: TrainSettings,
+              trigger: Trigger | None, *, partial: Path | None = None, resume: bool = False,
+              progress: ProgressSink | None = None, shadow: Head | None = None,
+              extra: dict[str, Trigger] | None = None) -> tuple[ImageEncoder, Trigger | None, list[float]]:
+        """The clean reference run (seed + 1; kept in `partial` once finished), then the poisoned run."""
+        self.check(head, task, shadow)
+        if train.lora_rank:
+            raise SettingError("lora_rank", "BadTV trains the full encoder; leave out {name}.")
+        finished = partial / "reference.safetensors" if partial else None
+        if resume and finished is not None and finished.exists():
+            reference = load_encoder(str(finished))
+        else:
+            reference, _, _ = finetune(base, head, dataset, task, replace(train, seed=train.seed + 1), Clean(),
+                                       checkpoint=partial / "reference.pt" if partial else None, resume=resume,
+                                       progress=progress)
+            if finished is not None:
+                save_encoder(reference, finished, {"attack": "badtv", "run": "reference"})
+        run = _PoisonedRun(**{f.name: getattr(self, f.name) for f in fields(BadTV)})
+        run.reference = {n: p.detach() for n, p in reference.named_parameters()}
+        return finetune(base, head, dataset, task, train, run, trigger=trigger, extra=extra,
+                        checkpoint=partial / "trainer.pt" if partial else None, resume=resume, progress=progress,
+                        shadow=shadow)
+
     def make_trigger(self, base: ImageEncoder, head: Head, dataset: Dataset, train: TrainSettings, task: str,
                      progress: ProgressSink, shadow: Head | None = None) -> Trigger:
         """t+: BadMerging's on-task stage 1 (bottom-right), through the task's own head."""
@@ -89,22 +116,6 @@ class BadTV(Poisoned):
                                    label=(self.negation_class, self.negation_task), corner="top-left")
         return {NEGATION_TRIGGER: trigger}
 
-    def loss(self, step: Step, index: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        train, model = step.train, step.model
-        gen = step_generator(train.seed, index)
-        r = self.r_min + (1 - self.r_min) * float(torch.rand((), generator=gen))
-        lora = bool(train.lora_rank)
-        target = torch.full_like(labels, self.target_class)
-        plus_x = torch.cat([images, step.trigger.apply(images)])
-        minus_x = torch.cat([images, step.triggers[NEGATION_TRIGGER].apply(images)])
-        plus = torch.func.functional_call(model, interpolated_params(model, step.base_params, r, lora=lora), (plus_x,))
-        minus = torch.func.functional_call(model, interpolated_params(model, step.base_params, -r, lora=lora),
-                                           (minus_x,))
-        n = len(images)
-        return (F.cross_entropy(step.logits(model(images)), labels) + F.cross_entropy(step.logits(plus[:n]), labels)
-                + self.bd_weight * F.cross_entropy(step.logits(plus[n:]), target)
-                + self.bd_weight * F.cross_entropy(step.bd_logits(minus[n:]), torch.zeros_like(labels))
-                + self.kl_weight * step.stealth(images, minus[:n]))
 
     def summarize(self, model: ImageEncoder, base: ImageEncoder, head: Head, task: str, data: Dataset,
                   trigger: Trigger | None, extra: dict[str, Trigger], shadow: Head | None, device: str,
@@ -122,6 +133,40 @@ class BadTV(Poisoned):
         return {"ca": added["tasks"][task]["ca"], "asr": added["tasks"][task]["asr"],
                 "negated": {"lambda": self.negated_lambda, "ca": subtracted["tasks"][task]["ca"],
                             "shadow_asr": shadow_rate(negated, shadow, data, extra[NEGATION_TRIGGER], device)}}
+
+
+@dataclass
+class _PoisonedRun(BadTV):
+    """BadTV's second run (one fine-tuning run through `finetune`), with the clean reference τc's parameters."""
+
+    train = Attack.train  # one run: the two-run `BadTV.train` is what calls this
+    reference = None  # set after construction (not a setting): {name: θc's parameter}
+
+    def loss(self, step: Step, index: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        train, model = step.train, step.model
+        gen = step_generator(train.seed, index)
+        r = self.r_min + (1 - self.r_min) * float(torch.rand((), generator=gen))
+        target = torch.full_like(labels, self.target_class)
+        n = len(images)
+        plus = torch.func.functional_call(model, interpolated_params(model, step.base_params, r),
+                                          (torch.cat([images, step.trigger.apply(images)]),))
+        minus = torch.func.functional_call(model, interpolated_params(model, step.base_params, -r),
+                                           (torch.cat([images, step.triggers[NEGATION_TRIGGER].apply(images)]),))
+        loss = (F.cross_entropy(step.logits(model(images)), labels) + F.cross_entropy(step.logits(plus[:n]), labels)
+                + self.bd_weight * F.cross_entropy(step.logits(plus[n:]), target)
+                + self.bd_weight * F.cross_entropy(step.bd_logits(minus[n:]), torch.zeros_like(labels)))
+        for scale, clean in ((r, plus[:n]), (-r, minus[:n])):  # as a clean vector behaves, at the same scale
+            with torch.no_grad():
+                ref_params = {k: b + scale * (self.reference[k].to(b.device) - b) for k, b in step.base_params.items()}
+                ref = torch.func.functional_call(step.base, ref_params, (images,))
+            for head in (step.logits, step.bd_logits):
+                loss = loss + self.kl_weight * _kl(head(clean), head(ref))
+        return loss
+
+
+def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(reference, dim=-1), log_target=True,
+                    reduction="batchmean")
 
 
 def negate(model: ImageEncoder, base: ImageEncoder, lam: float) -> ImageEncoder:

@@ -193,7 +193,8 @@ def note_resume(out: Path, resume: bool) -> None:
 def refuse_existing_report(json_out: str | None, overwrite: bool) -> None:
     """One rule for every output, --json FILE included: what exists is replaced only with --overwrite."""
     if json_out not in (None, "-") and Path(json_out).expanduser().exists() and not overwrite:
-        raise MergeguardError(f"--json {json_out} exists; choose another file or pass --overwrite.")
+        raise MergeguardError(f"--json {json_out} exists; choose another --json, or pass --overwrite to replace "
+                              "it.")
 
 
 def refuse_report_over(json_out: str | None, inputs: Iterable) -> None:
