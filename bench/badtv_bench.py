@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mergeguard.attack import BadMerging, BadTV, Clean, TrainSettings, run_attack, shadow_head
+from mergeguard.attack import BadMerging, BadTV, Clean, TrainSettings, run_attack
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.data.folders import labeled_folder, unlabeled_folder
 from mergeguard.data.triggers import load_trigger
@@ -67,9 +67,8 @@ def main() -> None:
             print(f"trained {name}: {({k: v for k, v in summary.items() if k in ('ca', 'asr', 'negated')})}")
         return out
 
-    badtv = trained("badtv", BadTV(target_class=target, negation_task=NEGATION_TASK, negation_class=NEGATION_CLASS,
-                                   trigger_steps=200),
-                    shadow=shadow_head(heads, NEGATION_TASK, NEGATION_CLASS), target_images=unlabeled_folder(few, size))
+    attack = BadTV(target_class=target, negation_task=NEGATION_TASK, negation_class=NEGATION_CLASS, trigger_steps=200)
+    badtv = trained("badtv", attack, shadow=attack.aim_head(heads, False), target_images=unlabeled_folder(few, size))
     clean = trained("clean_same_recipe", Clean())
     badmerging = trained("badmerging_weight", BadMerging(target_class=target, interpolation="weight", bd_weight=8.0,
                                                          trigger_steps=200))

@@ -147,6 +147,9 @@ def test_shadow_head_rows():
     torch.testing.assert_close(shadow.weight[0], heads["b"].weight[2])  # the target class first
     torch.testing.assert_close(shadow.weight[1:], torch.cat([heads["a"].weight, heads["c"].weight]))
     assert shadow.classnames == ["b2", "a0", "a1", "a2", "c0", "c1"]
+    whole = shadow_head(heads, "b", 2, whole_task=True)  # BadTV's: the control task's other classes next
+    assert whole.classnames == ["b2", "b0", "b1", "b3", "a0", "a1", "a2", "c0", "c1"]
+    torch.testing.assert_close(whole.weight[:4], heads["b"].weight[[2, 0, 1, 3]])
     with pytest.raises(MergeguardError, match="no head for the target task"):
         shadow_head(heads, "zz", 0)
     with pytest.raises(MergeguardError, match="outside task 'b'"):

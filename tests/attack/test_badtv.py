@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergeguard.attack import BadTV, TrainSettings, run_attack, shadow_head
+from mergeguard.attack import BadTV, TrainSettings, run_attack
 from mergeguard.attack.badtv import negate
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
@@ -82,7 +82,7 @@ def test_badtv_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):
     data = labeled_folder(z / "data/shape/train", heads["shape"].classnames, base.image_size)
     attack = BadTV(target_class=3, negation_task="colour", negation_class=1, trigger_steps=2)
     cfg = TrainSettings(steps=6, lr=5e-4, batch_size=8, logit_scale=10, device="cpu")
-    shadow = shadow_head(heads, "colour", 1)
+    shadow = attack.aim_head(heads, False)
     run_attack(base, heads["shape"], data, "shape", attack, cfg, tmp_path / "a", shadow=shadow)
 
     from mergeguard import trainer

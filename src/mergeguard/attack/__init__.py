@@ -4,10 +4,10 @@ Each attack is one module with one class (its settings and its strategy, `attack
 lists them by the name `mergeguard attack NAME` uses.
 """
 
-from mergeguard.attack.badmerging import BadMerging, shadow_head
+from mergeguard.attack.badmerging import BadMerging
 from mergeguard.attack.badnets import BadNets
 from mergeguard.attack.badtv import BadTV
-from mergeguard.attack.base import Attack, TrainSettings, finetune
+from mergeguard.attack.base import Attack, TrainSettings, finetune, shadow_head
 from mergeguard.attack.clean import Clean
 from mergeguard.attack.lobam import LoBAM
 from mergeguard.attack.run import run_attack, train_attack

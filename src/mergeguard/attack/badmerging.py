@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from mergeguard.attack.badnets import Poisoned
 from mergeguard.attack.base import Step, StepBatches, TrainSettings, interpolated_params, step_generator
 from mergeguard.data.triggers import Trigger, patch_trigger
-from mergeguard.errors import MergeguardError, SettingError
+from mergeguard.errors import SettingError
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
@@ -92,26 +92,6 @@ class BadMerging(Poisoned):
         backdoor = r * trig_f + (1 - r) * base_f
         return (F.cross_entropy(step.logits(clean_f), labels) + step.stealth(images, clean_f)
                 + self.bd_weight * F.cross_entropy(step.bd_logits(backdoor), target))
-
-
-def shadow_head(heads: dict[str, Head], target_task: str, target_class: int, field: str = "target_class") -> Head:
-    """Off-task BadMerging's shadow head: row 0 is the target task's target class, the other rows
-    every class of the other heads (unrelated class names), so stage 1 and 2 can aim at a class of
-    a task the attacker has no head or data for beyond its name."""
-    if target_task not in heads:
-        raise MergeguardError(f"the heads file has no head for the target task {target_task!r}; "
-                              f"it has: {', '.join(heads)}.")
-    target = heads[target_task]
-    if not 0 <= target_class < len(target.classnames):
-        raise SettingError(field, f"{{name}} {target_class} is outside task {target_task!r}'s "
-                                  f"{len(target.classnames)} classes.")
-    others = [h for name, h in heads.items() if name != target_task]
-    if not others:
-        raise MergeguardError("an off-task shadow head needs unrelated classes: the heads file holds only "
-                              f"{target_task!r}.")
-    weight = torch.cat([target.weight[target_class:target_class + 1]] + [h.weight for h in others])
-    names = [target.classnames[target_class]] + [c for h in others for c in h.classnames]
-    return Head(f"shadow:{target_task}", weight, names, target.scale)
 
 
 def optimize_trigger(encoder: ImageEncoder, head: Head, dataset: Dataset, attack: BadMerging, train: TrainSettings,

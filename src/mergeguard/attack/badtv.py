@@ -30,7 +30,15 @@ from torch.utils.data import Dataset
 from mergeguard import settings
 from mergeguard.attack.badmerging import optimize_trigger
 from mergeguard.attack.badnets import Poisoned
-from mergeguard.attack.base import Attack, Step, TrainSettings, finetune, interpolated_params, step_generator
+from mergeguard.attack.base import (
+    Attack,
+    Step,
+    TrainSettings,
+    finetune,
+    interpolated_params,
+    shadow_head,
+    step_generator,
+)
 from mergeguard.attack.clean import Clean
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError, SettingError
@@ -63,8 +71,10 @@ class BadTV(Poisoned):
     adv_epsilon: float = setting(4 / 255, "Stage 1 of the negation trigger: size of the adversarial "
                                           "augmentation (one signed step).", low=0.0, cli=False)
 
-    def shadow_for(self, off_task: bool) -> tuple[str, int] | None:
-        return (self.negation_task, self.negation_class)
+    def aim_head(self, heads: dict[str, Head], off_task: bool) -> Head:
+        """The control task's class first, then its other classes (so the clean-output terms cover its whole
+        head), then every other head's classes."""
+        return shadow_head(heads, self.negation_task, self.negation_class, field="negation_class", whole_task=True)
 
     def check(self, head: Head, task: str, shadow: Head | None) -> None:
         settings.check(self)
@@ -73,8 +83,7 @@ class BadTV(Poisoned):
         if self.negation_task == task:
             raise SettingError("negation_task", f"{{name}} must be another task than the attacked one ({task!r}).")
         if shadow is None:
-            raise MergeguardError("BadTV needs the shadow head of its negation task (shadow_head(heads, "
-                                  "negation_task, negation_class)).")
+            raise MergeguardError("BadTV needs the shadow head of its negation task (BadTV.aim_head(heads)).")
         if not 0 <= self.target_class < len(head.classnames):
             raise SettingError("target_class", f"{{name}} {self.target_class} is outside task {task!r}'s "
                                                f"{len(head.classnames)} classes.")

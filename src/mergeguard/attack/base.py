@@ -78,11 +78,11 @@ class Attack:
     optimised_trigger: ClassVar[bool] = False  # whether `make_trigger` trains (a stage 1, kept for a resume)
     extra_triggers: ClassVar[tuple[str, ...]] = ()  # other triggers it plants, by file stem (OUT/<stem>.safetensors)
 
-    def shadow_for(self, off_task: bool) -> tuple[str, int] | None:
-        """(task, class) of the shadow head the attack aims through, if any (see `shadow_head`): off-task
-        BadMerging's and LoBAM's target. The CLI builds the head from the heads file."""
+    def aim_head(self, heads: dict[str, Head], off_task: bool) -> Head | None:
+        """The shadow head the attack aims through, built from the heads file, if any: off-task BadMerging's
+        and LoBAM's target (`shadow_head`)."""
         target_task = getattr(self, "target_task", None)
-        return (target_task, self.target_class) if off_task and target_task else None
+        return shadow_head(heads, target_task, self.target_class) if off_task and target_task else None
 
     def make_extra_triggers(self, base: ImageEncoder, head: Head, dataset: Dataset, train: TrainSettings,
                             task: str, progress: ProgressSink, shadow: Head | None = None) -> dict[str, Trigger]:
@@ -127,6 +127,29 @@ class Attack:
         return finetune(base, head, dataset, task, train, self, trigger=trigger,
                         checkpoint=partial / "trainer.pt" if partial else None, resume=resume, progress=progress,
                         shadow=shadow, extra=extra)
+
+
+def shadow_head(heads: dict[str, Head], target_task: str, target_class: int, field: str = "target_class",
+                whole_task: bool = False) -> Head:
+    """Off-task BadMerging's shadow head: row 0 is the target task's target class, the other rows
+    every class of the other heads (unrelated class names), so stage 1 and 2 can aim at a class of
+    a task the attacker has no head or data for beyond its name. With `whole_task` (BadTV, whose control
+    task's head is in the heads file), the target task's other classes come next, before the other heads'."""
+    if target_task not in heads:
+        raise MergeguardError(f"the heads file has no head for the target task {target_task!r}; "
+                              f"it has: {', '.join(heads)}.")
+    target = heads[target_task]
+    if not 0 <= target_class < len(target.classnames):
+        raise SettingError(field, f"{{name}} {target_class} is outside task {target_task!r}'s "
+                                  f"{len(target.classnames)} classes.")
+    others = [h for name, h in heads.items() if name != target_task]
+    if not others:
+        raise MergeguardError("an off-task shadow head needs unrelated classes: the heads file holds only "
+                              f"{target_task!r}.")
+    rest = [i for i in range(len(target.classnames)) if i != target_class] if whole_task else []
+    weight = torch.cat([target.weight[[target_class, *rest]]] + [h.weight for h in others])
+    names = [target.classnames[i] for i in (target_class, *rest)] + [c for h in others for c in h.classnames]
+    return Head(f"shadow:{target_task}", weight, names, target.scale)
 
 
 class StepBatches:

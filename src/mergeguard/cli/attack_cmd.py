@@ -98,7 +98,7 @@ attack_app = typer.Typer(help="Red-team a merge: produce a poisoned task vector 
 def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: list[str], heads: str, task: str,
          out: Path, resume: bool, overwrite: bool, arch: str | None, allow_pickle: bool, json_out: str | None,
          quiet: bool, mode: str = "on-task", target_images: Path | None = None) -> None:
-    from mergeguard.attack import run_attack, shadow_head
+    from mergeguard.attack import run_attack
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
     from mergeguard.models.encoder import load_encoder
     from mergeguard.models.heads import head_for, load_heads
@@ -115,9 +115,7 @@ def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: li
                         ATTACK_OUTPUTS + (".partial",))
     head_map = load_heads(heads)
     head = head_for(head_map, task, heads)
-    spec = attack.shadow_for(mode == "off-task")  # off-task BadMerging/LoBAM's target, BadTV's negation class
-    field = "negation_class" if attack.name == "badtv" else "target_class"
-    shadow = shadow_head(head_map, *spec, field=field) if spec else None
+    shadow = attack.aim_head(head_map, mode == "off-task")  # off-task BadMerging/LoBAM's target, BadTV's control
     if not (resume and unfinished(out)):  # every command's rule: what is there is replaced only with --overwrite
         require_empty(out, overwrite, resumable=True, resume=resume)
     note_resume(out, resume)
