@@ -81,3 +81,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tiny_zoo" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def kill_at_second_save(monkeypatch):
+    """`arm()` makes the trainer's second checkpoint save raise KeyboardInterrupt, as a run killed mid-way;
+    `disarm()` restores saving, so the same test can --resume."""
+    from mergeguard import trainer
+
+    real = trainer._save_state
+
+    class Switch:
+        def arm(self) -> None:
+            calls = {"n": 0}
+
+            def save_then_die(*args, **kwargs):
+                real(*args, **kwargs)
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise KeyboardInterrupt
+
+            monkeypatch.setattr(trainer, "_save_state", save_then_die)
+
+        def disarm(self) -> None:
+            monkeypatch.setattr(trainer, "_save_state", real)
+
+    return Switch()

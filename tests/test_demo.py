@@ -107,7 +107,8 @@ def test_demo_printed_commands_run_as_printed(tiny_zoo, tmp_path):
     settings keep it quick; the printed lines carry whatever settings the demo ran with."""
     short = DemoSettings(attack=BadMerging(target_class=3, bd_weight=8.0, interpolation="weight", trigger_steps=3),
                          train=TrainSettings(steps=6, lr=5e-4, batch_size=16, logit_scale=10.0),
-                         lfpm=LFPMConfig(epochs=1, batch_size=128, lr=1e-2, path_points=2),
+                         lfpm=LFPMConfig(epochs=1, batch_size=256, lr=1e-2, path_points=1, prompts=1,
+                                         mine_warmup=5),
                          ibvs=TrainSettings(steps=4, lr=5e-4, batch_size=16, logit_scale=10.0))
     out = tmp_path / "demo dir"  # a space: the printed lines quote what a shell would split
     r = run_demo(out, size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=short)
@@ -126,7 +127,8 @@ def test_demo_printed_commands_run_as_printed(tiny_zoo, tmp_path):
 
     with Image.open(r["figure"]) as figure:  # the before/after picture beside the table
         assert figure.format == "PNG" and figure.size[0] >= 360
-    assert sorted(p.name for p in (out / "lfpm").glob("*.png")) == [f"prompt_{i}.png" for i in range(4)]
+    pngs = sorted(p.name for p in (out / "lfpm").glob("*.png"))
+    assert pngs == [f"prompt_{i}.png" for i in range(short.lfpm.prompts)]
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):

@@ -71,7 +71,7 @@ def test_attack_writes_every_output(tiny_zoo, tmp_path, kind):
         assert (out / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_attack_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):
+def test_attack_resume_equals_uninterrupted(tiny_zoo, tmp_path, kill_at_second_save):
     z = Path(tiny_zoo["root"])
     head = load_heads(z / "heads.safetensors")["count"]
     base = load_encoder(str(z / "base"))
@@ -80,21 +80,10 @@ def test_attack_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):
     cfg = TrainSettings(steps=10, lr=5e-4, batch_size=8, logit_scale=10, device="cpu")
     expected, trigger, _ = finetune(base, head, data, "count", cfg, attack)
 
-    from mergeguard import trainer
-
-    real_save = trainer._save_state
-    calls = {"n": 0}
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    kill_at_second_save.arm()
     with pytest.raises(KeyboardInterrupt):
         finetune(base, head, data, "count", cfg, attack, trigger=trigger, checkpoint=tmp_path / "t.pt")
-    monkeypatch.setattr(trainer, "_save_state", real_save)
+    kill_at_second_save.disarm()
     with pytest.raises(MergeguardError, match=r"other settings or inputs \(lr, steps\)"):  # not this run's state
         finetune(base, head, data, "count", replace(cfg, lr=1e-3, steps=12), attack, trigger=trigger,
                  checkpoint=tmp_path / "t.pt", resume=True)

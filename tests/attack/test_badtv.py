@@ -73,7 +73,7 @@ def test_negate_is_theta0_minus_lambda_tau(tiny_zoo):
             torch.testing.assert_close(n[k], b[k] - 0.5 * (m[k] - b[k]), rtol=0, atol=1e-6)
 
 
-def test_badtv_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):
+def test_badtv_resume_equals_uninterrupted(tiny_zoo, tmp_path, kill_at_second_save):
     """Both triggers are kept in OUT/.partial; a run killed after its first checkpoint ends where an
     uninterrupted one does."""
     z = Path(tiny_zoo["root"])
@@ -85,21 +85,11 @@ def test_badtv_resume_equals_uninterrupted(tiny_zoo, tmp_path, monkeypatch):
     shadow = attack.aim_head(heads, False)
     run_attack(base, heads["shape"], data, "shape", attack, cfg, tmp_path / "a", shadow=shadow)
 
-    from mergeguard import trainer
-
-    real_save, calls = trainer._save_state, {"n": 0}
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    kill_at_second_save.arm()
     with pytest.raises(KeyboardInterrupt):
         run_attack(base, heads["shape"], data, "shape", attack, cfg, tmp_path / "b", shadow=shadow)
     assert (tmp_path / "b" / ".partial" / "trigger_negation.safetensors").exists()
-    monkeypatch.setattr(trainer, "_save_state", real_save)
+    kill_at_second_save.disarm()
     run_attack(base, heads["shape"], data, "shape", attack, cfg, tmp_path / "b", shadow=shadow, resume=True)
     a, b = open_checkpoint(tmp_path / "a" / "model.safetensors"), open_checkpoint(tmp_path / "b" / "model.safetensors")
     for k in a.keys():

@@ -112,7 +112,7 @@ def test_every_command_marks_what_it_reads_and_writes():
                   "config": Input},
         "inspect": {"paths": Input, "base": Input},
         "heads": {"base": Input, "task": Spec, "arch": Input},
-        "eval": {"model": Input, "task": Spec, "heads": Input, "arch": Input, "trigger": Input},
+        "eval": {"model": Input, "task": Spec, "heads": Input, "arch": Input, "trigger": Input, "base": Input},
         "finetune": {"base": Input, "data": Spec, "heads": Input, "arch": Input},
         "demo": {"zoo": Input},
         "zoo build": {},
