@@ -213,6 +213,8 @@ def test_only_what_a_command_reads_counts_as_an_input(tmp_path, monkeypatch):
 def test_open_clip_errors_are_one_sentence_and_leave_logging_as_it_was():
     import logging
 
+    import open_clip  # noqa: F401  (importing huggingface_hub sets its logger's level once: not ours to check)
+
     from mergeguard.models.encoder import create_open_clip
 
     hub_level = logging.getLogger("huggingface_hub").level
