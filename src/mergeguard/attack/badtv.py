@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mergeguard import settings
 from mergeguard.attack.badmerging import optimize_trigger
 from mergeguard.attack.badnets import Poisoned
 from mergeguard.attack.base import (
@@ -36,13 +35,14 @@ from mergeguard.attack.base import (
     TrainSettings,
     finetune,
     interpolated_params,
+    kept_run,
     shadow_head,
     step_generator,
 )
 from mergeguard.attack.clean import Clean
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError, SettingError
-from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
+from mergeguard.models.encoder import ImageEncoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
 from mergeguard.settings import setting
@@ -55,6 +55,7 @@ class BadTV(Poisoned):
     name = "badtv"
     optimised_trigger = True
     extra_triggers = (NEGATION_TRIGGER,)
+    required = ("target_class", "negation_task", "negation_class")
 
     negation_task: str = setting("", "The control task whose class --negation-class the subtracted vector's "
                                      "trigger aims at; its head must be in --heads.")
@@ -77,16 +78,13 @@ class BadTV(Poisoned):
         return shadow_head(heads, self.negation_task, self.negation_class, field="negation_class", whole_task=True)
 
     def check(self, head: Head, task: str, shadow: Head | None) -> None:
-        settings.check(self)
+        super().check(head, task, None)  # its settings, and --target-class on the task's own head (not the shadow's)
         if not self.negation_task:
             raise SettingError("negation_task", "give {name}: the control task the negation backdoor aims at.")
         if self.negation_task == task:
             raise SettingError("negation_task", f"{{name}} must be another task than the attacked one ({task!r}).")
         if shadow is None:
             raise MergeguardError("BadTV needs the shadow head of its negation task (BadTV.aim_head(heads)).")
-        if not 0 <= self.target_class < len(head.classnames):
-            raise SettingError("target_class", f"{{name}} {self.target_class} is outside task {task!r}'s "
-                                               f"{len(head.classnames)} classes.")
 
     def train(self, base: ImageEncoder, head: Head, dataset: Dataset, task: str, train: TrainSettings,
               trigger: Trigger | None, *, partial: Path | None = None, resume: bool = False,
@@ -96,15 +94,11 @@ class BadTV(Poisoned):
         self.check(head, task, shadow)
         if train.lora_rank:
             raise SettingError("lora_rank", "BadTV trains the full encoder; leave out {name}.")
-        finished = partial / "reference.safetensors" if partial else None
-        if resume and finished is not None and finished.exists():
-            reference = load_encoder(str(finished))
-        else:
-            reference, _, _ = finetune(base, head, dataset, task, replace(train, seed=train.seed + 1), Clean(),
-                                       checkpoint=partial / "reference.pt" if partial else None, resume=resume,
-                                       progress=progress)
-            if finished is not None:
-                save_encoder(reference, finished, {"attack": "badtv", "run": "reference"})
+        reference = kept_run(partial, "reference", resume, train.device,
+                             lambda: finetune(base, head, dataset, task, replace(train, seed=train.seed + 1), Clean(),
+                                              checkpoint=partial / "reference.pt" if partial else None,
+                                              resume=resume, progress=progress)[0],
+                             {"attack": "badtv", "run": "reference"})
         run = _PoisonedRun(**{f.name: getattr(self, f.name) for f in fields(BadTV)})
         run.reference = {n: p.detach() for n, p in reference.named_parameters()}
         return finetune(base, head, dataset, task, train, run, trigger=trigger, extra=extra,
@@ -124,7 +118,6 @@ class BadTV(Poisoned):
         trigger = optimize_trigger(base, head, dataset, negation, train, task, progress, shadow=shadow,
                                    label=(self.negation_class, self.negation_task), corner="top-left")
         return {NEGATION_TRIGGER: trigger}
-
 
     def summarize(self, model: ImageEncoder, base: ImageEncoder, head: Head, task: str, data: Dataset,
                   trigger: Trigger | None, extra: dict[str, Trigger], shadow: Head | None, device: str,

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mergeguard import settings
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError, SettingError
-from mergeguard.models.encoder import ImageEncoder
+from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
 from mergeguard.models.heads import Head, check_fits
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.settings import setting
@@ -77,6 +77,7 @@ class Attack:
     off_task: ClassVar[bool] = False  # whether it can aim at another task's class through a shadow head
     optimised_trigger: ClassVar[bool] = False  # whether `make_trigger` trains (a stage 1, kept for a resume)
     extra_triggers: ClassVar[tuple[str, ...]] = ()  # other triggers it plants, by file stem (OUT/<stem>.safetensors)
+    required: ClassVar[tuple[str, ...]] = ("target_class",)  # settings its command needs given (no usable default)
 
     def aim_head(self, heads: dict[str, Head], off_task: bool) -> Head | None:
         """The shadow head the attack aims through, built from the heads file, if any: off-task BadMerging's
@@ -150,6 +151,20 @@ def shadow_head(heads: dict[str, Head], target_task: str, target_class: int, fie
     weight = torch.cat([target.weight[[target_class, *rest]]] + [h.weight for h in others])
     names = [target.classnames[i] for i in (target_class, *rest)] + [c for h in others for c in h.classnames]
     return Head(f"shadow:{target_task}", weight, names, target.scale)
+
+
+def kept_run(partial: Path | None, stem: str, resume: bool, device: str, run: Callable[[], ImageEncoder],
+             provenance: dict[str, Any]) -> ImageEncoder:
+    """The first run of a two-run attack (LoBAM's benign adapter, BadTV's clean reference): done by `run()` and
+    kept as `partial`/<stem>.safetensors once finished (by the first process under torchrun), so a resume
+    loads it instead of training it again."""
+    finished = partial / f"{stem}.safetensors" if partial else None
+    if resume and finished is not None and finished.exists():
+        return load_encoder(str(finished)).to(resolve_device(device)).eval()
+    model = run()
+    if finished is not None and init_distributed()[0] == 0:
+        save_encoder(model, finished, provenance)
+    return model
 
 
 class StepBatches:

@@ -15,14 +15,13 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from mergeguard.attack.badmerging import BadMerging
-from mergeguard.attack.base import TrainSettings, finetune
+from mergeguard.attack.base import TrainSettings, finetune, kept_run
 from mergeguard.attack.clean import Clean
 from mergeguard.data.triggers import Trigger
-from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
+from mergeguard.models.encoder import ImageEncoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
 from mergeguard.settings import setting
-from mergeguard.trainer import init_distributed, resolve_device
 
 DEFAULT_RANK = 16
 
@@ -45,15 +44,11 @@ class LoBAM(BadMerging):
         The finished benign run is kept in `partial`, so a resume does not redo it."""
         self.malicious().check(head, task, shadow)
         lora = replace(train, lora_rank=train.lora_rank or DEFAULT_RANK)
-        finished = partial / "benign.safetensors" if partial else None
-        if resume and finished is not None and finished.exists():
-            benign = load_encoder(str(finished)).to(resolve_device(train.device)).eval()
-        else:
-            benign, _, _ = finetune(base, head, dataset, task, lora, Clean(),
-                                    checkpoint=partial / "benign.pt" if partial else None, resume=resume,
-                                    progress=progress)
-            if finished is not None and init_distributed()[0] == 0:
-                save_encoder(benign, finished, {"attack": "lobam", "run": "benign"})
+        benign = kept_run(partial, "benign", resume, train.device,
+                          lambda: finetune(base, head, dataset, task, lora, Clean(),
+                                           checkpoint=partial / "benign.pt" if partial else None, resume=resume,
+                                           progress=progress)[0],
+                          {"attack": "lobam", "run": "benign"})
         malicious, trigger, losses = finetune(base, head, dataset, task, lora, self.malicious(), trigger=trigger,
                                               checkpoint=partial / "malicious.pt" if partial else None,
                                               resume=resume, progress=progress, shadow=shadow)

@@ -12,14 +12,18 @@ from torch.utils.data import Dataset
 
 from mergeguard.attack.base import Attack, TrainSettings, check_attack
 from mergeguard.checkpoint.writer import staged_outputs
-from mergeguard.data.triggers import Trigger
+from mergeguard.data.triggers import Trigger, load_trigger
 from mergeguard.models.encoder import ImageEncoder, save_encoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.trainer import init_distributed, resolve_device
 
-ATTACK_OUTPUTS = ("model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json",
-                  "trigger_negation.safetensors")  # the last: BadTV's second trigger (`Attack.extra_triggers`)
+ATTACK_OUTPUTS = ("model.safetensors", "task_vector.safetensors", "trigger.safetensors", "arch.json", "summary.json")
+
+
+def attack_outputs(attack: Attack) -> tuple[str, ...]:
+    """The files `attack` writes into OUTDIR: every attack's, and one per extra trigger (`extra_triggers`)."""
+    return ATTACK_OUTPUTS + tuple(f"{stem}.safetensors" for stem in attack.extra_triggers)
 
 
 def settings_of(attack: Attack, train: TrainSettings) -> dict[str, Any]:
@@ -85,8 +89,6 @@ def run_attack(
     progress = progress or NullProgress()
     stage1 = dataset if target_images is None else torch.utils.data.ConcatDataset([dataset, target_images])
     if resume and trigger_file.exists():
-        from mergeguard.data.triggers import load_trigger
-
         trigger = load_trigger(trigger_file)
     elif attack.optimised_trigger:  # stage 1, kept for a resume
         trigger = attack.make_trigger(base.to(resolve_device(train.device)), head, stage1, train, task, progress,
@@ -94,8 +96,6 @@ def run_attack(
         partial.mkdir(parents=True, exist_ok=True)
         trigger.save(trigger_file, overwrite=True)
     if extra_files:  # an attack's other triggers: stage 1 as well, kept for a resume
-        from mergeguard.data.triggers import load_trigger
-
         if resume and all(f.exists() for f in extra_files.values()):
             extra = {stem: load_trigger(f) for stem, f in extra_files.items()}
         else:

@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from mergeguard.attack import ATTACKS, Attack, Clean, TrainSettings
-from mergeguard.attack.run import ATTACK_OUTPUTS
+from mergeguard.attack.run import attack_outputs
 from mergeguard.checkpoint.writer import refuse_writing_over
 from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
@@ -97,7 +97,8 @@ attack_app = typer.Typer(help="Red-team a merge: produce a poisoned task vector 
 
 def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: list[str], heads: str, task: str,
          out: Path, resume: bool, overwrite: bool, arch: str | None, allow_pickle: bool, json_out: str | None,
-         quiet: bool, mode: str = "on-task", target_images: Path | None = None) -> None:
+         quiet: bool, mode: str = "on-task", target_images: Path | None = None,
+         negation_images: Path | None = None) -> None:
     from mergeguard.attack import run_attack
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
     from mergeguard.models.encoder import load_encoder
@@ -108,11 +109,12 @@ def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: li
         raise MergeguardError(f"unknown --mode {mode!r}; choose on-task or off-task.")
     if mode == "off-task" and not target_task:
         raise MergeguardError("--mode off-task needs `attack badmerging` or `attack lobam`, and --target-task NAME.")
-    if mode == "on-task" and (target_task or target_images) and attack.name != "badtv":
+    if mode == "on-task" and (target_task or target_images):
         raise MergeguardError("--target-task and --target-images belong to --mode off-task.")
+    few_images = target_images or negation_images  # off-task's target class, or BadTV's control task: stage 1's
     folders = data_folders(data)
-    refuse_writing_over(out, [base, heads, *folders.values(), *([target_images] if target_images else [])],
-                        ATTACK_OUTPUTS + (".partial",))
+    refuse_writing_over(out, [base, heads, *folders.values(), *([few_images] if few_images else [])],
+                        attack_outputs(attack) + (".partial",))
     head_map = load_heads(heads)
     head = head_for(head_map, task, heads)
     shadow = attack.aim_head(head_map, mode == "off-task")  # off-task BadMerging/LoBAM's target, BadTV's control
@@ -121,7 +123,7 @@ def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: li
     note_resume(out, resume)
     encoder = load_encoder(base, arch=arch, allow_pickle=allow_pickle)
     train_data = labeled_folder(folders["train"], head.classnames, encoder.image_size)
-    extra_images = unlabeled_folder(target_images, encoder.image_size) if target_images else None
+    extra_images = unlabeled_folder(few_images, encoder.image_size) if few_images else None
     test = labeled_folder(folders["test"], head.classnames, encoder.image_size) if "test" in folders else None
     with RichProgress(enabled=not quiet) as progress:
         summary = run_attack(encoder, head, train_data, task, attack, train, out, eval_data=test, resume=resume,
@@ -131,9 +133,8 @@ def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: li
     write_json(json_out, summary)
     if show_table(quiet, json_out):
         table = Table(title=f"{name} on {task} → {out}", show_header=False)
-        table.add_row("files", "model.safetensors, task_vector.safetensors" + (
-            ", trigger.safetensors" if attack.poisons else "")
-            + "".join(f", {stem}.safetensors" for stem in attack.extra_triggers) + ", arch.json, summary.json")
+        table.add_row("files", ", ".join(f for f in attack_outputs(attack)
+                                         if attack.poisons or f != "trigger.safetensors"))
         if "ca" in summary:
             table.add_row("CA on its task", f"{summary['ca']:.1%}")
         if summary.get("asr") is not None:
@@ -156,11 +157,10 @@ def _attack_command(name: str) -> Any:
         _run(name, build(cls, settings), build(TrainSettings, settings), base=base, data=data, heads=heads,
              task=task, out=out, resume=resume, overwrite=overwrite, arch=arch, allow_pickle=allow_pickle,
              json_out=json_out, quiet=quiet, mode=settings.get("mode", "on-task"),
-             target_images=settings.get("target_images", settings.get("negation_images")))
+             target_images=settings.get("target_images"), negation_images=settings.get("negation_images"))
 
     command.__doc__ = DOCS[name]
-    required = ("target_class", "negation_task", "negation_class") if name == "badtv" else ("target_class",)
-    command = with_settings(cls, TrainSettings, required=required)(command)
+    command = with_settings(cls, TrainSettings, required=cls.required)(command)
     if name == "badtv":  # its second trigger's stage 1 may take a few images of the control task
         sig = inspect.signature(command)
         extra = [inspect.Parameter("negation_images", inspect.Parameter.KEYWORD_ONLY, default=None,

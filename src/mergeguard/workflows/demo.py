@@ -96,9 +96,9 @@ def _q(path: Path | str) -> str:
 
 
 def _var(name: str, root: Path, path: Path) -> str:
-    """`path` under `root` as the printed commands write it: `$Z/data/shape/train` (double-quoted where the
-    path holds characters a shell would split or expand)."""
-    text = f"${name}/{path.relative_to(root).as_posix()}"
+    """`path` under `root` as the printed commands write it: `$Z/data/shape/train`, or `$Z` for `root` itself
+    (double-quoted where the path holds characters a shell would split or expand)."""
+    text = f"${name}" if path == root else f"${name}/{path.relative_to(root).as_posix()}"
     return text if _q(path) == str(path) else f'"{text}"'
 
 
@@ -153,8 +153,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     def dpath(path: Path) -> str:  # what the demo wrote into OUT/NAME, the printed commands write into $D/by-hand/NAME
         return _var("D", out, hand / path.relative_to(out))
 
-    zoo_var = "$Z" if _q(z) == str(z) else '"$Z"'
-    commands.append(f"mergeguard zoo build --size {size}" + (f" --out {zoo_var}" if zoo else ""))
+    commands.append(f"mergeguard zoo build --size {size}" + (f" --out {_var('Z', z, z)}" if zoo else ""))
     heads_file = z / "heads.safetensors"
     heads = load_heads(heads_file)
     tasks = list(heads)
