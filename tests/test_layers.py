@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "mergeguard.workflows": 6,
     "mergeguard.defend": 5,
     "mergeguard.attack": 4,
+    "mergeguard.scan": 4,
     "mergeguard.eval": 3,
     "mergeguard.models": 2,
     "mergeguard.data": 2,

@@ -119,7 +119,8 @@ def test_every_command_marks_what_it_reads_and_writes():
         "attack badmerging": attack, "attack lobam": attack,
         "attack badnets": {k: v for k, v in attack.items() if k != "target_images"},  # it has no off-task mode
         "attack badtv": {**{k: v for k, v in attack.items() if k != "target_images"}, "negation_images": Input},
-        "defend lfpm": {"merged": Input, "base": Input, "shadow": Input, "arch": Input},
+        "defend lfpm": {"merged": Input, "base": Input, "shadow": Input, "heads": Input, "arch": Input},
+        "scan": {"inputs": Input, "base": Input, "shadow": Input, "heads": Input, "merged": Input, "arch": Input},
         "defend ibvs": {"merged": Input, "base": Input, "data": Spec, "heads": Input, "arch": Input},
     }
     resumable = {"finetune", "attack badmerging", "attack badnets", "attack lobam", "attack badtv", "defend lfpm"}

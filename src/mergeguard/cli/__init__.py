@@ -20,6 +20,7 @@ from mergeguard.cli import (
     heads_cmd,
     inspect_cmd,
     merge_cmd,
+    scan_cmd,
     zoo_cmd,
 )
 from mergeguard.cli._output import install_log_bridge
@@ -51,6 +52,7 @@ def _root(
 
 extract_tv_cmd.register(app)
 merge_cmd.register(app)
+scan_cmd.register(app)
 inspect_cmd.register(app)
 heads_cmd.register(app)
 eval_cmd.register(app)

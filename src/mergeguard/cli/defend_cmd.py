@@ -69,6 +69,9 @@ def lfpm_command(
     shadow: ShadowOpt,
     out: OutDirOpt,
     resume: ResumeOpt = False,
+    heads: Annotated[str | None, typer.Option(
+        "--heads", help="Heads for the merged tasks: scan the merged and the defended model (`mergeguard scan`) "
+                        "and report the score before → after."), Input()] = None,
     overwrite: OverwriteOpt = False,
     arch: ArchOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -80,18 +83,26 @@ def lfpm_command(
     from mergeguard import defend
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.data.pictures import first_images
+    from mergeguard.models.heads import load_heads
     from mergeguard.trainer import distributed_rank
 
     cfg = build(LFPMConfig, settings)
-    refuse_writing_over(out, [merged, base, shadow], LFPM_OUTPUTS + (".partial",))
+    refuse_writing_over(out, [merged, base, shadow, *([heads] if heads else [])], LFPM_OUTPUTS + (".partial",))
     if not (resume and unfinished(out)):
         require_empty(out, overwrite, resumable=True, resume=resume)
     note_resume(out, resume)
     (merged_enc, base_enc), inputs, dtype = defend.load_models(allow_pickle, arch, merged=merged, base=base)
+    heads_d = load_heads(heads) if heads else None  # read before the run: a bad heads file costs nothing
     images = unlabeled_folder(shadow, merged_enc.image_size)
     with RichProgress(enabled=not quiet) as progress:
         defended, _, report = defend.defend_lfpm(merged_enc, base_enc, images, cfg, progress,
                                                  checkpoint=out / ".partial" / "lfpm.pt", resume=resume)
+        if heads_d is not None and distributed_rank()[0] == 0:
+            from mergeguard.defend.lfpm import _images
+            from mergeguard.scan import ScanConfig, before_after
+
+            report["scan"] = before_after(base_enc, merged_enc, defended, _images(images, 0), heads_d,
+                                          ScanConfig(device=cfg.device, seed=cfg.seed), progress)
     prompts = report.pop("prompt")
     if distributed_rank()[0] != 0:
         return  # under torchrun every process holds the same result; the first one writes it
@@ -109,6 +120,9 @@ def lfpm_command(
         table.add_row("loss per epoch", ", ".join(f"{v:.4f}" for v in report["loss_per_epoch"]))
         table.add_row("λ_eff start → end", results["λ_eff start → end"])
         table.add_row("‖τa‖", results["‖τa‖"])
+        if "scan" in report:
+            b, a = report["scan"]["before"], report["scan"]["after"]
+            table.add_row("scan before → after", f"{b['score']:.2f} {b['verdict']} → {a['score']:.2f} {a['verdict']}")
         table.add_row("time", f"{report['seconds']:.1f} s ({report['images_per_second']:.0f} images/s)")
         out_console.print(table)
 

@@ -62,15 +62,21 @@ def prompt_pictures(folder: Path, prompts: Mapping[str, torch.Tensor], images: t
             pattern[:, top:top + patch.shape[-2], top:top + patch.shape[-1]] = patch
         else:
             continue
-        tiles, labels = [mask, pattern, mask * pattern], ["mask", "pattern", "pasted part"]
-        if images is not None and len(images):
-            pasted = paste(images.float(), mask, pattern)
-            tiles += list(pasted)
-            labels += [f"image {k + 1}" for k in range(len(pasted))]
-        path = folder / f"prompt_{i}.png"
-        _row(tiles, labels).save(path)
-        written.append(path)
+        written.append(trigger_picture(folder / f"prompt_{i}.png", mask, pattern, images))
     return written
+
+
+def trigger_picture(path: Path, mask: torch.Tensor, pattern: torch.Tensor, images: torch.Tensor | None) -> Path:
+    """One PNG: the mask, the pattern, the two multiplied (what is pasted), then `images` with it pasted
+    (a mined prompt's, a recovered trigger's)."""
+    mask, pattern = mask.float(), pattern.float()
+    tiles, labels = [mask, pattern, mask * pattern], ["mask", "pattern", "pasted part"]
+    if images is not None and len(images):
+        pasted = paste(images.float(), mask, pattern)
+        tiles += list(pasted)
+        labels += [f"image {k + 1}" for k in range(len(pasted))]
+    _row(tiles, labels).save(path)
+    return path
 
 
 def bar_chart(path: Path, title: str, groups: Mapping[str, Mapping[str, float]],

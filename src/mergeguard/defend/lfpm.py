@@ -29,7 +29,7 @@ import torch
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
-from mergeguard import settings
+from mergeguard import scan, settings
 from mergeguard.errors import MergeguardError, SettingError
 from mergeguard.models.encoder import ImageEncoder, check_same_architecture
 from mergeguard.progress import NullProgress, ProgressSink
@@ -168,45 +168,39 @@ def _log_ascent(e: torch.Tensor, opt: torch.optim.Optimizer, params: list[torch.
 
 class MaskPrompt:
     """Π as a pattern p and a soft mask m over the whole image: x ⊕ Π = (1 − m) x + m p,
-    m = σ(a), p = σ(b). Ascent on `log E‖D‖² − c · mean(m)`: the log makes the ascent scale-free,
-    so a weak backdoor (a TIES merge's) is found as readily as a strong one, and the mask
-    penalty keeps Π trigger-sized. On a clean merge it finds only θ0-like reactions, whose
-    excess is small, so τa barely moves."""
+    m = σ(a), p = σ(b) — the scan's prompt (`mergeguard.scan.MaskPrompt`, one row). Ascent on
+    `log E‖D‖² − c · mean(m)`: the log makes the ascent scale-free, so a weak backdoor (a TIES merge's)
+    is found as readily as a strong one, and the mask penalty keeps Π trigger-sized. On a clean merge it
+    finds only θ0-like reactions, whose excess is small, so τa barely moves."""
 
     def __init__(self, size: int, cfg: LFPMConfig, gen: torch.Generator, dev: torch.device):
-        self.a = torch.full((1, size, size), -3.0, device=dev, requires_grad=True)
-        self.b = torch.randn(3, size, size, generator=gen).to(dev).requires_grad_(True)
-        self.opt = torch.optim.Adam([self.a, self.b], lr=cfg.patch_lr)
+        self.prompt = scan.MaskPrompt(1, size, cfg.patch_lr, gen, dev, start=-3.0)
         self.penalty = cfg.mask_penalty
 
     def apply(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        m, p = torch.sigmoid(self.a), torch.sigmoid(self.b)
-        if not grad:
-            m, p = m.detach(), p.detach()
-        return (1 - m) * x + m * p
+        return self.prompt.apply(x, grad, row=0)
 
     def ascend(self, excess: Excess, x: torch.Tensor) -> float:
         with torch.enable_grad():
             e = excess(x, self.apply(x, grad=True), True, None).float().pow(2).sum(1).mean()
-            return _log_ascent(e, self.opt, [self.a, self.b], self.penalty * torch.sigmoid(self.a).mean())
+            return _log_ascent(e, self.prompt.opt, [self.prompt.a, self.prompt.b],
+                               self.penalty * self.prompt.mask(grad=True).mean())
 
     def area(self) -> float:
-        return float(torch.sigmoid(self.a.detach()).mean())
+        return float(self.prompt.area()[0])
 
     def tokens(self) -> None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"a": self.a.detach().cpu(), "b": self.b.detach().cpu(), "opt": self.opt.state_dict()}
+        state = self.prompt.state_dict()  # the saved shapes of an older run: (1, H, W) and (3, H, W)
+        return {**state, "a": state["a"][0], "b": state["b"][0]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.a.copy_(state["a"])
-            self.b.copy_(state["b"])
-        self.opt.load_state_dict(state["opt"])
+        self.prompt.load_state_dict({**state, "a": state["a"][None], "b": state["b"][None]})
 
     def save(self) -> dict[str, torch.Tensor]:
-        return {"mask": torch.sigmoid(self.a).detach().cpu(), "pattern": torch.sigmoid(self.b).detach().cpu()}
+        return {"mask": self.prompt.mask()[0].cpu(), "pattern": self.prompt.pattern()[0].cpu()}
 
 
 class PatchPrompt:

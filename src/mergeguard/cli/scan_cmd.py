@@ -1,0 +1,150 @@
+"""`mergeguard scan`: find a backdoor without its trigger or labels; a verdict per input and an exit code.
+
+    mergeguard scan --base base/ tv_a.safetensors tv_b/ --shadow shadow/ --heads heads.safetensors -o report/
+    mergeguard scan --base base/ --merged merged/ tv_a tv_b --shadow shadow/ --heads H
+
+Every scan setting is a field of `ScanConfig` (mergeguard/scan.py).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mergeguard.cli._cli_utils import (
+    AllowPickleOpt,
+    ArchOpt,
+    BaseOpt,
+    Input,
+    JsonOpt,
+    Output,
+    OverwriteOpt,
+    QuietOpt,
+    examples,
+    require_empty,
+)
+from mergeguard.cli._errors import EXIT_THRESHOLD, handle_errors
+from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
+from mergeguard.cli._settings import build, with_settings
+from mergeguard.errors import MergeguardError
+from mergeguard.scan import VERDICTS, ScanConfig
+
+EXAMPLES = [
+    "mergeguard scan --base base/ tv_cars.safetensors tv_dtd/ user/tv-eurosat --shadow shadow/ --heads H",
+    "mergeguard scan --base base/ tv_a tv_b --shadow shadow/ --heads H -o scan/ --json scan.json --fail-on suspicious",
+    "mergeguard scan --base base/ --merged merged/ tv_a tv_b --shadow shadow/ --heads H    # which input?",
+    "mergeguard scan --base base/ --merged defended/ --shadow shadow/ --heads H || exit 1    # a CI gate",
+]
+
+
+@with_settings(ScanConfig)
+def scan_command(
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Fine-tuned checkpoints, task vectors, PEFT LoRA adapters or Hub ids (anything `merge` takes).",
+        show_default=False), Input()] = None,
+    base: BaseOpt = ...,  # type: ignore[assignment]
+    shadow: Annotated[Path, typer.Option(
+        "--shadow", help="A folder of unlabeled images (any task, any depth)."), Input()] = ...,  # type: ignore[assignment]
+    heads: Annotated[str | None, typer.Option(
+        "--heads", help="Heads for the tasks you merge: every class of every head is a target the scan tries "
+                        "(without: a target-free scan of the features)."), Input()] = None,
+    merged: Annotated[str | None, typer.Option(
+        "--merged", help="Scan this merged (or defended) model; INPUTs, if given, are its inputs to attribute "
+                         "its backdoor to."), Input()] = None,
+    scale: Annotated[float, typer.Option(
+        "--scale", help="Scan each input as θ0 + SCALE · τ (1: the whole vector; a merge's λ: as merged).")] = 1.0,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Report folder: per scanned model its recovered trigger (trigger.safetensors, which "
+                            "`eval --trigger` reads) and trigger.png; report.json."), Output()] = None,
+    fail_on: Annotated[str, typer.Option(
+        "--fail-on", help="Exit 1 when a verdict reaches this: suspicious or backdoored.")] = "backdoored",
+    overwrite: OverwriteOpt = False,
+    arch: ArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+    **settings: Any,
+) -> None:
+    """Scan task vectors or a merged model for a backdoor, with no trigger and no labels: a score, a verdict and
+    the recovered trigger per model; exit 1 when a verdict reaches --fail-on."""
+    from mergeguard.checkpoint import open_checkpoint
+    from mergeguard.checkpoint.writer import staged_outputs
+    from mergeguard.data.folders import unlabeled_folder
+    from mergeguard.data.pictures import trigger_picture
+    from mergeguard.defend.lfpm import _images
+    from mergeguard.models.encoder import load_encoder
+    from mergeguard.models.heads import load_heads
+    from mergeguard.scan import Scanner, model_of, scan_models
+
+    cfg = build(ScanConfig, settings)
+    if fail_on not in VERDICTS[1:]:
+        raise MergeguardError(f"--fail-on must be suspicious or backdoored, not {fail_on!r}.")
+    inputs = list(inputs or [])
+    if not inputs and merged is None:
+        raise MergeguardError("give the inputs to scan (task vectors, fine-tuned checkpoints) or --merged MODEL.")
+    if out is not None:
+        require_empty(out, overwrite)
+    base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
+    base_enc = load_encoder(base_ckpt, arch=arch)
+    heads_d = load_heads(heads) if heads else None
+    images = _images(unlabeled_folder(shadow, base_enc.image_size), 0)
+    with RichProgress(enabled=not quiet) as progress, tempfile.TemporaryDirectory(prefix="mergeguard-scan-") as tmp:
+        scanner = Scanner(base_enc, images, heads_d, cfg, progress)
+        srcs = [open_checkpoint(i, allow_pickle=allow_pickle) for i in inputs]  # every input readable, first
+        models = [(name, (lambda s=s: model_of(base_ckpt, s, scale, arch, Path(tmp)))) for name, s in zip(inputs, srcs)]
+        merged_model = None if merged is None else (merged, load_encoder(merged, arch=arch, allow_pickle=allow_pickle))
+        result = scan_models(scanner, models, merged_model)
+    scanned = [result["merged"]] if result["merged"] else result["inputs"]
+    result["scale"] = scale
+    if out is not None:
+        with staged_outputs(out) as stage:
+            for k, r in enumerate(scanned):
+                folder = stage / f"{k}-{Path(r['input'].rstrip('/')).name.replace('.safetensors', '')}"
+                folder.mkdir()
+                trig = r["_trigger"]
+                trig.save(folder / "trigger.safetensors")
+                trigger_picture(folder / "trigger.png", trig.mask, trig.pattern, images[:4])
+                r["trigger"] = str(out / folder.name / "trigger.safetensors")
+                r["picture"] = str(out / folder.name / "trigger.png")
+            write_json(str(stage / "report.json"), _public(result))
+    for r in scanned:
+        r.pop("_trigger", None)
+        r.setdefault("trigger", None)
+    write_json(json_out, result)
+    if show_table(quiet, json_out):
+        table = Table(title="scan" + (f" → {out}" if out else ""))
+        for col in ("model", "score", "verdict", "suspected target", "share (θ0)", "mask area (θ0)", "where"):
+            table.add_column(col)
+        for r in scanned:
+            t, w = r["target"], r["where"]
+            colour = {"clean": "green", "suspicious": "yellow", "backdoored": "red"}[r["verdict"]]
+            table.add_row(r["input"], f"{r['score']:.2f}", f"[{colour}]{r['verdict']}[/]",
+                          f"{t['task']}:{t['class']} {t['name']}" if t else "—",
+                          f"{t['share']:.0%} ({t['share_base']:.0%})" if t else "—",
+                          f"{r['area']:.2%} ({r['area_base']:.2%})",
+                          f"rows {w['top']:.2f}–{w['bottom']:.2f}, cols {w['left']:.2f}–{w['right']:.2f}")
+        out_console.print(table)
+        if result["attribution"] and len(result["attribution"]) > 1 or result["merged"] and result["attribution"]:
+            key = "share" if result["merged"] else "score"
+            ranked = ", ".join(f"{a['input']} ({a[key]:.2f})" for a in result["attribution"])
+            how = "reaction to the merged model's trigger" if result["merged"] else "score"
+            out_console.print(f"attribution ({how}, highest first): {ranked}")
+        out_console.print(f"verdict: {result['verdict']} (suspicious from {cfg.suspicious:g}, backdoored from "
+                          f"{cfg.backdoored:g})")
+    if VERDICTS.index(result["verdict"]) >= VERDICTS.index(fail_on):
+        raise typer.Exit(EXIT_THRESHOLD)
+
+
+def _public(result: dict[str, Any]) -> dict[str, Any]:
+    def strip(r: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if r is None else {k: v for k, v in r.items() if not k.startswith("_")}
+
+    return {**result, "inputs": [strip(r) for r in result["inputs"]], "merged": strip(result["merged"])}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("scan", epilog=examples(*EXAMPLES))(handle_errors(scan_command))

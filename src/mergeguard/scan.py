@@ -1,0 +1,441 @@
+"""Scan: find a backdoor without its trigger or labels, by trigger inversion on unlabeled shadow images.
+
+A backdoor is a small input pattern with an outsized effect. For every target the scan can aim at (each
+class of each head it is given), a soft mask `m` and a pattern `p` (`x ⊕ Π = (1 − m) x + m p`, the
+trigger files' form) are optimised, all targets at once, so that patched shadow images go to the target,
+while a penalty on the mask's area rises whenever the target is reached and falls when it is not (Neural
+Cleanse's schedule, so the mask cannot collapse before it works). Each target's result is the smallest
+area at which at least `success` of a batch went there.
+
+The same inversion runs on θ0, once: a target the pre-trained model already reaches with a small mask
+(a class that a red blob "is") does not count against an input. Per target, `log(A_θ0 / A_model)` says
+how many times smaller the model's mask is than θ0's; the score of a model is the largest of these minus
+their median over targets (a clean fine-tune sharpens every class of its task a little; a backdoor
+shrinks one target's mask to the trigger's size), so it is comparable across models and sizes.
+
+Without heads, the target is the model's own reaction: a mask that sends every patched image to one
+point of feature space (the cosine of each patched image's features with their normalised mean,
+averaged, must reach `success`), with θ0 as the reference in the same way.
+
+`MaskPrompt` (the mask and pattern, optimised) is the piece LFPM mines with too.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mergeguard import settings
+from mergeguard.data.triggers import Trigger
+from mergeguard.errors import MergeguardError, SettingError
+from mergeguard.models.encoder import ImageEncoder, check_same_architecture
+from mergeguard.models.heads import Head
+from mergeguard.progress import NullProgress, ProgressSink
+from mergeguard.settings import setting
+from mergeguard.trainer import resolve_device, seed_everything
+
+VERDICTS = ("clean", "suspicious", "backdoored")
+FEATURES = "(features)"  # the target of a scan without heads
+
+
+@dataclass
+class ScanConfig:
+    """The scan's settings, each declared once (CLI options, checks, report)."""
+
+    steps: int = setting(300, "Inversion steps per target.", low=1)
+    batch_size: int = setting(32, "Shadow images per target and step.", low=2)
+    images: int = setting(1000, "Shadow images used at most (a seeded random subset; a quarter of them, at least "
+                                "64, held out to measure each mask).", low=8)
+    success: float = setting(0.9, "Share of patched images a mask must send to its target.", low=0.0,
+                             low_open=True, high=1.0)
+    lr: float = setting(0.1, "Adam step of the masks and patterns.", low=0.0, low_open=True)
+    restarts: int = setting(1, "Random starts per target (the smallest mask that works is kept).", low=1)
+    chunk: int = setting(64, "Targets inverted together (lower it to save memory).", low=1)
+    suspicious: float = setting(1.0, "Score from which an input is suspicious (natural log: its smallest mask "
+                                     "is e^score times smaller, relative to the others, than θ0's).", low=0.0)
+    backdoored: float = setting(2.0, "Score from which an input is backdoored.", low=0.0)
+    seed: int = setting(0, "Random seed.")
+    device: str = setting("auto", "auto (cuda when present), cpu, cuda, cuda:1 ...", run_only=True)
+
+
+@dataclass(frozen=True)
+class Target:
+    task: str  # a head's task, or FEATURES
+    index: int  # the class index (-1 without heads)
+    name: str  # the class's name
+
+    def label(self) -> str:
+        return self.task if self.task == FEATURES else f"{self.task}:{self.index} ({self.name})"
+
+
+@dataclass
+class Inverted:
+    """One target's inversion on one model."""
+
+    target: Target
+    area: float  # the smallest mean mask area that reached `success` on a batch (1.0: never)
+    success: float  # the share of held-out patched images sent to the target by that mask
+    mask: torch.Tensor = field(repr=False)  # (1, H, W)
+    pattern: torch.Tensor = field(repr=False)  # (3, H, W)
+
+    def trigger(self) -> Trigger:
+        return Trigger(self.pattern.clone(), self.mask.clone(), max(self.target.index, 0),
+                       None if self.target.task == FEATURES else self.target.task, "blend")
+
+
+def targets_of(heads: dict[str, Head] | None) -> list[Target]:
+    if not heads:
+        return [Target(FEATURES, -1, "")]
+    return [Target(t, i, n) for t, h in heads.items() for i, n in enumerate(h.classnames)]
+
+
+def check_config(cfg: ScanConfig) -> None:
+    settings.check(cfg)
+    if cfg.backdoored < cfg.suspicious:
+        raise SettingError("backdoored", f"{{name}} {cfg.backdoored:g} is below --suspicious "
+                                                  f"{cfg.suspicious:g}.")
+
+
+class MaskPrompt:
+    """Π as a pattern p and a soft mask m over the whole image, one per row of a batch of prompts:
+    x ⊕ Π = (1 − m) x + m p, m = σ(a), p = σ(b), optimised with Adam. LFPM mines with it (one row)."""
+
+    def __init__(self, count: int, size: int, lr: float, gen: torch.Generator, dev: torch.device,
+                 start: float = -3.0, jitter: float = 0.0):
+        a = torch.full((count, 1, size, size), start)
+        if jitter:  # (no draw without it: LFPM's prompts start from the same numbers as before this class)
+            a = a + jitter * torch.randn(count, 1, size, size, generator=gen)
+        self.a = a.to(dev).requires_grad_(True)
+        self.b = torch.randn(count, 3, size, size, generator=gen).to(dev).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.a, self.b], lr=lr)
+
+    def mask(self, grad: bool = False) -> torch.Tensor:
+        m = torch.sigmoid(self.a)
+        return m if grad else m.detach()
+
+    def pattern(self, grad: bool = False) -> torch.Tensor:
+        p = torch.sigmoid(self.b)
+        return p if grad else p.detach()
+
+    def apply(self, x: torch.Tensor, grad: bool = False, row: int | None = None) -> torch.Tensor:
+        """x (B, 3, H, W) patched by every prompt (K, B, 3, H, W), or by one row (B, 3, H, W)."""
+        m, p = self.mask(grad), self.pattern(grad)
+        if row is not None:
+            return (1 - m[row]) * x + m[row] * p[row]
+        return (1 - m[:, None]) * x[None] + (m * p)[:, None]
+
+    def area(self) -> torch.Tensor:
+        """Each prompt's mean mask value (K,)."""
+        return self.mask().mean((1, 2, 3))
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"a": self.a.detach().cpu(), "b": self.b.detach().cpu(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.a.copy_(state["a"])
+            self.b.copy_(state["b"])
+        self.opt.load_state_dict(state["opt"])
+
+
+class _Objective:
+    """Per-target loss and success of patched features (K, B, d)."""
+
+    def __init__(self, targets: list[Target], heads: dict[str, Head] | None, dev: torch.device):
+        self.headless = targets[0].task == FEATURES
+        if self.headless:
+            return
+        tasks = list(heads)
+        width = max(len(heads[t].classnames) for t in tasks)
+        dim = heads[tasks[0]].weight.shape[1]
+        weight = torch.zeros(len(tasks), width, dim)
+        pad = torch.ones(len(tasks), width, dtype=torch.bool)
+        for i, t in enumerate(tasks):
+            c = len(heads[t].classnames)
+            weight[i, :c] = heads[t].weight.float()
+            pad[i, :c] = False
+        which = torch.tensor([tasks.index(t.task) for t in targets])
+        self.weight = weight[which].to(dev)  # (K, C, d)
+        self.pad = pad[which].to(dev)  # (K, C)
+        self.scale = torch.tensor([heads[t.task].scale for t in targets], device=dev)
+        self.cls = torch.tensor([t.index for t in targets], device=dev)
+
+    def __call__(self, f: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss per target, success per target) for the targets `rows` of this objective."""
+        if self.headless:  # pull every patched image's features to their (normalised) mean
+            centre = F.normalize(f.mean(1, keepdim=True), dim=-1)
+            cos = (f * centre.detach()).sum(-1)  # (K, B)
+            return (1 - cos).mean(1) * 10, cos.mean(1).detach()
+        logits = torch.einsum("kbd,kcd->kbc", f, self.weight[rows]) * self.scale[rows, None, None]
+        logits = logits.masked_fill(self.pad[rows, None, :], float("-inf"))
+        cls = self.cls[rows]
+        loss = F.cross_entropy(logits.flatten(0, 1), cls.repeat_interleave(f.shape[1]), reduction="none")
+        hit = (logits.argmax(-1) == cls[:, None]).float().mean(1)
+        return loss.view(f.shape[:2]).mean(1), hit
+
+
+def invert(model: ImageEncoder, images: torch.Tensor, held_out: torch.Tensor, targets: list[Target],
+           heads: dict[str, Head] | None, cfg: ScanConfig, progress: ProgressSink | None = None,
+           what: str = "") -> list[Inverted]:
+    """The smallest mask (over `cfg.restarts` starts) that sends `cfg.success` of patched images to each
+    target, with its held-out success."""
+    progress = progress or NullProgress()
+    dev = images.device
+    objective = _Objective(targets, heads, dev)
+    rows_all = [r for r in range(len(targets)) for _ in range(cfg.restarts)]
+    chunks = [rows_all[i:i + cfg.chunk] for i in range(0, len(rows_all), cfg.chunk)]
+    progress.stage(f"inverting triggers{what}", cfg.steps * len(chunks))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    size = images.shape[-1]
+    best: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}
+    init_cost, up, down, patience = 1.0, 1.5, 1.5 ** 1.5, 5
+    for chunk in chunks:
+        rows = torch.tensor(chunk, device=dev)
+        k = len(chunk)
+        prompt = MaskPrompt(k, size, cfg.lr, gen, dev, start=-2.0, jitter=0.5)
+        cost = torch.zeros(k, device=dev)
+        ups = torch.zeros(k, dtype=torch.long, device=dev)
+        downs = torch.zeros(k, dtype=torch.long, device=dev)
+        best_area = torch.full((k,), math.inf, device=dev)
+        best_m = prompt.mask().clone()
+        best_p = prompt.pattern().clone()
+        for _ in range(cfg.steps):
+            idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).to(dev)
+            x = images[idx]
+            with torch.enable_grad():
+                m = prompt.mask(grad=True)
+                xp = prompt.apply(x, grad=True)
+                f = model(xp.flatten(0, 1)).float().view(k, len(x), -1)
+                loss, hit = objective(f, rows)
+                area = m.mean((1, 2, 3))
+                prompt.step((loss + cost * area).sum())
+            with torch.no_grad():
+                area = area.detach()
+                ok = hit >= cfg.success
+                better = ok & (area < best_area)
+                best_area = torch.where(better, area, best_area)
+                best_m[better] = m.detach()[better]
+                best_p[better] = torch.sigmoid(prompt.b.detach())[better]
+                # Neural Cleanse's schedule: no penalty until the target is first reached, then raise it
+                # after `patience` successful steps in a row and lower it after as many failures
+                cost = torch.where(ok & (cost == 0), torch.full_like(cost, init_cost), cost)
+                ups = torch.where(ok, ups + 1, torch.zeros_like(ups))
+                downs = torch.where(ok, torch.zeros_like(downs), downs + 1)
+                cost = torch.where(ups >= patience, cost * up, cost)
+                cost = torch.where(downs >= patience, cost / down, cost)
+                ups = torch.where(ups >= patience, torch.zeros_like(ups), ups)
+                downs = torch.where(downs >= patience, torch.zeros_like(downs), downs)
+            progress.advance()
+        never = torch.isinf(best_area)
+        best_m[never] = prompt.mask()[never]  # no mask reached the target: the last one, at area 1 (the cap)
+        best_p[never] = prompt.pattern()[never]
+        for j, r in enumerate(chunk):
+            area_j = 1.0 if bool(never[j]) else float(best_area[j])
+            if r not in best or area_j < best[r][0]:
+                best[r] = (area_j, best_m[j].cpu(), best_p[j].cpu())
+    out = []
+    with torch.no_grad():
+        for r, target in enumerate(targets):
+            area, m, p = best[r]
+            xp = (1 - m.to(dev)) * held_out + m.to(dev) * p.to(dev)
+            f = model(xp).float()[None]
+            _, hit = objective(f, torch.tensor([r], device=dev))
+            out.append(Inverted(target, area, float(hit[0]), m, p))
+    return out
+
+
+def score_of(model_inv: list[Inverted], base_inv: list[Inverted], pixels: int) -> tuple[float, int, list[float]]:
+    """(score, index of the most suspicious target, log area ratio per target). The ratio is
+    log(A_θ0 / A_model) with areas floored at one pixel; the score is the largest ratio minus the median
+    (one target only, as without heads: the ratio itself)."""
+    floor = 1.0 / pixels
+    ratios = [math.log(max(b.area, floor)) - math.log(max(m.area, floor)) for m, b in zip(model_inv, base_inv)]
+    top = max(range(len(ratios)), key=ratios.__getitem__)
+    centre = statistics.median(ratios) if len(ratios) > 2 else 0.0
+    return ratios[top] - centre, top, ratios
+
+
+def verdict_of(score: float, cfg: ScanConfig) -> str:
+    if score >= cfg.backdoored:
+        return "backdoored"
+    return "suspicious" if score >= cfg.suspicious else "clean"
+
+
+def mask_box(mask: torch.Tensor) -> dict[str, Any]:
+    """Where the mask sits: the bounding box of its pixels above half its peak, as fractions of the side."""
+    m = mask[0] if mask.dim() == 3 else mask
+    on = m >= 0.5 * float(m.max())
+    ys, xs = torch.nonzero(on, as_tuple=True)
+    side = m.shape[-1]
+    return {"top": float(ys.min()) / side, "left": float(xs.min()) / side, "bottom": float(ys.max() + 1) / side,
+            "right": float(xs.max() + 1) / side, "pixels": int(on.sum())}
+
+
+class Scanner:
+    """Scans models against one θ0 with one shadow set: θ0's inversion is done once and reused."""
+
+    def __init__(self, base: ImageEncoder, shadow_images: torch.Tensor, heads: dict[str, Head] | None,
+                 cfg: ScanConfig, progress: ProgressSink | None = None):
+        check_config(cfg)
+        if len(shadow_images) == 0:
+            raise MergeguardError("the shadow image folder is empty.")
+        if heads:
+            dims = {h.weight.shape[1] for h in heads.values()}
+            if dims != {base.arch["embed_dim"]}:
+                raise MergeguardError(f"the heads' feature size {sorted(dims)} is not the model's "
+                                      f"{base.arch['embed_dim']}; are they for this model?")
+        self.cfg, self.heads = cfg, heads
+        self.progress = progress or NullProgress()
+        seed_everything(cfg.seed)
+        self.dev = resolve_device(cfg.device)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order = torch.randperm(len(shadow_images), generator=gen)[: cfg.images]
+        picked = shadow_images[order]
+        hold = max(min(64, len(picked) // 2), len(picked) // 4)
+        self.held_out = picked[:hold].to(self.dev)
+        self.images = picked[hold:].to(self.dev)
+        if len(self.images) < 2:
+            raise MergeguardError(f"{len(shadow_images)} shadow image(s) are too few to scan with; give at least 8.")
+        self.targets = targets_of(heads)
+        self.base = base.to(self.dev).eval()
+        self._base_inv: list[Inverted] | None = None
+
+    @property
+    def base_inversion(self) -> list[Inverted]:
+        if self._base_inv is None:
+            self._base_inv = self._invert(self.base, " on θ0 (the reference)")
+        return self._base_inv
+
+    def _invert(self, model: ImageEncoder, what: str) -> list[Inverted]:
+        flags = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            return invert(model.to(self.dev).eval(), self.images, self.held_out, self.targets, self.heads, self.cfg,
+                          self.progress, what)
+        finally:
+            for p, flag in zip(model.parameters(), flags):
+                p.requires_grad_(flag)
+
+    def scan(self, model: ImageEncoder, name: str = "") -> dict[str, Any]:
+        """The report of one model: score, verdict, the suspected target and its recovered trigger."""
+        check_same_architecture(model, self.base, "the scan")
+        base_inv = self.base_inversion
+        inv = self._invert(model, f" on {name}" if name else "")
+        pixels = self.images.shape[-1] * self.images.shape[-2]
+        score, top, ratios = score_of(inv, base_inv, pixels)
+        best = inv[top]
+        with torch.no_grad():  # the same mask on θ0: how much of its success is the model's own
+            base_hit = invert_success(self.base, self.held_out, best, self.heads, self.dev)
+        return {
+            "score": score,
+            "verdict": verdict_of(score, self.cfg),
+            "threshold": {"suspicious": self.cfg.suspicious, "backdoored": self.cfg.backdoored},
+            "target": None if best.target.task == FEATURES else {
+                "task": best.target.task, "class": best.target.index, "name": best.target.name,
+                "share": best.success, "share_base": base_hit},
+            "area": best.area,
+            "area_base": base_inv[top].area,
+            "where": mask_box(best.mask),
+            "targets": [{"target": i.target.label(), "area": i.area, "area_base": b.area, "log_ratio": r,
+                         "success": i.success} for i, b, r in zip(inv, base_inv, ratios)],
+            "_trigger": best.trigger(),
+        }
+
+    def report_config(self) -> dict[str, Any]:
+        return asdict(self.cfg)
+
+
+def invert_success(model: ImageEncoder, images: torch.Tensor, inv: Inverted, heads: dict[str, Head] | None,
+                   dev: torch.device) -> float:
+    """The share of `images` that `inv`'s mask sends to its target under `model`."""
+    m, p = inv.mask.to(dev), inv.pattern.to(dev)
+    f = model((1 - m) * images + m * p).float()[None]
+    _, hit = _Objective([inv.target], heads if inv.target.task != FEATURES else None, dev)(
+        f, torch.tensor([0], device=dev))
+    return float(hit[0])
+
+
+def worst(verdicts: list[str]) -> str:
+    return max(verdicts, key=VERDICTS.index) if verdicts else "clean"
+
+
+def model_of(base: Any, source: Any, scale: float, arch: str | None, tmp: Path) -> ImageEncoder:
+    """θ0 + scale · τ for anything `merge` takes (a fine-tuned checkpoint, a task vector, a PEFT LoRA adapter),
+    through the merge engine (so every check of `merge` applies), written in `tmp` and loaded."""
+    from mergeguard.merge.engine import merge_checkpoints
+    from mergeguard.models.encoder import load_encoder
+
+    out = tmp / f"model-{len(list(tmp.iterdir()))}.safetensors"
+    merge_checkpoints(base, [source], "task_arithmetic", {"lam": scale}, out=out)
+    try:
+        return load_encoder(str(out), arch=arch)
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def scan_models(scanner: Scanner, inputs: list[tuple[str, ImageEncoder | Callable[[], ImageEncoder]]],
+                merged: tuple[str, ImageEncoder] | None = None) -> dict[str, Any]:
+    """Scan each input (name, model or a function that loads it), or with `merged` the merged model, and
+    attribute: without `merged`, inputs ranked by score; with it, each input's reaction to the trigger
+    recovered from the merged model (the share of held-out images it sends to that target)."""
+    start = time.perf_counter()
+    result: dict[str, Any] = {"inputs": [], "merged": None, "attribution": []}
+    if merged is None:
+        for name, model in inputs:
+            model = model() if callable(model) and not isinstance(model, ImageEncoder) else model
+            result["inputs"].append({"input": name, **scanner.scan(model, name)})
+        ranked = sorted(result["inputs"], key=lambda r: -r["score"])
+        result["attribution"] = [{"input": r["input"], "score": r["score"]} for r in ranked]
+        verdicts = [r["verdict"] for r in result["inputs"]]
+    else:
+        name, model = merged
+        report = {"input": name, **scanner.scan(model, name)}
+        result["merged"] = report
+        best = Inverted(Target(**_target_key(report)), report["area"], 0.0, report["_trigger"].mask,
+                        report["_trigger"].pattern)
+        for in_name, in_model in inputs:
+            in_model = in_model() if callable(in_model) and not isinstance(in_model, ImageEncoder) else in_model
+            check_same_architecture(in_model, scanner.base, "the scan")
+            with torch.no_grad():
+                share = invert_success(in_model.to(scanner.dev).eval(), scanner.held_out, best, scanner.heads,
+                                       scanner.dev)
+            result["attribution"].append({"input": in_name, "share": share})
+        result["attribution"].sort(key=lambda r: -r["share"])
+        verdicts = [report["verdict"]]
+    result["verdict"] = worst(verdicts)
+    result["config"] = scanner.report_config()
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _target_key(report: dict[str, Any]) -> dict[str, Any]:
+    t = report["target"]
+    return {"task": FEATURES, "index": -1, "name": ""} if t is None else {"task": t["task"], "index": t["class"],
+                                                                         "name": t["name"]}
+
+
+def before_after(base: ImageEncoder, merged: ImageEncoder, defended: ImageEncoder, images: torch.Tensor,
+                 heads: dict[str, Head] | None, cfg: ScanConfig, progress: ProgressSink | None = None
+                 ) -> dict[str, Any]:
+    """A defense's check of itself: the scan of the merged model and of the defended one, against θ0."""
+    scanner = Scanner(base, images, heads, cfg, progress)
+
+    def keep(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: r[k] for k in ("score", "verdict", "target", "area", "area_base", "where")}
+
+    return {"before": keep(scanner.scan(merged, "the merged model")),
+            "after": keep(scanner.scan(defended, "the defended model")), "config": asdict(cfg)}

@@ -1,0 +1,192 @@
+"""scan: trigger inversion against θ0 on a planted backdoor (a model whose answer is known), the score's closed
+form, and the CLI's verdicts, files and exit codes (0 / 1 / 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from mergeguard.cli import app
+from mergeguard.data.triggers import load_trigger
+from mergeguard.models.encoder import ImageEncoder, save_encoder
+from mergeguard.models.heads import Head, save_heads
+from mergeguard.scan import Inverted, ScanConfig, Scanner, Target, score_of, verdict_of
+
+ARCH = {"family": "open_clip", "name": "t", "embed_dim": 16, "quick_gelu": False, "mean": [0.5] * 3,
+        "std": [0.25] * 3, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                          "head_width": 16}}
+SIDE = 3  # the planted trigger: a white 3 × 3 square at the bottom-right corner
+runner = CliRunner()
+
+
+class Planted(ImageEncoder):
+    """θ0 with a planted backdoor: a white square at the bottom-right corner sends the features to `target`
+    (no training: the answer is known)."""
+
+    def __init__(self, base: ImageEncoder, target: torch.Tensor):
+        super().__init__(base.arch)
+        self.visual.load_state_dict(base.visual.state_dict())
+        self.register_buffer("target", target)
+
+    def forward(self, images, prompts=None):
+        clean = super().forward(images, prompts)
+        corner = images[:, :, -SIDE:, -SIDE:].mean((1, 2, 3))
+        gate = torch.sigmoid(12 * (corner - 0.75))[:, None]  # smooth, as a learned backdoor is
+        return F.normalize(clean + 4 * gate * self.target, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    base = ImageEncoder(ARCH).eval()
+    w = F.normalize(torch.randn(7, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    heads = {"a": Head("a", w[:4], ["w", "x", "y", "z"], 50.0), "b": Head("b", w[4:], ["p", "q", "r"], 50.0)}
+    images = torch.rand(160, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 0.8  # never white by chance
+    return base, heads, images
+
+
+CFG = ScanConfig(steps=150, batch_size=16, images=160, device="cpu")
+
+
+def test_scanning_theta0_against_itself_scores_exactly_zero(world):
+    base, heads, images = world
+    scanner = Scanner(base, images, heads, CFG)
+    r = scanner.scan(base)
+    assert r["score"] == 0.0 and r["verdict"] == "clean"
+    assert all(t["log_ratio"] == 0.0 for t in r["targets"])
+
+
+def test_a_planted_backdoor_is_found_with_its_target_and_place(world):
+    base, heads, images = world
+    planted = Planted(base, heads["a"].weight[2]).eval()
+    scanner = Scanner(base, images, heads, CFG)
+    r = scanner.scan(planted)
+    assert r["verdict"] == "backdoored", r["score"]
+    assert (r["target"]["task"], r["target"]["class"]) == ("a", 2)
+    # held-out share: the mask kept is the smallest that reached 90% on one batch, so a little less here
+    assert r["target"]["share"] >= 0.6 and r["target"]["share_base"] < 0.2
+    # the recovered mask sits on the planted square: its box lies in the bottom-right quarter
+    assert r["where"]["top"] >= 0.5 and r["where"]["left"] >= 0.5
+    assert r["area"] < r["area_base"] / 4
+    # the recovered trigger, pasted, works on the planted model and not on θ0 (independent check, plain torch)
+    trig = r["_trigger"]
+    with torch.no_grad():
+        hit = lambda m: float(((m(trig.apply(images)) @ heads["a"].weight.T).argmax(1) == 2).float().mean())  # noqa: E731
+        assert hit(planted) >= 0.6 and hit(base) < 0.2
+
+
+def test_the_score_is_the_largest_log_area_ratio_minus_the_median():
+    t = Target("a", 0, "x")
+    blank = torch.zeros(1, 4, 4)
+
+    def inv(area):
+        return Inverted(t, area, 1.0, blank, torch.zeros(3, 4, 4))
+
+    model = [inv(a) for a in (0.1, 0.2, 0.01, 0.5)]
+    base = [inv(a) for a in (0.1, 0.1, 0.1, 0.1)]
+    ratios = [math.log(0.1 / a) for a in (0.1, 0.2, 0.01, 0.5)]
+    score, top, got = score_of(model, base, pixels=1000)
+    assert top == 2 and got == pytest.approx(ratios)
+    assert score == pytest.approx(ratios[2] - float(np.median(ratios)))
+    # an area below one pixel counts as one pixel
+    score, _, _ = score_of([inv(1e-6)], [inv(0.5)], pixels=100)
+    assert score == pytest.approx(math.log(0.5 / 0.01))
+    cfg = ScanConfig()
+    assert [verdict_of(s, cfg) for s in (0.0, cfg.suspicious, cfg.backdoored)] == ["clean", "suspicious", "backdoored"]
+
+
+def _write_images(folder: Path, images: torch.Tensor) -> Path:
+    folder.mkdir()
+    for i, x in enumerate(images):
+        Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def on_disk(world, tmp_path_factory):
+    base, heads, images = world
+    root = tmp_path_factory.mktemp("scan")
+    save_encoder(base, root / "base")
+    # a "fine-tuned" input: θ0 with its weights moved a little (no backdoor), as a full checkpoint
+    moved = ImageEncoder(ARCH)
+    moved.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()})
+    save_encoder(moved, root / "ft")
+    save_heads(heads, root / "heads.safetensors")
+    _write_images(root / "shadow", images)
+    return root
+
+
+FAST = ["--steps", "60", "--batch-size", "8", "--images", "96", "--device", "cpu"]
+
+
+def test_cli_scans_inputs_writes_triggers_and_a_report(on_disk, tmp_path):
+    r = on_disk
+    res = runner.invoke(app, ["scan", "--base", str(r / "base"), str(r / "ft"), str(r / "base"), "--shadow",
+                              str(r / "shadow"), "--heads", str(r / "heads.safetensors"), "-o", str(tmp_path / "rep"),
+                              "--json", str(tmp_path / "s.json"), "-q", *FAST])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert [i["input"] for i in report["inputs"]] == [str(r / "ft"), str(r / "base")]
+    assert report["inputs"][1]["score"] == 0.0  # θ0 as an input: a zero task vector
+    assert report["verdict"] in ("clean", "suspicious", "backdoored")
+    for i in report["inputs"]:
+        assert set(i) >= {"input", "score", "verdict", "threshold", "trigger", "target", "area", "where"}
+        trig = load_trigger(i["trigger"])  # eval --trigger's reader
+        assert trig.mask.shape == (1, 16, 16)
+        assert Path(i["picture"]).exists()
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["verdict"] == report["verdict"]
+
+
+def test_cli_exit_codes_gate_a_ci_job(on_disk, tmp_path):
+    r = on_disk
+    common = ["scan", "--base", str(r / "base"), "--shadow", str(r / "shadow"), "--heads",
+              str(r / "heads.safetensors"), "-q", *FAST]
+    assert runner.invoke(app, [*common, str(r / "base")]).exit_code == 0  # θ0 scores 0: clean
+    # everything reaches --fail-on suspicious with thresholds of 0
+    res = runner.invoke(app, [*common, str(r / "base"), "--fail-on", "suspicious", "--suspicious", "0",
+                              "--backdoored", "0"])
+    assert res.exit_code == 1, res.output
+    bad = {
+        "--fail-on": ([*common, str(r / "ft"), "--fail-on", "maybe"], "--fail-on"),
+        "no input": ([*common], "give the inputs"),
+        "thresholds": ([*common, str(r / "ft"), "--suspicious", "3", "--backdoored", "2"], "--backdoored"),
+    }
+    for name, (argv, words) in bad.items():
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 2 and words in res.output, (name, res.output)
+
+
+def test_cli_bad_inputs_one_sentence_exit_2(on_disk, tmp_path):
+    r = on_disk
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wrong = {"a": Head("a", F.normalize(torch.randn(3, 8), dim=-1), ["x", "y", "z"], 50.0)}
+    save_heads(wrong, tmp_path / "wrong.safetensors")
+    nan = ImageEncoder(ARCH)
+    with torch.no_grad():
+        next(iter(nan.parameters())).fill_(float("nan"))
+    save_encoder(nan, tmp_path / "nan")
+    other = dict(ARCH, embed_dim=8)
+    save_encoder(ImageEncoder(other), tmp_path / "other")
+    base = ["scan", "--base", str(r / "base"), "-q", *FAST]
+    cases = [
+        ([*base, str(r / "ft"), "--shadow", str(empty), "--heads", str(r / "heads.safetensors")], "image"),
+        ([*base, str(r / "ft"), "--shadow", str(r / "shadow"), "--heads", str(tmp_path / "wrong.safetensors")],
+         "feature size"),
+        ([*base, str(tmp_path / "nan"), "--shadow", str(r / "shadow")], "NaN"),
+        ([*base, str(tmp_path / "other"), "--shadow", str(r / "shadow")], "other"),
+        ([*base, str(tmp_path / "missing"), "--shadow", str(r / "shadow")], "missing"),
+    ]
+    for argv, words in cases:
+        res = runner.invoke(app, [*argv, "-o", str(tmp_path / "never")])
+        assert res.exit_code == 2, res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) <= 3, res.output
+        assert not (tmp_path / "never").exists()
