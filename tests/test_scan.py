@@ -189,4 +189,5 @@ def test_cli_bad_inputs_one_sentence_exit_2(on_disk, tmp_path):
         res = runner.invoke(app, [*argv, "-o", str(tmp_path / "never")])
         assert res.exit_code == 2, res.output
         assert "Traceback" not in res.output and len(res.output.strip().splitlines()) <= 3, res.output
+        assert words.lower() in res.output.lower(), (words, res.output)
         assert not (tmp_path / "never").exists()
