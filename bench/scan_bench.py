@@ -164,13 +164,13 @@ def main() -> None:
 def scan_all(cases: list[dict], z: Path, work: Path, size: str, wait: float) -> None:
     """Scan every trained case once (results cached in WORK/scans/); with `wait`, keep polling for cases still
     being trained by another process, for that many seconds."""
-    from mergeguard.defend.lfpm import _images
+    from mergeguard.data import stack_images
     from mergeguard.scan import ScanConfig, Scanner
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     heads = load_heads(z / "heads.safetensors")
     base = load_encoder(str(z / "base"))
-    images = _images(unlabeled_folder(z / "shadow", base.image_size), 0)
+    images = stack_images(unlabeled_folder(z / "shadow", base.image_size))
     scanner = Scanner(base, images, heads, ScanConfig(device="cpu"))
     (work / "scans").mkdir(exist_ok=True)
     deadline = time.time() + wait

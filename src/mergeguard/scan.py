@@ -396,7 +396,7 @@ def scan_models(scanner: Scanner, inputs: list[tuple[str, ImageEncoder | Callabl
     result: dict[str, Any] = {"inputs": [], "merged": None, "attribution": []}
     if merged is None:
         for name, model in inputs:
-            model = model() if callable(model) and not isinstance(model, ImageEncoder) else model
+            model = _loaded(model)
             result["inputs"].append({"input": name, **scanner.scan(model, name)})
         ranked = sorted(result["inputs"], key=lambda r: -r["score"])
         result["attribution"] = [{"input": r["input"], "score": r["score"]} for r in ranked]
@@ -408,7 +408,7 @@ def scan_models(scanner: Scanner, inputs: list[tuple[str, ImageEncoder | Callabl
         best = Inverted(Target(**_target_key(report)), report["area"], 0.0, report["_trigger"].mask,
                         report["_trigger"].pattern)
         for in_name, in_model in inputs:
-            in_model = in_model() if callable(in_model) and not isinstance(in_model, ImageEncoder) else in_model
+            in_model = _loaded(in_model)
             check_same_architecture(in_model, scanner.base, "the scan")
             with torch.no_grad():
                 share = invert_success(in_model.to(scanner.dev).eval(), scanner.held_out, best, scanner.heads,
@@ -420,6 +420,11 @@ def scan_models(scanner: Scanner, inputs: list[tuple[str, ImageEncoder | Callabl
     result["config"] = scanner.report_config()
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def _loaded(model: ImageEncoder | Callable[[], ImageEncoder]) -> ImageEncoder:
+    """A model, or the function that loads it (a module is callable too: it is not called)."""
+    return model if isinstance(model, ImageEncoder) else model()
 
 
 def _target_key(report: dict[str, Any]) -> dict[str, Any]:

@@ -98,10 +98,10 @@ def lfpm_command(
         defended, _, report = defend.defend_lfpm(merged_enc, base_enc, images, cfg, progress,
                                                  checkpoint=out / ".partial" / "lfpm.pt", resume=resume)
         if heads_d is not None and distributed_rank()[0] == 0:
-            from mergeguard.defend.lfpm import _images
+            from mergeguard.data import stack_images
             from mergeguard.scan import ScanConfig, before_after
 
-            report["scan"] = before_after(base_enc, merged_enc, defended, _images(images, 0), heads_d,
+            report["scan"] = before_after(base_enc, merged_enc, defended, stack_images(images), heads_d,
                                           ScanConfig(device=cfg.device, seed=cfg.seed), progress)
     prompts = report.pop("prompt")
     if distributed_rank()[0] != 0:

@@ -73,9 +73,9 @@ def scan_command(
     the recovered trigger per model; exit 1 when a verdict reaches --fail-on."""
     from mergeguard.checkpoint import open_checkpoint
     from mergeguard.checkpoint.writer import staged_outputs
+    from mergeguard.data import stack_images
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.data.pictures import trigger_picture
-    from mergeguard.defend.lfpm import _images
     from mergeguard.models.encoder import load_encoder
     from mergeguard.models.heads import load_heads
     from mergeguard.scan import Scanner, model_of, scan_models
@@ -91,7 +91,7 @@ def scan_command(
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     base_enc = load_encoder(base_ckpt, arch=arch)
     heads_d = load_heads(heads) if heads else None
-    images = _images(unlabeled_folder(shadow, base_enc.image_size), 0)
+    images = stack_images(unlabeled_folder(shadow, base_enc.image_size))
     with RichProgress(enabled=not quiet) as progress, tempfile.TemporaryDirectory(prefix="mergeguard-scan-") as tmp:
         scanner = Scanner(base_enc, images, heads_d, cfg, progress)
         srcs = [open_checkpoint(i, allow_pickle=allow_pickle) for i in inputs]  # every input readable, first

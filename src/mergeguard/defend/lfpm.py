@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 from torch.func import functional_call
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mergeguard import scan, settings
+from mergeguard.data import stack_images
 from mergeguard.errors import MergeguardError, SettingError
 from mergeguard.models.encoder import ImageEncoder, check_same_architecture
 from mergeguard.progress import NullProgress, ProgressSink
@@ -129,11 +130,6 @@ def peak_rss_bytes() -> int | None:
         return None
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _images(dataset: Dataset, workers: int) -> torch.Tensor:
-    loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=workers)
-    return torch.cat([x for x, _ in loader])
 
 
 def _paste(images: torch.Tensor, patch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -336,7 +332,7 @@ def defend_lfpm(
     base_flags = [p.requires_grad for p in base.parameters()]
     for p in list(merged.parameters()) + list(base.parameters()):
         p.requires_grad_(False)
-    images = _images(shadow, cfg.workers).to(dev)
+    images = stack_images(shadow, cfg.workers).to(dev)
     with torch.no_grad(), autocast(dev):  # θm's clean features, once, in the precision stage II compares them in
         clean_target = torch.cat([merged(chunk) for chunk in images.split(256)])
     tolerance = cfg.idle_tolerance if autocast_dtype(dev) is None else max(cfg.idle_tolerance, BF16_IDLE_TOLERANCE)
