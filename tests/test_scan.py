@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,37 @@ def test_scanning_theta0_against_itself_scores_exactly_zero(world):
     assert all(t["log_ratio"] == 0.0 for t in r["targets"])
 
 
+def test_theta0s_inversion_is_cached_and_reused_only_for_the_same_inputs(world, monkeypatch):
+    import mergeguard.scan as scan_mod
+    from mergeguard.cache import cache_dir
+
+    base, heads, images = world
+    cfg = ScanConfig(steps=5, batch_size=8, images=40, device="cpu")
+    first = Scanner(base, images, heads, cfg).base_inversion
+    files = list((cache_dir() / "scan").glob("*.safetensors"))
+    assert len(files) == 1
+    calls = []
+    real = scan_mod.invert
+    monkeypatch.setattr(scan_mod, "invert", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = Scanner(base, images, heads, cfg).base_inversion  # same everything: read back, not inverted
+    assert calls == []
+    for a, b in zip(first, again):
+        assert a.target == b.target and a.area == b.area and a.success == b.success
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.pattern, b.pattern)
+    # a changed input or setting that shapes the result is a different entry; thresholds and device are not
+    keys = {Scanner(base, images, heads, cfg).reference_key(),
+            Scanner(base, images, heads, replace(cfg, backdoored=3.0)).reference_key()}
+    assert len(keys) == 1
+    other = [Scanner(base, images.flip(0), heads, cfg), Scanner(base, images, heads, replace(cfg, seed=1)),
+             Scanner(base, images, {"a": heads["a"]}, cfg)]
+    assert len(keys | {s.reference_key() for s in other}) == 4
+    # a damaged entry is recomputed; --no-cache neither reads nor writes
+    files[0].write_bytes(b"garbage")
+    assert len(Scanner(base, images, heads, cfg).base_inversion) == 7 and calls == [1]
+    assert len(Scanner(base, images, heads, replace(cfg, cache=False, seed=2)).base_inversion) == 7
+    assert calls == [1, 1] and len(list((cache_dir() / "scan").glob("*.safetensors"))) == 1
+
+
 def test_a_planted_backdoor_is_found_with_its_target_and_place(world):
     base, heads, images = world
     planted = Planted(base, heads["a"].weight[2]).eval()
@@ -83,19 +115,22 @@ def test_a_planted_backdoor_is_found_with_its_target_and_place(world):
         assert hit(planted) >= 0.6 and hit(base) < 0.2
 
 
-def test_the_score_is_the_largest_log_area_ratio_minus_the_median():
-    t = Target("a", 0, "x")
+def test_the_score_is_each_heads_largest_log_area_ratio_averaged_over_heads():
     blank = torch.zeros(1, 4, 4)
 
-    def inv(area):
-        return Inverted(t, area, 1.0, blank, torch.zeros(3, 4, 4))
+    def inv(area, task="a"):
+        return Inverted(Target(task, 0, "x"), area, 1.0, blank, torch.zeros(3, 4, 4))
 
-    model = [inv(a) for a in (0.1, 0.2, 0.01, 0.5)]
-    base = [inv(a) for a in (0.1, 0.1, 0.1, 0.1)]
-    ratios = [math.log(0.1 / a) for a in (0.1, 0.2, 0.01, 0.5)]
+    areas = [(0.1, "a"), (0.2, "a"), (0.01, "a"), (0.5, "b"), (0.08, "b")]
+    model = [inv(a, t) for a, t in areas]
+    base = [inv(0.1, t) for _, t in areas]
+    ratios = [math.log(0.1 / a) for a, _ in areas]
     score, top, got = score_of(model, base, pixels=1000)
     assert top == 2 and got == pytest.approx(ratios)
-    assert score == pytest.approx(ratios[2] - float(np.median(ratios)))
+    assert score == pytest.approx((math.log(0.1 / 0.01) + math.log(0.1 / 0.08)) / 2)
+    # one head: the largest ratio
+    score, _, _ = score_of(model[:3], base[:3], pixels=1000)
+    assert score == pytest.approx(math.log(10))
     # an area below one pixel counts as one pixel
     score, _, _ = score_of([inv(1e-6)], [inv(0.5)], pixels=100)
     assert score == pytest.approx(math.log(0.5 / 0.01))

@@ -9,9 +9,11 @@ area at which at least `success` of a batch went there.
 
 The same inversion runs on θ0, once: a target the pre-trained model already reaches with a small mask
 (a class that a red blob "is") does not count against an input. Per target, `log(A_θ0 / A_model)` says
-how many times smaller the model's mask is than θ0's; the score of a model is the largest of these minus
-their median over targets (a clean fine-tune sharpens every class of its task a little; a backdoor
-shrinks one target's mask to the trigger's size), so it is comparable across models and sizes.
+how many times smaller the model's mask is than θ0's. The score of a model is each head's largest ratio,
+averaged over the heads: a backdoor's trigger sends features to one point, which every head reads as one
+of its classes, so the model's mask shrinks to the trigger's size under every head; a clean fine-tune
+sharpens a class or two of some heads (measured in bench/scan_bench.py). It is comparable across models
+and sizes.
 
 Without heads, the target is the model's own reaction: a mask that sends every patched image to one
 point of feature space (the cosine of each patched image's features with their normalised mean,
@@ -22,7 +24,10 @@ averaged, must reach `success`), with θ0 as the reference in the same way.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mergeguard import settings
+from mergeguard.cache import cache_dir
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError, SettingError
 from mergeguard.models.encoder import ImageEncoder, check_same_architecture
@@ -50,20 +56,22 @@ FEATURES = "(features)"  # the target of a scan without heads
 class ScanConfig:
     """The scan's settings, each declared once (CLI options, checks, report)."""
 
-    steps: int = setting(300, "Inversion steps per target.", low=1)
-    batch_size: int = setting(32, "Shadow images per target and step.", low=2)
+    steps: int = setting(150, "Inversion steps per target.", low=1)
+    batch_size: int = setting(16, "Shadow images per target and step.", low=2)
     images: int = setting(1000, "Shadow images used at most (a seeded random subset; a quarter of them, at least "
                                 "64, held out to measure each mask).", low=8)
     success: float = setting(0.9, "Share of patched images a mask must send to its target.", low=0.0,
                              low_open=True, high=1.0)
-    lr: float = setting(0.1, "Adam step of the masks and patterns.", low=0.0, low_open=True)
+    lr: float = setting(0.2, "Adam step of the masks and patterns.", low=0.0, low_open=True)
     restarts: int = setting(1, "Random starts per target (the smallest mask that works is kept).", low=1)
     chunk: int = setting(64, "Targets inverted together (lower it to save memory).", low=1)
-    suspicious: float = setting(1.0, "Score from which an input is suspicious (natural log: its smallest mask "
-                                     "is e^score times smaller, relative to the others, than θ0's).", low=0.0)
-    backdoored: float = setting(2.0, "Score from which an input is backdoored.", low=0.0)
+    suspicious: float = setting(0.5, "Score from which an input is suspicious (natural log: under each head, its "
+                                     "smallest mask is on average e^score times smaller than θ0's).", low=0.0)
+    backdoored: float = setting(1.0, "Score from which an input is backdoored.", low=0.0)
     seed: int = setting(0, "Random seed.")
     device: str = setting("auto", "auto (cuda when present), cpu, cuda, cuda:1 ...", run_only=True)
+    cache: bool = setting(True, "Reuse θ0's inversion from an earlier scan with the same base, shadow images, heads "
+                                "and settings (kept in the mergeguard cache folder).", run_only=True)
 
 
 @dataclass(frozen=True)
@@ -259,13 +267,17 @@ def invert(model: ImageEncoder, images: torch.Tensor, held_out: torch.Tensor, ta
 
 def score_of(model_inv: list[Inverted], base_inv: list[Inverted], pixels: int) -> tuple[float, int, list[float]]:
     """(score, index of the most suspicious target, log area ratio per target). The ratio is
-    log(A_θ0 / A_model) with areas floored at one pixel; the score is the largest ratio minus the median
-    (one target only, as without heads: the ratio itself)."""
+    log(A_θ0 / A_model) with areas floored at one pixel. The score is, per head, its largest ratio, averaged
+    over the heads: a backdoor is a patch that sends features to one point, and every head maps that point
+    to one of its classes, so a backdoored model's smallest mask shrinks under every head; a clean
+    fine-tune sharpens a class or two of some heads. With one head (or none), the largest ratio."""
     floor = 1.0 / pixels
     ratios = [math.log(max(b.area, floor)) - math.log(max(m.area, floor)) for m, b in zip(model_inv, base_inv)]
     top = max(range(len(ratios)), key=ratios.__getitem__)
-    centre = statistics.median(ratios) if len(ratios) > 2 else 0.0
-    return ratios[top] - centre, top, ratios
+    per_head: dict[str, float] = {}
+    for inv, r in zip(model_inv, ratios):
+        per_head[inv.target.task] = max(per_head.get(inv.target.task, -math.inf), r)
+    return statistics.fmean(per_head.values()), top, ratios
 
 
 def verdict_of(score: float, cfg: ScanConfig) -> str:
@@ -316,8 +328,35 @@ class Scanner:
     @property
     def base_inversion(self) -> list[Inverted]:
         if self._base_inv is None:
-            self._base_inv = self._invert(self.base, " on θ0 (the reference)")
+            path = cache_dir() / "scan" / f"{self.reference_key()}.safetensors" if self.cfg.cache else None
+            self._base_inv = _load_inversion(path, self.targets) if path is not None else None
+            if self._base_inv is None:
+                self._base_inv = self._invert(self.base, " on θ0 (the reference)")
+                if path is not None:
+                    _save_inversion(path, self._base_inv)
         return self._base_inv
+
+    def reference_key(self) -> str:
+        """A digest of everything θ0's inversion depends on: θ0's weights, the shadow images picked, the heads,
+        the settings that shape the result and the device type (a GPU's sums differ from a CPU's)."""
+        h = hashlib.sha256(f"scan-reference-v{REFERENCE_VERSION}".encode())
+
+        def add(t: torch.Tensor) -> None:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+        for name, t in sorted(self.base.state_dict().items()):
+            h.update(name.encode())
+            add(t)
+        add(self.images)
+        add(self.held_out)
+        for task, head in (self.heads or {}).items():
+            h.update(json.dumps([task, list(head.classnames), float(head.scale)]).encode())
+            add(head.weight)
+        shaping = {k: v for k, v in settings.fingerprint(self.cfg).items() if k not in ("suspicious", "backdoored")}
+        h.update(json.dumps([shaping, self.dev.type], sort_keys=True).encode())
+        return h.hexdigest()[:32]
 
     def _invert(self, model: ImageEncoder, what: str) -> list[Inverted]:
         flags = [p.requires_grad for p in model.parameters()]
@@ -357,6 +396,39 @@ class Scanner:
 
     def report_config(self) -> dict[str, Any]:
         return asdict(self.cfg)
+
+
+REFERENCE_VERSION = 1  # raise it when `invert` changes what it computes: cached references are then unused
+
+
+def _save_inversion(path: Path, inv: list[Inverted]) -> None:
+    """θ0's inversion in the cache (written under a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"mask": torch.stack([i.mask for i in inv]).contiguous(),
+               "pattern": torch.stack([i.pattern for i in inv]).contiguous(),
+               "area": torch.tensor([i.area for i in inv], dtype=torch.float64),
+               "success": torch.tensor([i.success for i in inv], dtype=torch.float64)},
+              str(tmp), metadata={"targets": json.dumps([i.target.label() for i in inv])})
+    os.replace(tmp, path)
+
+
+def _load_inversion(path: Path, targets: list[Target]) -> list[Inverted] | None:
+    """A cached inversion of these targets, or None (absent, unreadable or for other targets)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            if json.loads((f.metadata() or {}).get("targets", "[]")) != [t.label() for t in targets]:
+                return None
+            mask, pattern, area, success = (f.get_tensor(k) for k in ("mask", "pattern", "area", "success"))
+    except Exception:  # a damaged cache entry is recomputed, not an error
+        return None
+    return [Inverted(t, float(area[i]), float(success[i]), mask[i], pattern[i]) for i, t in enumerate(targets)]
 
 
 def invert_success(model: ImageEncoder, images: torch.Tensor, inv: Inverted, heads: dict[str, Head] | None,

@@ -29,7 +29,10 @@ def settings_options(*classes: type, required: Sequence[str] = (), skip: Sequenc
         for f, spec in declared(cls):
             if not spec.cli or f.name in skip or f.name in params:
                 continue
-            annotation = Annotated[hints[f.name], typer.Option(flag(f.name), help=spec.help)]
+            name = flag(f.name)
+            if hints[f.name] is bool:  # a switch either way: --cache / --no-cache
+                name = f"{name}/--no-{name[2:]}"
+            annotation = Annotated[hints[f.name], typer.Option(name, help=spec.help)]
             default = inspect.Parameter.empty if f.name in required else f.default
             params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                                annotation=annotation)
