@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from mergeguard import settings
 from mergeguard.cache import cache_dir
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError, SettingError
-from mergeguard.models.encoder import ImageEncoder, check_same_architecture
+from mergeguard.models.encoder import ImageEncoder, check_same_architecture, weights_digest
 from mergeguard.models.heads import Head
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.settings import setting
@@ -346,9 +345,7 @@ class Scanner:
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
-        for name, t in sorted(self.base.state_dict().items()):
-            h.update(name.encode())
-            add(t)
+        h.update(weights_digest(self.base).encode())
         add(self.images)
         add(self.held_out)
         for task, head in (self.heads or {}).items():
@@ -402,17 +399,14 @@ REFERENCE_VERSION = 1  # raise it when `invert` changes what it computes: cached
 
 
 def _save_inversion(path: Path, inv: list[Inverted]) -> None:
-    """θ0's inversion in the cache (written under a temporary name, then renamed)."""
-    from safetensors.torch import save_file
+    """θ0's inversion in the cache (atomically, as every tensor file mergeguard writes)."""
+    from mergeguard.checkpoint import write_tensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"mask": torch.stack([i.mask for i in inv]).contiguous(),
-               "pattern": torch.stack([i.pattern for i in inv]).contiguous(),
-               "area": torch.tensor([i.area for i in inv], dtype=torch.float64),
-               "success": torch.tensor([i.success for i in inv], dtype=torch.float64)},
-              str(tmp), metadata={"targets": json.dumps([i.target.label() for i in inv])})
-    os.replace(tmp, path)
+    write_tensors(path, {"mask": torch.stack([i.mask for i in inv]), "pattern": torch.stack([i.pattern for i in inv]),
+                         "area": torch.tensor([i.area for i in inv], dtype=torch.float64),
+                         "success": torch.tensor([i.success for i in inv], dtype=torch.float64)},
+                  {"targets": json.dumps([i.target.label() for i in inv])}, overwrite=True)
 
 
 def _load_inversion(path: Path, targets: list[Target]) -> list[Inverted] | None:

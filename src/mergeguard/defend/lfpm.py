@@ -16,7 +16,6 @@ to get off the CA/ASR trade-off curve:
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import sys
 import time
@@ -32,7 +31,7 @@ from torch.utils.data import Dataset
 from mergeguard import scan, settings
 from mergeguard.data import stack_images
 from mergeguard.errors import MergeguardError, SettingError
-from mergeguard.models.encoder import ImageEncoder, check_same_architecture
+from mergeguard.models.encoder import ImageEncoder, check_same_architecture, weights_digest
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.settings import setting
 from mergeguard.trainer import (
@@ -111,15 +110,8 @@ def check_config(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder) -> N
 def fingerprint(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder, shadow_size: int) -> dict[str, Any]:
     """What a resumed run must share with the run that saved the checkpoint: the settings that shape the
     result, the shadow set's size, and a digest of both models' weights (their bytes: exact on any device)."""
-    def digest_of(model: ImageEncoder) -> str:
-        digest = hashlib.sha256()
-        for name, p in model.named_parameters():
-            digest.update(name.encode())
-            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
-
-    return {**settings.fingerprint(cfg), "shadow_images": shadow_size, "merged_weights": digest_of(merged),
-            "base_weights": digest_of(base)}
+    return {**settings.fingerprint(cfg), "shadow_images": shadow_size, "merged_weights": weights_digest(merged),
+            "base_weights": weights_digest(base)}
 
 
 def peak_rss_bytes() -> int | None:

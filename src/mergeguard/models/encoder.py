@@ -8,6 +8,7 @@ forward.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -263,6 +264,16 @@ def _load_open_clip_pretrained(source: str, allow_pickle: bool = False) -> Image
     name, _, tag = source.removeprefix("open_clip:").partition("@")
     model = create_open_clip(name, tag, allow_pickle)
     return ImageEncoder(arch_from_name(name), model.visual)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of a model's parameters (names and values as float32 bytes: exact on any device, the same
+    for a model and its copy); what a resume or a cached result must share."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_same_architecture(merged: ImageEncoder, base: ImageEncoder, defense: str) -> None:
