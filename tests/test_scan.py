@@ -94,6 +94,11 @@ def test_theta0s_inversion_is_cached_and_reused_only_for_the_same_inputs(world, 
     assert len(Scanner(base, images, heads, cfg).base_inversion) == 7 and calls == [1]
     assert len(Scanner(base, images, heads, replace(cfg, cache=False, seed=2)).base_inversion) == 7
     assert calls == [1, 1] and len(list((cache_dir() / "scan").glob("*.safetensors"))) == 1
+    # a cache folder that cannot be written costs the reuse, not the scan
+    blocker = cache_dir().parent / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("MERGEGUARD_CACHE", str(blocker))
+    assert len(Scanner(base, images, heads, cfg).base_inversion) == 7 and calls == [1, 1, 1]
 
 
 def test_a_planted_backdoor_is_found_with_its_target_and_place(world):

@@ -332,7 +332,10 @@ class Scanner:
             if self._base_inv is None:
                 self._base_inv = self._invert(self.base, " on θ0 (the reference)")
                 if path is not None:
-                    _save_inversion(path, self._base_inv)
+                    try:
+                        _save_inversion(path, self._base_inv)
+                    except (OSError, MergeguardError):  # an unwritable cache folder costs the reuse, not the scan
+                        pass
         return self._base_inv
 
     def reference_key(self) -> str:
