@@ -191,6 +191,7 @@ def scan_all(cases: list[dict], z: Path, work: Path, size: str, wait: float) -> 
         start = time.perf_counter()
         r = scanner.scan(load_encoder(str(Path(c["path"]) / "model.safetensors")), c["name"])
         trig = r.pop("_trigger")
+        r.pop("_suspects")
         r["seconds"] = time.perf_counter() - start
         r["iou"] = None
         true = Path(c["path"]) / "trigger.safetensors"

@@ -392,6 +392,8 @@ class Scanner:
             "targets": [{"target": i.target.label(), "area": i.area, "area_base": b.area, "log_ratio": r,
                          "success": i.success} for i, b, r in zip(inv, base_inv, ratios)],
             "_trigger": best.trigger(),
+            # every target's recovered trigger, the largest log ratio first (LFPM starts its prompts there)
+            "_suspects": [inv[i].trigger() for i in sorted(range(len(inv)), key=lambda i: -ratios[i])],
         }
 
     def report_config(self) -> dict[str, Any]:
@@ -500,16 +502,3 @@ def _target_key(report: dict[str, Any]) -> dict[str, Any]:
     t = report["target"]
     return {"task": FEATURES, "index": -1, "name": ""} if t is None else {"task": t["task"], "index": t["class"],
                                                                          "name": t["name"]}
-
-
-def before_after(base: ImageEncoder, merged: ImageEncoder, defended: ImageEncoder, images: torch.Tensor,
-                 heads: dict[str, Head] | None, cfg: ScanConfig, progress: ProgressSink | None = None
-                 ) -> dict[str, Any]:
-    """A defense's check of itself: the scan of the merged model and of the defended one, against θ0."""
-    scanner = Scanner(base, images, heads, cfg, progress)
-
-    def keep(r: dict[str, Any]) -> dict[str, Any]:
-        return {k: r[k] for k in ("score", "verdict", "target", "area", "area_base", "where")}
-
-    return {"before": keep(scanner.scan(merged, "the merged model")),
-            "after": keep(scanner.scan(defended, "the defended model")), "config": asdict(cfg)}

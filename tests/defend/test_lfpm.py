@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
+from mergeguard.data import stack_images
 from mergeguard.data.folders import unlabeled_folder
 from mergeguard.defend import LFPMConfig, defend_lfpm
 from mergeguard.errors import MergeguardError
@@ -33,7 +34,9 @@ def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path):
                                  "--lr", "1e-3", "--device", "cpu", "--json", "-", "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["steps"] == len(list((z / "shadow").glob("*.png"))) // 64
+    n = len(list((z / "shadow").glob("*.png")))
+    assert report["held_out_images"] == min(512, n // 8) and report["steps"] == (n - n // 8) // 64
+    assert 0 < report["drift"] < 1 and report["chosen"]["lr"] == {"value": 1e-3, "why": "set by the user"}
     assert report["lambda_eff_start"] is not None and report["lambda_eff_end"] is not None
     assert report["tau_norm"] > 0 and len(report["loss_per_epoch"]) == 1
     defended = open_checkpoint(out / "model.safetensors")
@@ -293,3 +296,77 @@ def test_an_open_clip_base_is_loaded_through_open_clip_and_recorded_by_name(tiny
     assert base == ("open_clip", "open_clip:ViT-B-32@openai") and merged.image_size == 32
     assert records[1] == {"role": "base", "spec": "open_clip:ViT-B-32@openai"} and "sha256" in records[0]
     assert dtype == torch.float32
+
+
+def test_lfpm_step_size_follows_the_merge_scale(tiny_zoo):
+    """Unset, the learning rate is the RMS of the merge's own task vector θm − θ0 (recomputed here from the
+    safetensors files with numpy), so a model whose task vector is twice as large gets twice the step; a
+    user's --lr is kept and said to be theirs."""
+    from safetensors.numpy import load_file
+
+    z = Path(tiny_zoo["root"])
+    merged_file = next((z / "finetuned" / "shape").glob("*.safetensors"))
+    base_file = next((z / "base").glob("*.safetensors"))
+    m, b = load_file(str(merged_file)), load_file(str(base_file))
+    diffs = [(m[k].astype(np.float64) - b[k].astype(np.float64)).ravel() for k in b if k in m]
+    want = float(np.sqrt(np.concatenate(diffs).__pow__(2).mean()))
+    shadow = Subset(unlabeled_folder(z / "shadow", 32), range(64))
+    cfg = LFPMConfig(epochs=1, batch_size=64, prompts=1, mine_warmup=1, device="cpu")
+    _, _, report = defend_lfpm(*_encoders(z), shadow, cfg)
+    assert report["chosen"]["lr"]["value"] == pytest.approx(want, rel=1e-5)
+    assert "θm − θ0" in report["chosen"]["lr"]["why"] and report["config"]["lr"] is None
+    merged, base = _encoders(z)
+    with torch.no_grad():  # θ0 + 2 (θm − θ0)
+        for p, q in zip(merged.parameters(), base.parameters()):
+            p.copy_(q + 2 * (p - q))
+    _, _, doubled = defend_lfpm(merged, base, shadow, cfg)
+    assert doubled["chosen"]["lr"]["value"] == pytest.approx(2 * want, rel=1e-4)
+    _, _, own = defend_lfpm(*_encoders(z), shadow, replace(cfg, lr=3e-3))
+    assert own["chosen"]["lr"] == {"value": 3e-3, "why": "set by the user"}
+
+
+def test_lfpm_reports_the_clean_feature_drift_on_held_out_images(tiny_zoo):
+    """The drift is E‖f_defended(x) − f_θm(x)‖² / E‖f_θm(x) − f_θ0(x)‖² over the last eighth of the shadow
+    images (never trained on), recomputed here from the returned model; on θ0 itself there is no shift
+    to compare with, and no drift is reported."""
+    z = Path(tiny_zoo["root"])
+    shadow = Subset(unlabeled_folder(z / "shadow", 32), range(256))
+    cfg = LFPMConfig(epochs=2, batch_size=32, lr=1e-2, prompts=1, mine_warmup=2, device="cpu")
+    merged, base = _encoders(z)
+    defended, _, report = defend_lfpm(merged, base, shadow, cfg)
+    assert report["held_out_images"] == 32 and report["steps"] == 2 * (224 // 32)
+    held = stack_images(shadow)[224:]
+    with torch.no_grad():
+        fm, f0, fd = merged.eval()(held), base.eval()(held), defended.eval()(held)
+    want = float((fd - fm).pow(2).sum(1).mean() / (fm - f0).pow(2).sum(1).mean())
+    assert report["drift"] == pytest.approx(want, rel=1e-4) and report["drift"] > 0
+    assert len(report["drift_per_epoch"]) == 1 and report["drift_per_epoch"][0] > 0
+    _, _, still = defend_lfpm(load_encoder(str(z / "base")), base, shadow, cfg)
+    assert still["drift"] is None and still["tau_norm"] == 0.0
+
+
+def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(tiny_zoo):
+    """With heads, the merged model is scanned first; each mask prompt starts at one recovered trigger, the
+    most suspicious target first, and stays there (it is the scan's answer, not re-mined); the defended
+    model is scanned after. Checked against a Scanner run on its own."""
+    from mergeguard.defend import defend_lfpm_scanned
+    from mergeguard.models.heads import load_heads
+    from mergeguard.scan import ScanConfig, Scanner
+
+    z = Path(tiny_zoo["root"])
+    heads = load_heads(z / "heads.safetensors")
+    shadow = Subset(unlabeled_folder(z / "shadow", 32), range(256))
+    scan_cfg = ScanConfig(steps=5, batch_size=8, images=40, device="cpu", cache=False)
+    cfg = LFPMConfig(epochs=1, batch_size=32, prompts=2, mine_warmup=2, device="cpu")
+    merged, base = _encoders(z)
+    _, _, report = defend_lfpm_scanned(merged, base, shadow, cfg, heads, scan_cfg)
+    ref = Scanner(base, stack_images(shadow), heads, scan_cfg).scan(_encoders(z)[0])
+    want = ref["_suspects"][:2]
+    assert report["chosen"]["scan_prompts"]["value"] == [f"{t.target_task}:{t.target_class}" for t in want]
+    for i, t in enumerate(want):
+        torch.testing.assert_close(report["prompt"][f"{i}.mask"], t.mask.clamp(1e-3, 1 - 1e-3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(report["prompt"][f"{i}.pattern"], t.pattern.clamp(1e-3, 1 - 1e-3), atol=1e-5,
+                                   rtol=0)
+    assert report["scan"]["before"]["score"] == pytest.approx(ref["score"])
+    assert report["scan"]["after"]["verdict"] in ("clean", "suspicious", "backdoored")
+    assert report["tau_norm"] > 0

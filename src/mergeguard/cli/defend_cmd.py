@@ -45,7 +45,7 @@ from mergeguard.defend.outputs import IBVS_OUTPUTS, LFPM_OUTPUTS, lfpm_results
 
 EXAMPLES = [
     "mergeguard defend lfpm --merged merged/ --base base/ --shadow imagenet_10k/ -o defended/",
-    "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --epochs 20 --lr 1e-2 --path-points 4",
+    "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --heads heads.safetensors   # and verify it",
     "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --resume    # after a killed run",
 ]
 IBVS_EXAMPLES = [
@@ -70,8 +70,9 @@ def lfpm_command(
     out: OutDirOpt,
     resume: ResumeOpt = False,
     heads: Annotated[str | None, typer.Option(
-        "--heads", help="Heads for the merged tasks: scan the merged and the defended model (`mergeguard scan`) "
-                        "and report the score before → after."), Input()] = None,
+        "--heads", help="Heads for the merged tasks: scan the merged model first (`mergeguard scan`), start "
+                        "LFPM's prompts at the triggers the scan recovers, and scan the defended model after "
+                        "(score before → after)."), Input()] = None,
     overwrite: OverwriteOpt = False,
     arch: ArchOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -79,7 +80,10 @@ def lfpm_command(
     quiet: QuietOpt = False,
     **settings: Any,
 ) -> None:
-    """LFPM: optimise an anti-backdoor task vector in feature space on unlabeled images (no labels, no trigger)."""
+    """LFPM: optimise an anti-backdoor task vector in feature space on unlabeled images (no labels, no trigger).
+    A user sets the models, the shadow folder and OUT (and --heads, to scan the model before and after);
+    --device and --batch-size fit the hardware. The step size comes from the merge's own task vector; every
+    other setting is for experiments (docs/lfpm.md says when to change one)."""
     from mergeguard import defend
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.data.pictures import first_images
@@ -95,14 +99,16 @@ def lfpm_command(
     heads_d = load_heads(heads) if heads else None  # read before the run: a bad heads file costs nothing
     images = unlabeled_folder(shadow, merged_enc.image_size)
     with RichProgress(enabled=not quiet) as progress:
-        defended, _, report = defend.defend_lfpm(merged_enc, base_enc, images, cfg, progress,
-                                                 checkpoint=out / ".partial" / "lfpm.pt", resume=resume)
-        if heads_d is not None and distributed_rank()[0] == 0:
-            from mergeguard.data import stack_images
-            from mergeguard.scan import ScanConfig, before_after
+        ck = out / ".partial" / "lfpm.pt"
+        if heads_d is not None:  # the scan guides LFPM's prompts and checks its output
+            from mergeguard.scan import ScanConfig
 
-            report["scan"] = before_after(base_enc, merged_enc, defended, stack_images(images), heads_d,
-                                          ScanConfig(device=cfg.device, seed=cfg.seed), progress)
+            defended, _, report = defend.defend_lfpm_scanned(
+                merged_enc, base_enc, images, cfg, heads_d, ScanConfig(device=cfg.device, seed=cfg.seed), progress,
+                checkpoint=ck, resume=resume)
+        else:
+            defended, _, report = defend.defend_lfpm(merged_enc, base_enc, images, cfg, progress, checkpoint=ck,
+                                                     resume=resume)
     prompts = report.pop("prompt")
     if distributed_rank()[0] != 0:
         return  # under torchrun every process holds the same result; the first one writes it
@@ -120,6 +126,9 @@ def lfpm_command(
         table.add_row("loss per epoch", ", ".join(f"{v:.4f}" for v in report["loss_per_epoch"]))
         table.add_row("λ_eff start → end", results["λ_eff start → end"])
         table.add_row("‖τa‖", results["‖τa‖"])
+        for key in [k for k in results if k.endswith("(chosen)")] + ["clean-feature drift"]:
+            if key in results:
+                table.add_row(key, results[key])
         if "scan" in report:
             b, a = report["scan"]["before"], report["scan"]["after"]
             table.add_row("scan before → after", f"{b['score']:.2f} {b['verdict']} → {a['score']:.2f} {a['verdict']}")

@@ -113,6 +113,7 @@ def scan_command(
             write_json(str(stage / "report.json"), _public(result))
     for r in scanned:
         r.pop("_trigger", None)
+        r.pop("_suspects", None)
         r.setdefault("trigger", None)
     write_json(json_out, result)
     if show_table(quiet, json_out):

@@ -54,9 +54,11 @@ class LFPMConfig:
     """LFPM's settings, each declared once: the CLI's `defend lfpm` options, the checks, the report and the
     demo's printed command all come from these fields."""
 
-    epochs: int = setting(5, "Passes over the shadow images; more of them win back clean accuracy.", low=1)
+    epochs: int = setting(10, "Passes over the shadow images; more of them win back clean accuracy.", low=1)
     batch_size: int = setting(128, "Shadow images per step.", low=1)
-    lr: float = setting(1e-4, "Adam learning rate of the anti-backdoor vector τa.", low=0.0, low_open=True)
+    lr: float | None = setting(None, "Adam learning rate of the anti-backdoor vector τa (default: the RMS of the "
+                                     "merge's own task vector θm − θ0, so each step follows the model's scale).",
+                               low=0.0, low_open=True)
     path_points: int = setting(4, "K points α = k/K of the loss path integral.", low=1)
     beta: float = setting(1.0, "Weight of clean-feature preservation: raise it if the defended model still loses "
                                "too much accuracy after more --epochs, lower it if the trigger survives.", low=0.0)
@@ -77,7 +79,8 @@ class LFPMConfig:
     fresh_prompt_every: int = setting(0, "Every E epochs, replace one prompt (in turn) by one mined anew from a "
                                          "random start against the current model, so a backdoor that returns late "
                                          "in a long run is found again (0: never).", low=0)
-    prompts: int = setting(4, "Independently mined prompts, used in turn (each step trains on one).", low=1)
+    prompts: int = setting(4, "Independently mined prompts, used in turn (each step trains on one); with --heads, "
+                              "as many triggers recovered by the scan are added.", low=1)
     reference: float = setting(1.0, "γ: suppress the reaction minus γ × θ0's reaction (1: the excess over θ0).",
                                low=0.0)
     adam_eps: float = setting(1e-8, "Adam's ε for τa's optimiser.", low=0.0, low_open=True)
@@ -112,6 +115,32 @@ def fingerprint(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder, shado
     result, the shadow set's size, and a digest of both models' weights (their bytes: exact on any device)."""
     return {**settings.fingerprint(cfg), "shadow_images": shadow_size, "merged_weights": weights_digest(merged),
             "base_weights": weights_digest(base)}
+
+
+def held_out_count(n: int) -> int:
+    """Shadow images kept out of training to measure the clean-feature drift on: an eighth, at most 512,
+    none below 64 images."""
+    return 0 if n < 64 else min(512, n // 8)
+
+
+def task_vector_rms(merged: ImageEncoder, base: ImageEncoder) -> float:
+    """RMS over every parameter of the merge's own task vector θm − θ0 (fp32)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, q in zip(merged.parameters(), base.parameters()):
+            total += float((p.float() - q.float()).pow(2).sum())
+            count += p.numel()
+    return (total / max(count, 1)) ** 0.5
+
+
+def choose(cfg: LFPMConfig, merged: ImageEncoder, base: ImageEncoder) -> dict[str, dict[str, Any]]:
+    """The settings LFPM derives from its inputs where the user left them unset: {name: {value, why}}."""
+    if cfg.lr is not None:
+        return {"lr": {"value": cfg.lr, "why": "set by the user"}}
+    rms = task_vector_rms(merged, base)
+    if rms == 0:  # θm = θ0: nothing to remove (every step is idle); any positive step will do
+        return {"lr": {"value": 1e-4, "why": "θm = θ0: nothing to remove"}}
+    return {"lr": {"value": rms, "why": f"the RMS of the merge's task vector θm − θ0 ({rms:.3g})"}}
 
 
 def peak_rss_bytes() -> int | None:
@@ -164,6 +193,13 @@ class MaskPrompt:
     def __init__(self, size: int, cfg: LFPMConfig, gen: torch.Generator, dev: torch.device):
         self.prompt = scan.MaskPrompt(1, size, cfg.patch_lr, gen, dev, start=-3.0)
         self.penalty = cfg.mask_penalty
+
+    def start_from(self, mask: torch.Tensor, pattern: torch.Tensor) -> None:
+        """Start at a given mask (1, H, W) and pattern (3, H, W) in [0, 1]: a trigger the scan recovered."""
+        eps = 1e-3
+        with torch.no_grad():
+            self.prompt.a[0].copy_(torch.logit(mask.float().clamp(eps, 1 - eps)).to(self.prompt.a.device))
+            self.prompt.b[0].copy_(torch.logit(pattern.float().clamp(eps, 1 - eps)).to(self.prompt.b.device))
 
     def apply(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
         return self.prompt.apply(x, grad, row=0)
@@ -299,6 +335,7 @@ def defend_lfpm(
     *,
     checkpoint: Path | None = None,
     resume: bool = False,
+    starts: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[ImageEncoder, dict[str, torch.Tensor], dict[str, Any]]:
     """Returns (defended model θm + τa, τa as {name: tensor}, report).
 
@@ -325,11 +362,28 @@ def defend_lfpm(
     for p in list(merged.parameters()) + list(base.parameters()):
         p.requires_grad_(False)
     images = stack_images(shadow, cfg.workers).to(dev)
+    held = held_out_count(len(images))  # never trained on: the clean-feature drift is measured on them
+    images, check = (images[:-held], images[-held:]) if held else (images, images[:0])
     with torch.no_grad(), autocast(dev):  # θm's clean features, once, in the precision stage II compares them in
         clean_target = torch.cat([merged(chunk) for chunk in images.split(256)])
     tolerance = cfg.idle_tolerance if autocast_dtype(dev) is None else max(cfg.idle_tolerance, BF16_IDLE_TOLERANCE)
     idle = tolerance * float(clean_target.float().pow(2).sum(1).mean())
     theta_m = {n: p.detach() for n, p in merged.named_parameters()}
+    chosen = choose(cfg, merged, base)
+    with torch.no_grad():
+        check_m = merged(check) if held else None
+        shift = float((check_m - base(check)).pow(2).sum(1).mean()) if held else 0.0
+    drift_log: list[float] = []
+
+    def drift_now() -> float | None:
+        """E‖f_θ(x) − f_θm(x)‖² on the held-out images at θ = θm + τa, as a fraction of the merge's own shift
+        E‖f_θm(x) − f_θ0(x)‖² (1: the clean features moved as far as merging moved them from θ0)."""
+        if not held or shift == 0:
+            return None
+        params = {n: theta_m[n] + tau[n].detach() for n in theta_m}
+        with torch.no_grad():
+            f = functional_call(merged, params, (check,))
+        return float((f - check_m).pow(2).sum(1).mean()) / shift
     tau = {n: torch.zeros_like(p, requires_grad=True) for n, p in theta_m.items()}
     gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -338,7 +392,14 @@ def defend_lfpm(
             return TokenPrompt(cfg, gen, dev, merged.width)
         return (MaskPrompt if cfg.prompt == "mask" else PatchPrompt)(merged.image_size, cfg, gen, dev)
 
-    pool = PromptPool([make_prompt() for _ in range(max(1, cfg.prompts))])
+    # the scan's recovered triggers (mask prompts only), first and fixed: they are the scan's answer, not re-mined;
+    # then `cfg.prompts` mined ones, which follow what the fixed ones miss (docs/lfpm.md)
+    seeded = [] if cfg.prompt != "mask" else [MaskPrompt(merged.image_size, cfg, gen, dev) for _ in starts or []]
+    for prompt, (mask, pattern) in zip(seeded, starts or []):
+        prompt.start_from(mask, pattern)
+    pool = PromptPool(seeded + [make_prompt() for _ in range(max(1, cfg.prompts))])
+    fixed = set(range(len(seeded)))
+    free = [i for i in range(len(pool.prompts)) if i not in fixed]  # mined prompts
     steps_per_epoch = max(1, len(images) // cfg.batch_size)
     steps = cfg.epochs * steps_per_epoch
     alphas = [(k + 1) / cfg.path_points for k in range(cfg.path_points)]
@@ -380,25 +441,32 @@ def defend_lfpm(
         return e
 
     if not (ck and resume and checkpoint.exists()):  # stage I: mine the prompt before τa moves
-        progress.stage("LFPM stage I: mining the visual prompts", cfg.mine_warmup * len(pool.prompts))
-        for prompt in pool.prompts:
-            e = mine(prompt, progress.advance)
+        progress.stage("LFPM stage I: mining the visual prompts", cfg.mine_warmup * len(free))
+        for i, prompt in enumerate(pool.prompts):
+            if i in fixed:  # its excess as it starts
+                x = batch()[0]
+                with torch.no_grad(), autocast(dev):
+                    e = float(excess_now(x, prompt.apply(x), False, None).float().pow(2).sum(1).mean())
+            else:
+                e = mine(prompt, progress.advance)
             if e is not None:
                 pool.mined.append(e)
     fresh_every = cfg.fresh_prompt_every * steps_per_epoch
 
     def loss_at(step: int) -> torch.Tensor:
-        if fresh_every and step and step % fresh_every == 0:
+        if step and step % steps_per_epoch == 0:
+            drift_log.append(drift_now())  # after each epoch but the last (that one is the report's "drift")
+        if fresh_every and free and step and step % fresh_every == 0:
             # a prompt that has followed τa for a while can sit in a pattern τa has already suppressed while
             # the backdoor returns elsewhere (the preservation term pulls τa back towards θm): replace one,
             # in turn, by a prompt mined from scratch against the current model (docs/lfpm-log.md, ninth round)
-            i = (step // fresh_every - 1) % len(pool.prompts)
+            i = free[(step // fresh_every - 1) % len(free)]
             pool.prompts[i] = make_prompt()
             mine(pool.prompts[i])
             pool.fresh += 1
         x, idx = batch()
         prompt = pool.prompts[step % len(pool.prompts)]
-        for _ in range(cfg.mine_steps):  # (1) re-mine the prompt against the current θ(1)
+        for _ in range(0 if step % len(pool.prompts) in fixed else cfg.mine_steps):  # (1) re-mine it against θ(1)
             prompt.ascend(excess_now, x)
         xp, tokens = prompt.apply(x), prompt.tokens()
         with torch.no_grad():
@@ -434,12 +502,12 @@ def defend_lfpm(
                 return loss  # (3) the trainer core runs the last backward and the optimizer step
         raise AssertionError("unreachable")
 
-    train_cfg = TrainConfig(steps=steps, lr=cfg.lr, weight_decay=0.0, warmup=max(1, steps // 20), seed=cfg.seed,
-                            device=str(dev), grad_clip=1.0, eps=cfg.adam_eps)
+    train_cfg = TrainConfig(steps=steps, lr=chosen["lr"]["value"], weight_decay=0.0, warmup=max(1, steps // 20),
+                            seed=cfg.seed, device=str(dev), grad_clip=1.0, eps=cfg.adam_eps)
     history = fit(list(tau.values()), loss_at, train_cfg, progress, "LFPM stage II: anti-backdoor task vector", ck)
     if not all(bool(torch.isfinite(t).all()) for t in tau.values()):
         raise SettingError("lr", "LFPM diverged: the anti-backdoor vector holds NaN or Inf values; try a smaller "
-                                 f"{{name}} than {cfg.lr:g}.")
+                                 f"{{name}} than {chosen['lr']['value']:g}.")
     with torch.no_grad():  # λ_eff in fp32 throughout: its target too (clean_target may be bf16 on a GPU)
         probe = (images[: cfg.batch_size], merged(images[: cfg.batch_size]))
     lam_start = curvature(merged, theta_m, tau, *probe, at_start=True)
@@ -460,6 +528,7 @@ def defend_lfpm(
     resumed_at = ck.resumed_at if ck else 0
     report = {
         "config": asdict(cfg),
+        "chosen": chosen,  # the settings LFPM derived from the inputs, each with why
         "steps": steps,
         "resumed_at_step": resumed_at,  # 0: one uninterrupted run; `seconds` counts this process only
         "loss_per_epoch": per_epoch,
@@ -469,6 +538,9 @@ def defend_lfpm(
         "prompt_area": [pr.area() for pr in pool.prompts],
         "lambda_eff_start": lam_start,
         "lambda_eff_end": lam_end,
+        "drift": drift_now(),  # clean-feature drift on the held-out shadow images, relative to the merge's shift
+        "drift_per_epoch": drift_log,  # the same after each epoch but the last (this process's, after a resume)
+        "held_out_images": held,
         "tau_norm": float(torch.sqrt(sum(t.detach().pow(2).sum() for t in tau.values()))),
         "idle_steps": state.get("idle", 0),  # steps with nothing to remove, which left τa as it was
         "seconds": seconds,
@@ -498,3 +570,29 @@ def curvature(model: ImageEncoder, theta_m: dict, tau: dict, x: torch.Tensor, ta
         (g,) = torch.autograd.grad(loss, s, create_graph=True)
         (h,) = torch.autograd.grad(g, s)
     return float(h) / norm2
+
+
+def defend_lfpm_scanned(merged: ImageEncoder, base: ImageEncoder, shadow: Dataset, cfg: LFPMConfig,
+                        heads: dict, scan_cfg: scan.ScanConfig, progress: ProgressSink | None = None, *,
+                        checkpoint: Path | None = None, resume: bool = False
+                        ) -> tuple[ImageEncoder, dict[str, torch.Tensor], dict[str, Any]]:
+    """LFPM guided and checked by the scan (the user's heads): the merged model is scanned first, the triggers it
+    recovered for the `cfg.prompts` most suspicious targets join LFPM's mined prompts (as fixed prompts), and the
+    defended model is scanned again; the report's "scan" holds both and "chosen" the added prompts."""
+    scanner = scan.Scanner(base, stack_images(shadow, cfg.workers), heads, scan_cfg, progress)
+    before = scanner.scan(merged, "the merged model")
+    suspects = before.pop("_suspects")[: cfg.prompts] if cfg.prompt == "mask" else []  # as many as mined ones
+    starts = [(t.mask, t.pattern) for t in suspects]
+    defended, tau, report = defend_lfpm(merged, base, shadow, cfg, progress, checkpoint=checkpoint, resume=resume,
+                                        starts=starts)
+    after = scanner.scan(defended, "the defended model")
+    if suspects:
+        names = [f"{t.target_task}:{t.target_class}" for t in suspects]
+        report["chosen"]["scan_prompts"] = {
+            "value": names, "why": "the triggers the scan recovered from the merged model, most suspicious first"}
+
+    def keep(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: r[k] for k in ("score", "verdict", "target", "area", "area_base", "where")}
+
+    report["scan"] = {"before": keep(before), "after": keep(after), "config": scanner.report_config()}
+    return defended, tau, report

@@ -52,8 +52,16 @@ def write_card(folder: Path, title: str, method: str, model: ImageEncoder, prove
 def lfpm_results(report: dict[str, Any]) -> dict[str, Any]:
     """The model card's and the table's summary of an LFPM report."""
     lam_eff = [report["lambda_eff_start"], report["lambda_eff_end"]]
-    return {"λ_eff start → end": " → ".join("-" if v is None else f"{v:.4g}" for v in lam_eff),
-            "‖τa‖": f"{report['tau_norm']:.4g}", "steps": report["steps"]}
+    out = {"λ_eff start → end": " → ".join("-" if v is None else f"{v:.4g}" for v in lam_eff),
+           "‖τa‖": f"{report['tau_norm']:.4g}", "steps": report["steps"]}
+    for name, c in report.get("chosen", {}).items():  # what LFPM set by itself, and why
+        v = c["value"]
+        shown = f"{v:.3g}" if isinstance(v, float) else ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+        out[f"{name} (chosen)"] = f"{shown}: {c['why']}"
+    if report.get("drift") is not None:
+        out["clean-feature drift"] = (f"{report['drift']:.1%} of the merge's own shift from θ0, on "
+                                      f"{report['held_out_images']} held-out shadow images")
+    return out
 
 
 def write_lfpm_outputs(folder: Path, defended: ImageEncoder, merged: ImageEncoder, prompts: dict[str, torch.Tensor],
