@@ -91,6 +91,7 @@ def _printed_lines_rerun_the_demos_settings(commands: list[str], variables: dict
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attack_cmd, "_run", capture("attack"))
         mp.setattr(defend, "defend_lfpm", capture("lfpm"))
+        mp.setattr(defend, "defend_lfpm_scanned", capture("lfpm"))  # the printed line passes --heads
         mp.setattr(defend, "defend_ibvs", capture("ibvs"))
         for line in commands:
             argv = shlex.split(Template(line).substitute(variables))[1:]
@@ -128,7 +129,8 @@ def test_demo_printed_commands_run_as_printed(tiny_zoo, tmp_path):
     with Image.open(r["figure"]) as figure:  # the before/after picture beside the table
         assert figure.format == "PNG" and figure.size[0] >= 360
     pngs = sorted(p.name for p in (out / "lfpm").glob("*.png"))
-    assert pngs == [f"prompt_{i}.png" for i in range(short.lfpm.prompts)]
+    # the mined prompts and as many triggers recovered by the scan (`--heads`)
+    assert pngs == [f"prompt_{i}.png" for i in range(2 * short.lfpm.prompts)]
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):

@@ -22,6 +22,7 @@ from mergeguard.attack import BadMerging, TrainSettings
 from mergeguard.defend import LFPMConfig
 from mergeguard.errors import MergeguardError
 from mergeguard.progress import NullProgress, ProgressSink
+from mergeguard.scan import ScanConfig
 from mergeguard.settings import argv_text, to_argv
 
 MARKER = "demo.json"
@@ -66,15 +67,15 @@ class DemoSettings:
         target_class=3, bd_weight=8.0, interpolation="weight", trigger_steps=200))
     train: TrainSettings = field(default_factory=lambda: TrainSettings(  # the attack's fine-tune
         steps=500, lr=5e-4, batch_size=64, logit_scale=10.0))
-    lfpm: LFPMConfig = field(default_factory=lambda: LFPMConfig(  # 2048 shadow images, batch 64: 320 steps
-        epochs=10, batch_size=64, lr=1e-2))
+    lfpm: LFPMConfig = field(default_factory=LFPMConfig)  # the defaults a user gets, on every zoo size
+    scan: ScanConfig = field(default_factory=ScanConfig)  # `defend lfpm --heads`'s scan (its defaults too)
     ibvs: TrainSettings = field(default_factory=lambda: TrainSettings(  # IBVS's two fine-tunes
         steps=250, lr=5e-4, batch_size=64, logit_scale=10.0))
 
     def on(self, device: str) -> DemoSettings:
         """The same settings, every step on `device`."""
         return replace(self, train=replace(self.train, device=device), lfpm=replace(self.lfpm, device=device),
-                       ibvs=replace(self.ibvs, device=device))
+                       ibvs=replace(self.ibvs, device=device), scan=replace(self.scan, device=device))
 
 
 SETTINGS = {
@@ -82,12 +83,10 @@ SETTINGS = {
     # small: every `shape` class has a look-alike (disc/ring, triangle/cross), and a poisoned merge moves
     # the boundary towards its target: 19-32% of non-target shapes go to it with no trigger at all. The small
     # zoo's pre-training gives colour's "yellow" a group of its own (zoo v3), so nothing is sent to it without
-    # the trigger (docs/lfpm-log.md). β 3 over 10 epochs keeps every merge's CA within the defenses' bars there;
-    # K = 2 path points keep the demo within its time budget
+    # the trigger (docs/lfpm-log.md). LFPM runs with its defaults on every size (issue #23)
     "small": DemoSettings(
         target_task="colour", defender_task="shape",
-        train=TrainSettings(steps=500, lr=1e-3, batch_size=64, logit_scale=10.0),
-        lfpm=LFPMConfig(epochs=10, batch_size=64, lr=1e-2, path_points=2, fresh_prompt_every=1, beta=3.0)),
+        train=TrainSettings(steps=500, lr=1e-3, batch_size=64, logit_scale=10.0)),
 }
 
 
@@ -113,7 +112,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
     from mergeguard.data.pictures import bar_chart, first_images
     from mergeguard.data.triggers import load_trigger
-    from mergeguard.defend import defend_ibvs, defend_lfpm, write_ibvs_outputs, write_lfpm_outputs
+    from mergeguard.defend import defend_ibvs, defend_lfpm_scanned, write_ibvs_outputs, write_lfpm_outputs
     from mergeguard.eval import evaluate
     from mergeguard.merge.engine import merge_checkpoints
     from mergeguard.models.encoder import load_encoder
@@ -216,18 +215,21 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     say("5. Defend the poisoned merge with LFPM: unlabeled shadow images, no trigger, no labels.")
     merged = load_encoder(str(out / "poisoned_merge"))
     shadow = unlabeled_folder(z / "shadow", image_size)
-    defended, tau, report = defend_lfpm(merged, base, shadow, s.lfpm, progress)
+    # with the zoo's heads, as `defend lfpm --heads`: the scan starts LFPM's prompts and checks its output
+    defended, tau, report = defend_lfpm_scanned(merged, base, shadow, s.lfpm, heads, s.scan, progress)
     lfpm_dir = out / "lfpm"
     with staged_outputs(lfpm_dir) as stage:
         write_lfpm_outputs(stage, defended, merged, report.pop("prompt"), report,
                            {"defense": "lfpm", "command": "mergeguard demo", "params": asdict(s.lfpm)},
                            examples=first_images(shadow))
     commands.append(f"mergeguard defend lfpm --merged {dpath(out / 'poisoned_merge')} --base {zpath(z / 'base')} "
-                    f"--shadow {zpath(z / 'shadow')} -o {dpath(lfpm_dir)} {argv_text(to_argv(s.lfpm))}")
+                    f"--shadow {zpath(z / 'shadow')} --heads {zpath(heads_file)} -o {dpath(lfpm_dir)} "
+                    f"{argv_text(to_argv(s.lfpm))}".rstrip())
     r = measure("lfpm", lfpm_dir)
+    b, a = report["scan"]["before"], report["scan"]["after"]
     say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} "
         f"({r['asr_t_no_trigger']:.1%} without the trigger), "
-        f"ASR(N) {r['asr_n']:.1%}")
+        f"ASR(N) {r['asr_n']:.1%}; scan {b['score']:.2f} {b['verdict']} → {a['score']:.2f} {a['verdict']}")
 
     say(f"6. The IBVS baseline: the defender's own trigger on {defender!r}, subtract λ 2 (Vb − Vc).")
     defender_data = labeled_folder(z / "data" / defender / "train", heads[defender].classnames, image_size)
