@@ -33,7 +33,7 @@ from mergeguard.attack import LoBAM, TrainSettings, run_attack
 from mergeguard.checkpoint.resolve import open_checkpoint
 from mergeguard.data.folders import labeled_folder, unlabeled_folder
 from mergeguard.data.triggers import load_trigger
-from mergeguard.defend import defend_lfpm
+from mergeguard.defend import defend_lfpm_scanned
 from mergeguard.eval import evaluate
 from mergeguard.merge.engine import merge_checkpoints
 from mergeguard.models.encoder import load_encoder, save_encoder
@@ -48,13 +48,11 @@ def main() -> None:
     ap.add_argument("--lams", default="0.2,0.15,0.1", help="λ values of the shrink baseline")
     ap.add_argument("--no-lobam", action="store_true", help="skip the LoBAM rows")
     ap.add_argument("--beta", type=float, default=None,
-                    help="LFPM's β for every LFPM row, the demo's poisoned merge included (default: the demo's: "
-                         "tiny 1, small 3)")
+                    help="LFPM's β for every LFPM row, the demo's poisoned merge included (default: LFPM's)")
     ap.add_argument("--epochs", type=int, default=None,
-                    help="LFPM's epochs for every LFPM row, the demo's poisoned merge included (default: the demo's, "
-                         "10)")
+                    help="LFPM's epochs for every LFPM row, the demo's poisoned merge included (default: LFPM's)")
     ap.add_argument("--fresh-prompt-every", type=int, default=None,
-                    help="LFPM's --fresh-prompt-every for every LFPM row (default: the demo's: tiny 0, small 1)")
+                    help="LFPM's --fresh-prompt-every for every LFPM row (default: LFPM's)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="change a field of the demo's settings (DemoSettings), e.g. attack.interpolation=feature")
     args = ap.parse_args()
@@ -98,9 +96,11 @@ def main() -> None:
         return out
 
     def lfpm(model_dir: Path, out: Path) -> Path:
-        """LFPM (the demo's settings) on the model in `model_dir`, into `out`, unless already there."""
+        """LFPM (the demo's settings, with the zoo's heads as the demo) on the model in `model_dir`, into `out`,
+        unless already there."""
         if not (out / "model.safetensors").exists():
-            defended, _, _ = defend_lfpm(load_encoder(str(model_dir)), base, shadow, lfpm_cfg)
+            defended, _, _ = defend_lfpm_scanned(load_encoder(str(model_dir)), base, shadow, lfpm_cfg, heads,
+                                                 replace(s.scan, device="cpu"))
             save_encoder(defended.cpu(), out / "model.safetensors", {"defense": "lfpm"})
         return out
 
