@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch.func import functional_call
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from mergeguard import scan, settings
 from mergeguard.data import stack_images
@@ -381,7 +381,8 @@ def defend_lfpm(
         if not held or shift == 0:
             return None
         params = {n: theta_m[n] + tau[n].detach() for n in theta_m}
-        with torch.no_grad():
+        # fp32 like check_m, also when called from inside the trainer core's bf16 autocast (each epoch, on a GPU)
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):
             f = functional_call(merged, params, (check,))
         return float((f - check_m).pow(2).sum(1).mean()) / shift
     tau = {n: torch.zeros_like(p, requires_grad=True) for n, p in theta_m.items()}
@@ -579,11 +580,13 @@ def defend_lfpm_scanned(merged: ImageEncoder, base: ImageEncoder, shadow: Datase
     """LFPM guided and checked by the scan (the user's heads): the merged model is scanned first, the triggers it
     recovered for the `cfg.prompts` most suspicious targets join LFPM's mined prompts (as fixed prompts), and the
     defended model is scanned again; the report's "scan" holds both and "chosen" the added prompts."""
-    scanner = scan.Scanner(base, stack_images(shadow, cfg.workers), heads, scan_cfg, progress)
+    images = stack_images(shadow, cfg.workers)  # decoded once, for the scan and for LFPM
+    scanner = scan.Scanner(base, images, heads, scan_cfg, progress)
     before = scanner.scan(merged, "the merged model")
     suspects = before.pop("_suspects")[: cfg.prompts] if cfg.prompt == "mask" else []  # as many as mined ones
     starts = [(t.mask, t.pattern) for t in suspects]
-    defended, tau, report = defend_lfpm(merged, base, shadow, cfg, progress, checkpoint=checkpoint, resume=resume,
+    decoded = TensorDataset(images, torch.zeros(len(images)))  # (image, label) pairs, as stack_images reads them
+    defended, tau, report = defend_lfpm(merged, base, decoded, cfg, progress, checkpoint=checkpoint, resume=resume,
                                         starts=starts)
     after = scanner.scan(defended, "the defended model")
     if suspects:
