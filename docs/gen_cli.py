@@ -58,8 +58,11 @@ def _param_row(param) -> str:
         if not getattr(param, "is_flag", False) and param.metavar:
             name += f" `{param.metavar}`"
     default = param.default
-    hidden = default is None or isinstance(default, bool) or callable(default) or default in ((), [])
-    shown = "" if hidden else f"`{default}`"
+    hidden = default is None or callable(default) or default in ((), [])
+    if isinstance(default, bool):  # a --x/--no-x switch names the side it is on; a lone flag is off by default
+        shown = f"`{(param.opts if default else param.secondary_opts)[0]}`" if param.secondary_opts else ""
+    else:
+        shown = "" if hidden else f"`{default}`"
     multiple = " (repeatable)" if getattr(param, "multiple", False) else ""
     required = " **required**" if param.required else ""
     help_text = _clean(getattr(param, "help", None)).replace("|", "\\|")
