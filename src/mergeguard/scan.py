@@ -392,8 +392,8 @@ class Scanner:
             "targets": [{"target": i.target.label(), "area": i.area, "area_base": b.area, "log_ratio": r,
                          "success": i.success} for i, b, r in zip(inv, base_inv, ratios)],
             "_trigger": best.trigger(),
-            # every target's recovered trigger, the largest log ratio first (LFPM starts its prompts there)
-            "_suspects": [inv[i].trigger() for i in sorted(range(len(inv)), key=lambda i: -ratios[i])],
+            # (log ratio, recovered trigger) of every target, the largest ratio first (LFPM starts its prompts there)
+            "_suspects": [(ratios[i], inv[i].trigger()) for i in sorted(range(len(inv)), key=lambda i: -ratios[i])],
         }
 
     def report_config(self) -> dict[str, Any]:

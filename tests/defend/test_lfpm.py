@@ -345,10 +345,11 @@ def test_lfpm_reports_the_clean_feature_drift_on_held_out_images(tiny_zoo):
     assert still["drift"] is None and still["tau_norm"] == 0.0
 
 
-def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(tiny_zoo):
-    """With heads, the merged model is scanned first; each mask prompt starts at one recovered trigger, the
-    most suspicious target first, and stays there (it is the scan's answer, not re-mined); the defended
-    model is scanned after. Checked against a Scanner run on its own."""
+def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(tiny_zoo, tmp_path):
+    """With heads, the merged model is scanned first; each mask prompt starts at one recovered trigger whose
+    log area ratio reaches the scan's suspicious threshold, the most suspicious target first, and stays there
+    (it is the scan's answer, not re-mined); the defended model is scanned after. Checked against a Scanner run
+    on its own; with a threshold no target reaches, no prompt starts at the scan's triggers."""
     from mergeguard.defend import defend_lfpm_scanned
     from mergeguard.models.heads import load_heads
     from mergeguard.scan import ScanConfig, Scanner
@@ -356,12 +357,16 @@ def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(ti
     z = Path(tiny_zoo["root"])
     heads = load_heads(z / "heads.safetensors")
     shadow = Subset(unlabeled_folder(z / "shadow", 32), range(256))
-    scan_cfg = ScanConfig(steps=5, batch_size=8, images=40, device="cpu", cache=False)
     cfg = LFPMConfig(epochs=1, batch_size=32, prompts=2, mine_warmup=2, device="cpu")
     merged, base = _encoders(z)
-    _, _, report = defend_lfpm_scanned(merged, base, shadow, cfg, heads, scan_cfg)
+    scan_cfg = ScanConfig(steps=5, batch_size=8, images=40, device="cpu", cache=False)
     ref = Scanner(base, stack_images(shadow), heads, scan_cfg).scan(_encoders(z)[0])
-    want = ref["_suspects"][:2]
+    ratios = sorted({r for r, _ in ref["_suspects"]})
+    # a threshold between the two largest ratios: the targets at the largest pass it, the others not
+    scan_cfg = replace(scan_cfg, suspicious=(ratios[-1] + ratios[-2]) / 2, backdoored=max(ratios[-1], 1.0))
+    _, _, report = defend_lfpm_scanned(merged, base, shadow, cfg, heads, scan_cfg)
+    want = [t for r, t in ref["_suspects"] if r >= scan_cfg.suspicious][: cfg.prompts]
+    assert 1 <= len(want) < len(ref["_suspects"])
     assert report["chosen"]["scan_prompts"]["value"] == [f"{t.target_task}:{t.target_class}" for t in want]
     for i, t in enumerate(want):
         torch.testing.assert_close(report["prompt"][f"{i}.mask"], t.mask.clamp(1e-3, 1 - 1e-3), atol=1e-5, rtol=0)
@@ -370,3 +375,64 @@ def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(ti
     assert report["scan"]["before"]["score"] == pytest.approx(ref["score"])
     assert report["scan"]["after"]["verdict"] in ("clean", "suspicious", "backdoored")
     assert report["tau_norm"] > 0
+    # no target reaches the threshold: nothing to remove, the merge comes back unchanged (τa = 0, no training) ...
+    high = replace(scan_cfg, suspicious=ratios[-1] + 1, backdoored=ratios[-1] + 1)
+    merged = _encoders(z)[0]
+    same, tau, none = defend_lfpm_scanned(merged, base, shadow, cfg, heads, high)
+    assert none["steps"] == 0 and none["epochs_run"] == 0 and "nothing to remove" in none["stopped"]
+    assert none["chosen"]["scan_prompts"]["value"] == [] and all(not t.any() for t in tau.values())
+    for p, q in zip(same.parameters(), merged.parameters()):
+        assert torch.equal(p.detach().cpu(), q.detach().cpu())
+    # what `defend lfpm` writes of it: the merge, τa = 0, no prompts, the stop in the card's results
+    from mergeguard.defend import write_lfpm_outputs
+    from mergeguard.defend.outputs import lfpm_results
+
+    write_lfpm_outputs(tmp_path, same, merged, none.pop("prompt"), none, {"defense": "lfpm"})
+    assert all(not open_checkpoint(tmp_path / "anti_backdoor_tv.safetensors").get(k).any()
+               for k in open_checkpoint(tmp_path / "anti_backdoor_tv.safetensors").keys())
+    assert "nothing to remove" in lfpm_results(none)["stopped"]
+    assert "nothing to remove" in (tmp_path / "README.md").read_text()
+    # ... unless forced: then only the mined prompts
+    _, _, forced = defend_lfpm_scanned(merged, base, shadow, replace(cfg, force=True), heads, high)
+    assert forced["chosen"]["scan_prompts"]["value"] == [] and len(forced["mined_excess_start"]) == cfg.prompts
+    assert forced["epochs_run"] == 1 and forced["tau_norm"] > 0
+
+
+def test_lfpm_restores_theta0s_features_along_the_top_triggers_direction(tiny_zoo):
+    """`restore`: the direction is the mean excess reaction of the merge to the scan's top trigger over θ0's,
+    normalised (checked against plain torch forwards); the clean features LFPM preserves keep θ0's component
+    along it and the merge's everywhere else (closed form); it is used only when θ0's component sends fewer
+    shadow images to the trigger's target class under its head than the merge's (counted here by hand)."""
+    from mergeguard.data.triggers import Trigger
+    from mergeguard.defend.lfpm import keep_base_along, restore_decision, trigger_direction
+    from mergeguard.models.heads import load_heads
+
+    z = Path(tiny_zoo["root"])
+    merged, base = (m.eval() for m in _encoders(z))
+    head = load_heads(z / "heads.safetensors")["shape"]
+    images = stack_images(Subset(unlabeled_folder(z / "shadow", 32), range(96)))
+    gen = torch.Generator().manual_seed(3)
+    mask = (torch.rand(1, 32, 32, generator=gen) > 0.8).float()
+    with torch.no_grad():
+        f_m, f_0 = merged(images), base(images)
+    for target in range(len(head.classnames)):
+        trigger = Trigger(torch.rand(3, 32, 32, generator=gen), mask, target, "shape", "blend")
+        with torch.no_grad():
+            got = trigger_direction(merged, base, images, trigger.apply)
+            xp = trigger.apply(images)
+            want = ((merged(xp) - merged(images)) - (base(xp) - base(images))).mean(0)
+        torch.testing.assert_close(got, want / want.norm(), atol=1e-5, rtol=1e-4)
+        kept = f_m - ((f_m - f_0) @ got)[:, None] * got  # the merge's features, θ0's along the direction
+        torch.testing.assert_close(keep_base_along(f_m, f_0, got), kept, atol=1e-5, rtol=1e-5)
+        fewer = int(((kept @ head.weight.T).argmax(1) == target).sum()) < int(
+            ((f_m @ head.weight.T).argmax(1) == target).sum())
+        direction, chosen = restore_decision(merged, base, images, trigger, head)
+        assert (direction is not None) == fewer and (chosen["value"] == f"shape:{target}") == fewer
+        if fewer:
+            torch.testing.assert_close(direction, got)
+    f, f0 = torch.randn(10, got.numel(), generator=gen), torch.randn(10, got.numel(), generator=gen)
+    torch.testing.assert_close(keep_base_along(f, f0, got) @ got, f0 @ got, atol=1e-5, rtol=1e-5)
+    shadow = Subset(unlabeled_folder(z / "shadow", 32), range(128))
+    cfg = LFPMConfig(epochs=1, batch_size=32, prompts=1, mine_warmup=1, device="cpu")
+    assert defend_lfpm(merged, base, shadow, cfg, restore=got)[2]["restored_directions"] == 1
+    assert defend_lfpm(merged, base, shadow, cfg)[2]["restored_directions"] == 0

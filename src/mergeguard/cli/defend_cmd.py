@@ -81,9 +81,12 @@ def lfpm_command(
     **settings: Any,
 ) -> None:
     """LFPM: optimise an anti-backdoor task vector in feature space on unlabeled images (no labels, no trigger).
-    A user sets the models, the shadow folder and OUT (and --heads, to scan the model before and after);
-    --device and --batch-size fit the hardware. The step size comes from the merge's own task vector; every
-    other setting is for experiments (docs/lfpm.md says when to change one)."""
+    A user sets the models, the shadow folder and OUT, and --heads: the merged model is scanned first (nothing
+    suspicious: LFPM stops and returns the merge unchanged, unless --force), the prompts start at the recovered
+    triggers, the feature direction of the most suspicious one is given back to θ0 (--no-restore keeps the
+    merge's), and the defended model is scanned after. --device and --batch-size fit the hardware. The step size
+    comes from the merge's own task vector; every other setting is for experiments (docs/lfpm.md says when to
+    change one)."""
     from mergeguard import defend
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.data.pictures import first_images
@@ -126,7 +129,7 @@ def lfpm_command(
         table.add_row("loss per epoch", ", ".join(f"{v:.4f}" for v in report["loss_per_epoch"]))
         table.add_row("λ_eff start → end", results["λ_eff start → end"])
         table.add_row("‖τa‖", results["‖τa‖"])
-        for key in [k for k in results if k.endswith("(chosen)")] + ["clean-feature drift"]:
+        for key in [k for k in results if k.endswith("(chosen)")] + ["clean-feature drift", "stopped"]:
             if key in results:
                 table.add_row(key, results[key])
         if "scan" in report:

@@ -83,6 +83,12 @@ class LFPMConfig:
                               "as many triggers recovered by the scan are added.", low=1)
     reference: float = setting(1.0, "γ: suppress the reaction minus γ × θ0's reaction (1: the excess over θ0).",
                                low=0.0)
+    restore: bool = setting(True, "With --heads: along the feature direction in which the scan's most suspicious "
+                                  "recovered trigger moves the merge's features (beyond θ0's reaction), preserve "
+                                  "θ0's clean features instead of the merge's, so images the poisoned merge "
+                                  "already sends part-way to the target without a trigger are sent back.")
+    force: bool = setting(False, "With --heads: run even when the scan finds no suspicious target in the merged "
+                                 "model (by default LFPM stops there and returns the merge unchanged).")
     adam_eps: float = setting(1e-8, "Adam's ε for τa's optimiser.", low=0.0, low_open=True)
     idle_tolerance: float = setting(1e-9, "A step whose loss is below this × E‖f_θm(x)‖² leaves τa as it is "
                                           "(fp32; under bf16 autocast at least 1e-4).", low=0.0, cli=False)
@@ -322,6 +328,53 @@ class PromptPool:
             p.load_state_dict(state[str(i)])
 
 
+def trigger_direction(merged: ImageEncoder, base: ImageEncoder, images: torch.Tensor,
+                      apply: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The unit feature direction a trigger moves the merge's features in, beyond θ0's reaction to it: the mean
+    of (f_θm(x⊕t) − f_θm(x)) − (f_θ0(x⊕t) − f_θ0(x)) over `images`, normalised (fp32)."""
+    total, dev = None, next(merged.parameters()).device
+    for chunk in images.split(256):
+        chunk = chunk.to(dev)
+        xp = apply(chunk)
+        excess = ((merged(xp) - merged(chunk)) - (base(xp) - base(chunk))).float().sum(0)
+        total = excess if total is None else total + excess
+    return total / total.norm().clamp_min(1e-12)
+
+
+def restore_decision(merged: ImageEncoder, base: ImageEncoder, images: torch.Tensor, trigger: Any,
+                     head: Any) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Whether to give the merge's move along the trigger's direction back to θ0, decided on the shadow images
+    under the suspected target's head: yes when θ0's component there sends fewer of them to the target class
+    than the merge's does (the move was towards the target: a poisoned vector's confusion), no otherwise (the
+    move carries the task's own learning, as when the poisoned vector is the target task's). Returns
+    (direction or None, {value, why})."""
+    with torch.no_grad():
+        direction = trigger_direction(merged, base, images, trigger.apply)
+        dev = direction.device
+        hits_m = hits_r = 0
+        for chunk in images.split(256):
+            chunk = chunk.to(dev)
+            f_m, f_0 = merged(chunk).float(), base(chunk).float()
+            for f, kept in ((f_m, False), (keep_base_along(f_m, f_0, direction), True)):
+                n = int((head.logits(f).argmax(1) == trigger.target_class).sum())
+                hits_r, hits_m = (hits_r + n, hits_m) if kept else (hits_r, hits_m + n)
+    share_m, share_r = hits_m / len(images), hits_r / len(images)
+    name = f"{trigger.target_task}:{trigger.target_class}"
+    if share_r < share_m:
+        return direction, {"value": name, "why": f"the scan's most suspicious target; along its trigger's direction "
+                                                 f"the clean features are kept as θ0's: that sends {share_r:.1%} of "
+                                                 f"the shadow images to it, the merge's {share_m:.1%}"}
+    return None, {"value": None, "why": f"not restored: along the direction of {name}'s trigger θ0's features would "
+                                        f"send {share_r:.1%} of the shadow images to it, not fewer than the merge's "
+                                        f"{share_m:.1%}"}
+
+
+def keep_base_along(features: torch.Tensor, base_features: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """`features` with their component along the unit `direction` replaced by `base_features`' (fp32)."""
+    f = features.float()
+    return f - ((f - base_features.float()) @ direction)[:, None] * direction[None]
+
+
 def _project(deviation: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     return deviation if basis is None else deviation @ basis @ basis.T
 
@@ -336,8 +389,11 @@ def defend_lfpm(
     checkpoint: Path | None = None,
     resume: bool = False,
     starts: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    restore: torch.Tensor | None = None,
 ) -> tuple[ImageEncoder, dict[str, torch.Tensor], dict[str, Any]]:
-    """Returns (defended model θm + τa, τa as {name: tensor}, report).
+    """Returns (defended model θm + τa, τa as {name: tensor}, report). `starts`: (mask, pattern) of fixed mask
+    prompts (the scan's triggers); `restore`: a unit feature direction along which the clean features are
+    preserved as θ0's instead of θm's (`restore_decision`).
 
     With `checkpoint`, the state (τa, optimizer, prompt, random generators) is saved every tenth
     of the run; `resume=True` continues from it to the same result.
@@ -426,6 +482,13 @@ def defend_lfpm(
         # averaged by the trainer core (and by the prompt's ascent) are the global batch's
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).tensor_split(world)[rank]
         return images[idx.to(dev)], idx
+
+    if restore is not None:  # along this direction θ0's clean features, the merge's elsewhere
+        direction = restore.to(dev).float()
+        with torch.no_grad(), autocast(dev):
+            for lo in range(0, len(images), 256):
+                clean_target[lo:lo + 256] = keep_base_along(clean_target[lo:lo + 256], base(images[lo:lo + 256]),
+                                                            direction).to(clean_target.dtype)
 
     ck = None
     if checkpoint is not None:
@@ -531,6 +594,8 @@ def defend_lfpm(
         "config": asdict(cfg),
         "chosen": chosen,  # the settings LFPM derived from the inputs, each with why
         "steps": steps,
+        "epochs_run": cfg.epochs,
+        "stopped": f"ran the {cfg.epochs} epochs it was given",
         "resumed_at_step": resumed_at,  # 0: one uninterrupted run; `seconds` counts this process only
         "loss_per_epoch": per_epoch,
         "mined_excess_start": pool.mined or None,  # E‖D‖² of each prompt after stage I
@@ -542,6 +607,7 @@ def defend_lfpm(
         "drift": drift_now(),  # clean-feature drift on the held-out shadow images, relative to the merge's shift
         "drift_per_epoch": drift_log,  # the same after each epoch but the last (this process's, after a resume)
         "held_out_images": held,
+        "restored_directions": int(restore is not None),  # 1: the clean features were kept as θ0's along one
         "tau_norm": float(torch.sqrt(sum(t.detach().pow(2).sum() for t in tau.values()))),
         "idle_steps": state.get("idle", 0),  # steps with nothing to remove, which left τa as it was
         "seconds": seconds,
@@ -551,6 +617,23 @@ def defend_lfpm(
     }
     report["prompt"] = {f"{i}.{k}": v for i, pr in enumerate(pool.prompts) for k, v in pr.save().items()}
     return defended.requires_grad_(True), {n: t.detach().cpu() for n, t in tau.items()}, report
+
+
+def unchanged(merged: ImageEncoder, cfg: LFPMConfig, chosen: dict[str, Any], why: str
+              ) -> tuple[ImageEncoder, dict[str, torch.Tensor], dict[str, Any]]:
+    """LFPM's result when it stops before training: the merge itself, τa = 0, and a report of the same form."""
+    start = time.perf_counter()
+    defended = copy.deepcopy(merged).cpu()
+    tau = {n: torch.zeros_like(p, device="cpu") for n, p in defended.named_parameters()}
+    report = {
+        "config": asdict(cfg), "chosen": chosen, "steps": 0, "epochs_run": 0, "stopped": why, "resumed_at_step": 0,
+        "loss_per_epoch": [], "mined_excess_start": None, "mined_excess_end": [], "fresh_prompts": 0,
+        "prompt_area": [], "lambda_eff_start": None, "lambda_eff_end": None, "drift": 0.0, "drift_per_epoch": [],
+        "held_out_images": 0, "restored_directions": 0, "tau_norm": 0.0, "idle_steps": 0,
+        "seconds": time.perf_counter() - start, "images_per_second": 0.0, "peak_gpu_memory_bytes": None,
+        "peak_rss_bytes": peak_rss_bytes(), "prompt": {},
+    }
+    return defended, tau, report
 
 
 def curvature(model: ImageEncoder, theta_m: dict, tau: dict, x: torch.Tensor, target: torch.Tensor, *,
@@ -583,16 +666,38 @@ def defend_lfpm_scanned(merged: ImageEncoder, base: ImageEncoder, shadow: Datase
     images = stack_images(shadow, cfg.workers)  # decoded once, for the scan and for LFPM
     scanner = scan.Scanner(base, images, heads, scan_cfg, progress)
     before = scanner.scan(merged, "the merged model")
-    suspects = before.pop("_suspects")[: cfg.prompts] if cfg.prompt == "mask" else []  # as many as mined ones
+    # the targets the scan finds suspicious on their own (log area ratio over its `suspicious` threshold, which
+    # was calibrated on clean vectors), the most suspicious first, as many as mined prompts
+    ranked = before.pop("_suspects")
+    suspects = [t for r, t in ranked if r >= scan_cfg.suspicious][: cfg.prompts] if cfg.prompt == "mask" else []
     starts = [(t.mask, t.pattern) for t in suspects]
-    decoded = TensorDataset(images, torch.zeros(len(images)))  # (image, label) pairs, as stack_images reads them
-    defended, tau, report = defend_lfpm(merged, base, decoded, cfg, progress, checkpoint=checkpoint, resume=resume,
-                                        starts=starts)
-    after = scanner.scan(defended, "the defended model")
+    largest = ranked[0][0] if ranked else float("-inf")
+    if largest < scan_cfg.suspicious and not cfg.force:  # the scan finds nothing to remove: stop before training
+        why = (f"the scan finds no suspicious target in the merged model (largest log area ratio {largest:.2f} < "
+               f"{scan_cfg.suspicious:g}): nothing to remove, the merge is returned unchanged (--force runs anyway)")
+        defended, tau, report = unchanged(merged, cfg, choose(cfg, merged, base), why)
+        after = before
+    else:
+        direction, restored = None, None
+        if cfg.restore and suspects:
+            direction, restored = restore_decision(merged.to(scanner.dev), base.to(scanner.dev), images, suspects[0],
+                                                   heads[suspects[0].target_task])
+        decoded = TensorDataset(images, torch.zeros(len(images)))  # (image, label) pairs, as stack_images reads
+        defended, tau, report = defend_lfpm(merged, base, decoded, cfg, progress, checkpoint=checkpoint,
+                                            resume=resume, starts=starts, restore=direction)
+        if restored:
+            report["chosen"]["restore"] = restored
+        after = scanner.scan(defended, "the defended model")
     if suspects:
         names = [f"{t.target_task}:{t.target_class}" for t in suspects]
         report["chosen"]["scan_prompts"] = {
-            "value": names, "why": "the triggers the scan recovered from the merged model, most suspicious first"}
+            "value": names, "why": "the triggers the scan recovered from the merged model whose log area ratio "
+                                   f"reached the scan's suspicious threshold {scan_cfg.suspicious:g}, most "
+                                   "suspicious first"}
+    elif cfg.prompt == "mask":
+        report["chosen"]["scan_prompts"] = {
+            "value": [], "why": f"no target of the merged model reached the scan's suspicious threshold "
+                                f"{scan_cfg.suspicious:g} (largest log area ratio {largest:.2f})"}
 
     def keep(r: dict[str, Any]) -> dict[str, Any]:
         return {k: r[k] for k in ("score", "verdict", "target", "area", "area_base", "where")}

@@ -54,6 +54,8 @@ def lfpm_results(report: dict[str, Any]) -> dict[str, Any]:
     lam_eff = [report["lambda_eff_start"], report["lambda_eff_end"]]
     out = {"λ_eff start → end": " → ".join("-" if v is None else f"{v:.4g}" for v in lam_eff),
            "‖τa‖": f"{report['tau_norm']:.4g}", "steps": report["steps"]}
+    if "stopped" in report:  # the epochs it ran and why it stopped
+        out["stopped"] = f"after {report['epochs_run']} epochs: {report['stopped']}"
     for name, c in report.get("chosen", {}).items():  # what LFPM set by itself, and why
         v = c["value"]
         shown = f"{v:.3g}" if isinstance(v, float) else ", ".join(map(str, v)) if isinstance(v, list) else str(v)
