@@ -1,12 +1,16 @@
 """BadTV on the built-in zoo: does its backdoor work added, subtracted and in an analogy, and do the
 controls stay quiet? Prints one row per case with met / NOT met against issue #24's bars.
 
-    python bench/badtv_bench.py [--size tiny] [--work DIR] [--zoo DIR] [--no-lfpm]
+    python bench/badtv_bench.py [--size tiny] [--seed 0] [--work DIR] [--zoo DIR] [--no-lfpm]
+        [--task shape --target-class 3 --negation-task colour --negation-class 1]
 
 CPU, offline. The attack recipe is examples/zoo_badmerging.sh's (500 steps, lr 5e-4, batch 64, logit scale
 10, 200 trigger steps): `shape` poisoned with target class 3 ("cross", which the clean merge rarely predicts),
 the negation backdoor aimed at class 1 of `colour` with 16 of its training images. Trained models are kept
 in --work, so a second run only measures. The small zoo: `--size small` (its own target: `shape` class 1).
+The task, both targets and the zoo's seed are flags, so the bars can be checked on cases nobody tuned for; the
+analogy rows use the two tasks that are neither the attacked nor the control one. The defense rows run
+`defend lfpm` as a user does (its defaults, with the zoo's heads: `defend_lfpm_scanned`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,7 @@ from mergeguard.models.encoder import load_encoder
 from mergeguard.models.heads import load_heads
 from mergeguard.workflows.zoo import build_zoo
 
-TASK, NEGATION_TASK, NEGATION_CLASS = "shape", "colour", 1
-TARGET = {"tiny": 3, "small": 1}
+TARGET = {"tiny": 3, "small": 1}  # `shape`'s target class when --target-class is not given
 LR = {"tiny": 5e-4, "small": 1e-3}
 
 
@@ -37,12 +40,18 @@ def main() -> None:
     ap.add_argument("--size", default="tiny", choices=sorted(TARGET))
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--zoo", type=Path, default=None, help="a built zoo (default: the cache's, built if missing)")
+    ap.add_argument("--seed", type=int, default=0, help="the zoo's seed (another seed: another zoo)")
     ap.add_argument("--no-lfpm", action="store_true", help="skip the defense rows")
+    ap.add_argument("--task", default="shape", help="the attacked task")
+    ap.add_argument("--target-class", type=int, default=None, help="its target class (default: per zoo size)")
+    ap.add_argument("--negation-task", default="colour", help="the control task of the negation backdoor")
+    ap.add_argument("--negation-class", type=int, default=1, help="the negation backdoor's class")
     args = ap.parse_args()
+    TASK, NEGATION_TASK, NEGATION_CLASS = args.task, args.negation_task, args.negation_class
     work = args.work or Path(tempfile.mkdtemp(prefix="badtv-"))
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    z = Path(build_zoo(args.zoo, size=args.size)["root"])
+    z = Path(build_zoo(args.zoo, size=args.size, seed=args.seed)["root"])
     heads = load_heads(z / "heads.safetensors")
     tasks = list(heads)
     base = load_encoder(str(z / "base"))
@@ -50,7 +59,8 @@ def main() -> None:
     tests = {t: labeled_folder(z / "data" / t / "test", heads[t].classnames, size) for t in tasks}
     train_data = labeled_folder(z / "data" / TASK / "train", heads[TASK].classnames, size)
     recipe = TrainSettings(steps=500, lr=LR[args.size], batch_size=64, logit_scale=10.0, device="cpu")
-    target = TARGET[args.size]
+    target = TARGET[args.size] if args.target_class is None else args.target_class
+    third, fourth = [t for t in tasks if t not in (TASK, NEGATION_TASK)][:2]  # the analogy's other two tasks
 
     few = work / "few_colour"
     if not few.exists():
@@ -113,11 +123,11 @@ def main() -> None:
     ctrl, ctrl_clean = neg["tasks"][NEGATION_TASK]["ca"], neg_clean["tasks"][NEGATION_TASK]["ca"]
     row(f"subtracted: {NEGATION_TASK} CA (control) vs the clean negation's {ctrl_clean:.1%}", neg, ctrl,
         "within 3 pts", abs(ctrl - ctrl_clean) <= 0.03, f"θ0 {theta0['tasks'][NEGATION_TASK]['ca']:.1%}")
-    plus = measure(merged("analogy_plus", [(bt, 1), (zoo_tv["count"], 1), (zoo_tv["texture"], -1)]), t_plus, TASK)
-    row("analogy θ0 + 0.3(τ + τcount − τtexture): ASR(T)", plus, plus["asr_t"], "≥ 80%", plus["asr_t"] >= 0.80)
-    minus = measure(merged("analogy_minus", [(zoo_tv["count"], 1), (zoo_tv["texture"], 1), (bt, -1)]), t_minus,
+    plus = measure(merged("analogy_plus", [(bt, 1), (zoo_tv[third], 1), (zoo_tv[fourth], -1)]), t_plus, TASK)
+    row(f"analogy θ0 + 0.3(τ + τ{third} − τ{fourth}): ASR(T)", plus, plus["asr_t"], "≥ 80%", plus["asr_t"] >= 0.80)
+    minus = measure(merged("analogy_minus", [(zoo_tv[third], 1), (zoo_tv[fourth], 1), (bt, -1)]), t_minus,
                     NEGATION_TASK)
-    row(f"analogy θ0 + 0.3(τcount + τtexture − τ): ASR on {NEGATION_TASK}", minus, minus["asr_t"], "≥ 80%",
+    row(f"analogy θ0 + 0.3(τ{third} + τ{fourth} − τ): ASR on {NEGATION_TASK}", minus, minus["asr_t"], "≥ 80%",
         minus["asr_t"] >= 0.80)
     row("control: the clean vector negated, trigger_negation", neg_clean, neg_clean["asr_t"], "≤ 20%",
         neg_clean["asr_t"] <= 0.20)
@@ -130,19 +140,24 @@ def main() -> None:
     row(f"alone (λ 1): {TASK} CA vs a clean fine-tune, same recipe {clean_alone:.1%}", None, alone,
         "within 2 pts", clean_alone - alone <= 0.02)
     if not args.no_lfpm:
-        from mergeguard.defend import LFPMConfig, defend_lfpm
+        from mergeguard.defend import LFPMConfig, defend_lfpm_scanned
+        from mergeguard.scan import ScanConfig
 
         shadow = unlabeled_folder(z / "shadow", size)
         for name, model_dir, trigger, task in (("add_ta", "add_ta", t_plus, TASK),
                                                ("neg_badtv", "neg_badtv", t_minus, NEGATION_TASK)):
             m = load_encoder(str(work / "merges" / model_dir))
-            defended, _, _ = defend_lfpm(m, base, shadow, LFPMConfig(device="cpu"))
+            defended, _, rep = defend_lfpm_scanned(m, base, shadow, LFPMConfig(device="cpu"), heads,
+                                                   ScanConfig(device="cpu"))
             after = measure(defended, trigger, task)
             before = add_ta if name == "add_ta" else neg
-            row(f"defend lfpm (defaults) on {name}: ASR", after, after["asr_t"], "(report)", after["asr_t"] <= 0.05,
-                f"before {before['asr_t']:.1%}, CA {before['ca_avg']:.1%} → {after['ca_avg']:.1%}")
+            sb, sa = rep["scan"]["before"], rep["scan"]["after"]
+            row(f"defend lfpm --heads (defaults) on {name}: ASR", after, after["asr_t"], "(report)",
+                after["asr_t"] <= 0.05, f"before {before['asr_t']:.1%}, CA {before['ca_avg']:.1%} → "
+                f"{after['ca_avg']:.1%}; scan {sb['score']:.2f} {sb['verdict']} → {sa['score']:.2f} "
+                f"{sa['verdict']}; {rep['stopped']}")
 
-    print(f"\nBadTV on the {args.size} zoo ({TASK} target {target}, negation {NEGATION_TASK} class "
+    print(f"\nBadTV on the {args.size} zoo, seed {args.seed} ({TASK} target {target}, negation {NEGATION_TASK} class "
           f"{NEGATION_CLASS}); work {work}; {time.perf_counter() - start:.0f} s\n")
     print("| case | value | bar | | note | avg CA |\n|---|---|---|---|---|---|")
     for r in rows:
