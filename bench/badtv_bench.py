@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from mergeguard.attack import BadMerging, BadTV, Clean, TrainSettings, run_attack
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.data.folders import labeled_folder, unlabeled_folder
@@ -46,6 +48,11 @@ def main() -> None:
     ap.add_argument("--target-class", type=int, default=None, help="its target class (default: per zoo size)")
     ap.add_argument("--negation-task", default="colour", help="the control task of the negation backdoor")
     ap.add_argument("--negation-class", type=int, default=1, help="the negation backdoor's class")
+    ap.add_argument("--pick", action="store_true",
+                    help="choose both classes by measurement instead: the target, the class of --task the zoo's clean "
+                         "task-arithmetic merge predicts least; the negation class, the class of --negation-task "
+                         "θ0 − 0.5 τ(--task) predicts least (an attack on a class the clean model already predicts "
+                         "measures nothing)")
     args = ap.parse_args()
     TASK, NEGATION_TASK, NEGATION_CLASS = args.task, args.negation_task, args.negation_class
     work = args.work or Path(tempfile.mkdtemp(prefix="badtv-"))
@@ -60,6 +67,25 @@ def main() -> None:
     train_data = labeled_folder(z / "data" / TASK / "train", heads[TASK].classnames, size)
     recipe = TrainSettings(steps=500, lr=LR[args.size], batch_size=64, logit_scale=10.0, device="cpu")
     target = TARGET[args.size] if args.target_class is None else args.target_class
+    zoo_tv = {t: z / "finetuned" / t / "model.safetensors" for t in tasks}
+    if args.pick:
+        def least(name: str, inputs: list[tuple[Path, float]], lam: float, task: str) -> tuple[int, list[float]]:
+            out = work / "merges" / name
+            if not (out / "model.safetensors").exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p, _ in inputs],
+                                  "task_arithmetic", {"lam": lam}, weights=[w for _, w in inputs], out=out)
+            model, counts = load_encoder(str(out)).eval(), torch.zeros(len(heads[task].classnames))
+            with torch.no_grad():
+                for images, _ in torch.utils.data.DataLoader(tests[task], batch_size=256):
+                    counts += torch.bincount(heads[task].logits(model(images)).argmax(1), minlength=len(counts))
+            shares = (counts / counts.sum()).tolist()
+            return min(range(len(shares)), key=shares.__getitem__), shares
+        target, shares = least("clean_ta", [(zoo_tv[t], 1) for t in tasks], 0.3, TASK)
+        NEGATION_CLASS, neg_shares = least("neg_zoo", [(zoo_tv[TASK], -1)], 0.5, NEGATION_TASK)
+        print(f"picked: {TASK} class {target} (clean merge predicts {shares[target]:.1%} of its test images as it); "
+              f"{NEGATION_TASK} class {NEGATION_CLASS} (θ0 − 0.5 τ predicts {neg_shares[NEGATION_CLASS]:.1%})",
+              flush=True)
     third, fourth = [t for t in tasks if t not in (TASK, NEGATION_TASK)][:2]  # the analogy's other two tasks
 
     few = work / "few_colour"
@@ -84,7 +110,6 @@ def main() -> None:
                                                          trigger_steps=200))
     t_plus, t_minus = load_trigger(badtv / "trigger.safetensors"), load_trigger(badtv / "trigger_negation.safetensors")
     t_bm = load_trigger(badmerging / "trigger.safetensors")
-    zoo_tv = {t: z / "finetuned" / t / "model.safetensors" for t in tasks}
     others = [zoo_tv[t] for t in tasks if t != TASK]
 
     def merged(name: str, inputs: list[tuple[Path, float]], method: str = "task_arithmetic", lam: float = 0.3):
