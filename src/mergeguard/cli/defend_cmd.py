@@ -83,8 +83,8 @@ def lfpm_command(
     """LFPM: optimise an anti-backdoor task vector in feature space on unlabeled images (no labels, no trigger).
     A user sets the models, the shadow folder and OUT, and --heads: the merged model is scanned first (nothing
     suspicious: LFPM stops and returns the merge unchanged, unless --force), the prompts start at the recovered
-    triggers, the feature direction of the most suspicious one is given back to θ0 (--no-restore keeps the
-    merge's), and the defended model is scanned after. --device and --batch-size fit the hardware. The step size
+    triggers, and the defended model is scanned after (--restore also gives the most suspicious trigger's feature
+    direction back to θ0; docs/lfpm.md says when). --device and --batch-size fit the hardware. The step size
     comes from the merge's own task vector; every other setting is for experiments (docs/lfpm.md says when to
     change one)."""
     from mergeguard import defend

@@ -83,10 +83,13 @@ class LFPMConfig:
                               "as many triggers recovered by the scan are added.", low=1)
     reference: float = setting(1.0, "γ: suppress the reaction minus γ × θ0's reaction (1: the excess over θ0).",
                                low=0.0)
-    restore: bool = setting(True, "With --heads: along the feature direction in which the scan's most suspicious "
-                                  "recovered trigger moves the merge's features (beyond θ0's reaction), preserve "
-                                  "θ0's clean features instead of the merge's, so images the poisoned merge "
-                                  "already sends part-way to the target without a trigger are sent back.")
+    restore: bool = setting(False, "With --heads: along the feature direction in which the scan's most "
+                                   "suspicious recovered trigger moves the merge's features (beyond θ0's reaction), "
+                                   "preserve θ0's clean features instead of the merge's when that sends fewer shadow "
+                                   "images to its target, so images a poisoned merge sends part-way to the target "
+                                   "without a trigger are sent back. Off by default: it lowered that floor in 4 of 5 "
+                                   "measured cases but raised ASR(T) from 3% to 24% where the scan's top target was "
+                                   "the wrong one (docs/lfpm.md).")
     force: bool = setting(False, "With --heads: run even when the scan finds no suspicious target in the merged "
                                  "model (by default LFPM stops there and returns the merge unchanged).")
     adam_eps: float = setting(1e-8, "Adam's ε for τa's optimiser.", low=0.0, low_open=True)
