@@ -396,6 +396,7 @@ def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(ti
     _, _, forced = defend_lfpm_scanned(merged, base, shadow, replace(cfg, force=True), heads, high)
     assert forced["chosen"]["scan_prompts"]["value"] == [] and len(forced["mined_excess_start"]) == cfg.prompts
     assert forced["epochs_run"] == 1 and forced["tau_norm"] > 0
+    assert set(none) | {"prompt"} == set(forced)  # the stopped run's report has every key a trained one has
 
 
 def test_lfpm_restores_theta0s_features_along_the_top_triggers_direction(tiny_zoo):

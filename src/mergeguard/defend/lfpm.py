@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch.func import functional_call
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from mergeguard import scan, settings
 from mergeguard.data import stack_images
@@ -354,13 +354,12 @@ def restore_decision(merged: ImageEncoder, base: ImageEncoder, images: torch.Ten
     with torch.no_grad():
         direction = trigger_direction(merged, base, images, trigger.apply)
         dev = direction.device
-        hits_m = hits_r = 0
+        hits_m = hits_r = 0  # shadow images sent to the target: by the merge's features, by the restored ones
         for chunk in images.split(256):
             chunk = chunk.to(dev)
             f_m, f_0 = merged(chunk).float(), base(chunk).float()
-            for f, kept in ((f_m, False), (keep_base_along(f_m, f_0, direction), True)):
-                n = int((head.logits(f).argmax(1) == trigger.target_class).sum())
-                hits_r, hits_m = (hits_r + n, hits_m) if kept else (hits_r, hits_m + n)
+            hits_m += int((head.logits(f_m).argmax(1) == trigger.target_class).sum())
+            hits_r += int((head.logits(keep_base_along(f_m, f_0, direction)).argmax(1) == trigger.target_class).sum())
     share_m, share_r = hits_m / len(images), hits_r / len(images)
     name = f"{trigger.target_task}:{trigger.target_class}"
     if share_r < share_m:
@@ -385,7 +384,7 @@ def _project(deviation: torch.Tensor, basis: torch.Tensor | None) -> torch.Tenso
 def defend_lfpm(
     merged: ImageEncoder,
     base: ImageEncoder,
-    shadow: Dataset,
+    shadow: Dataset | torch.Tensor,
     cfg: LFPMConfig,
     progress: ProgressSink | None = None,
     *,
@@ -394,7 +393,8 @@ def defend_lfpm(
     starts: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     restore: torch.Tensor | None = None,
 ) -> tuple[ImageEncoder, dict[str, torch.Tensor], dict[str, Any]]:
-    """Returns (defended model θm + τa, τa as {name: tensor}, report). `starts`: (mask, pattern) of fixed mask
+    """Returns (defended model θm + τa, τa as {name: tensor}, report). `shadow`: unlabeled images, as a dataset
+    of (image, label) pairs or already stacked (N, 3, H, W). `starts`: (mask, pattern) of fixed mask
     prompts (the scan's triggers); `restore`: a unit feature direction along which the clean features are
     preserved as θ0's instead of θm's (`restore_decision`).
 
@@ -420,7 +420,7 @@ def defend_lfpm(
     base_flags = [p.requires_grad for p in base.parameters()]
     for p in list(merged.parameters()) + list(base.parameters()):
         p.requires_grad_(False)
-    images = stack_images(shadow, cfg.workers).to(dev)
+    images = (shadow if isinstance(shadow, torch.Tensor) else stack_images(shadow, cfg.workers)).to(dev)
     held = held_out_count(len(images))  # never trained on: the clean-feature drift is measured on them
     images, check = (images[:-held], images[-held:]) if held else (images, images[:0])
     with torch.no_grad(), autocast(dev):  # θm's clean features, once, in the precision stage II compares them in
@@ -610,7 +610,7 @@ def defend_lfpm(
         "drift": drift_now(),  # clean-feature drift on the held-out shadow images, relative to the merge's shift
         "drift_per_epoch": drift_log,  # the same after each epoch but the last (this process's, after a resume)
         "held_out_images": held,
-        "restored_directions": int(restore is not None),  # 1: the clean features were kept as θ0's along one
+        "restored_directions": int(restore is not None),  # 1: clean features kept as θ0's along one direction
         "tau_norm": float(torch.sqrt(sum(t.detach().pow(2).sum() for t in tau.values()))),
         "idle_steps": state.get("idle", 0),  # steps with nothing to remove, which left τa as it was
         "seconds": seconds,
@@ -685,8 +685,7 @@ def defend_lfpm_scanned(merged: ImageEncoder, base: ImageEncoder, shadow: Datase
         if cfg.restore and suspects:
             direction, restored = restore_decision(merged.to(scanner.dev), base.to(scanner.dev), images, suspects[0],
                                                    heads[suspects[0].target_task])
-        decoded = TensorDataset(images, torch.zeros(len(images)))  # (image, label) pairs, as stack_images reads
-        defended, tau, report = defend_lfpm(merged, base, decoded, cfg, progress, checkpoint=checkpoint,
+        defended, tau, report = defend_lfpm(merged, base, images, cfg, progress, checkpoint=checkpoint,
                                             resume=resume, starts=starts, restore=direction)
         if restored:
             report["chosen"]["restore"] = restored
