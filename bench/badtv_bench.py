@@ -68,14 +68,19 @@ def main() -> None:
     recipe = TrainSettings(steps=500, lr=LR[args.size], batch_size=64, logit_scale=10.0, device="cpu")
     target = TARGET[args.size] if args.target_class is None else args.target_class
     zoo_tv = {t: z / "finetuned" / t / "model.safetensors" for t in tasks}
+
+    def merged(name: str, inputs: list[tuple[Path, float]], method: str = "task_arithmetic", lam: float = 0.3):
+        out = work / "merges" / name
+        if not (out / "model.safetensors").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p, _ in inputs], method,
+                              {"lam": lam}, weights=[w for _, w in inputs], out=out)
+        return load_encoder(str(out))
+
     if args.pick:
         def least(name: str, inputs: list[tuple[Path, float]], lam: float, task: str) -> tuple[int, list[float]]:
-            out = work / "merges" / name
-            if not (out / "model.safetensors").exists():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p, _ in inputs],
-                                  "task_arithmetic", {"lam": lam}, weights=[w for _, w in inputs], out=out)
-            model, counts = load_encoder(str(out)).eval(), torch.zeros(len(heads[task].classnames))
+            model, counts = merged(name, inputs, lam=lam).eval(), torch.zeros(len(heads[task].classnames))
             with torch.no_grad():
                 for images, _ in torch.utils.data.DataLoader(tests[task], batch_size=256):
                     counts += torch.bincount(heads[task].logits(model(images)).argmax(1), minlength=len(counts))
@@ -111,15 +116,6 @@ def main() -> None:
     t_plus, t_minus = load_trigger(badtv / "trigger.safetensors"), load_trigger(badtv / "trigger_negation.safetensors")
     t_bm = load_trigger(badmerging / "trigger.safetensors")
     others = [zoo_tv[t] for t in tasks if t != TASK]
-
-    def merged(name: str, inputs: list[tuple[Path, float]], method: str = "task_arithmetic", lam: float = 0.3):
-        out = work / "merges" / name
-        if not (out / "model.safetensors").exists():
-            shutil.rmtree(out, ignore_errors=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p, _ in inputs], method,
-                              {"lam": lam}, weights=[w for _, w in inputs], out=out)
-        return load_encoder(str(out))
 
     def measure(model, trigger, target_task):
         return evaluate(model, heads, tests, trigger=trigger, target_task=target_task, device="cpu")
