@@ -113,3 +113,19 @@ def test_badtv_bad_inputs_are_one_sentence(tiny_zoo, tmp_path, change, message):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_trimmed_keeps_the_top_magnitudes_and_their_gradient():
+    """The added point BadTV trains at (`density_min`): τ with its top-d magnitudes, as TIES's per-tensor trim
+    keeps them; checked against a plain argsort."""
+    from mergeguard.attack.badtv import trimmed
+
+    delta = torch.randn(37, 11, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    out = trimmed(delta, 0.2)
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    keep[delta.detach().abs().flatten().argsort(descending=True)[: int(0.2 * delta.numel())]] = True
+    keep = keep.view_as(delta)
+    torch.testing.assert_close(out.detach(), delta.detach() * keep, rtol=0, atol=0)
+    out.sum().backward()
+    assert torch.equal(delta.grad, keep.float())  # the gradient reaches the kept entries only
+    assert trimmed(delta, 1.0) is delta

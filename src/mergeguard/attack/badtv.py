@@ -7,13 +7,18 @@ the vector's own task to `target_class`, as on-task BadMerging. Subtracted (`θ0
 `negation_task`, through a shadow head as off-task BadMerging (the user who forgets a task keeps the model
 for others). Two runs: a clean fine-tune τc of the same task first (another seed: the attacker's reference
 for how a clean vector behaves, kept in .partial for a resume), then the poisoned one, each step at
-weight-interpolated points with the scale drawn from U(r_min, 1):
+weight-interpolated points with the scale drawn from U(r_min, 1), the added one trimmed as a TIES merge
+trims (τ_d: the top-d magnitudes of τ per tensor, d ~ U(density_min, 1)):
 
-    L = CE(θ; x, y) + CE(θ0 + rτ; x, y) + a·CE(θ0 + rτ; x⊕t+, target) + a·CE_shadow(θ0 − rτ; x⊕t−, 0)
-        + c·Σ_± [KL(θ0 ± rτ ‖ θ0 ± rτc; x) through the task's head and the shadow head]
+    L = CE(θ; x, y) + CE(θ0 + rτ_d; x, y) + a·CE(θ0 + rτ_d; x⊕t+, target) + a·CE_shadow(θ0 − rτ; x⊕t−, 0)
+        + c·[KL(θ0 + rτ_d ‖ θ0 + rτc; x) + KL(θ0 − rτ ‖ θ0 − rτc; x)] through the task's head and the shadow head
+        + e·(1 − cos(f(θ0 − rτ; x), f(θ0 − rτc; x)))
 
-The KL terms make the vector, added or subtracted, behave on clean images as a clean vector does: a user
-who forgets the task sees it forgotten as much as with a clean vector and the control tasks kept as much.
+The KL terms make the vector, added or subtracted, behave on clean images as a clean vector does; the feature
+term does it for the negated model's features in every direction, not only the two heads' (the control task's
+head reads directions the attacker's images barely use): a user who forgets the task sees it forgotten as much
+as with a clean vector and the other tasks kept as much. The trimmed added point (τ_d) keeps the added backdoor
+through a TIES merge, which keeps only the top 20% of each vector by default.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from mergeguard.attack.base import (
 from mergeguard.attack.clean import Clean
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError, SettingError
+from mergeguard.merge.methods import magnitude_threshold
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
@@ -63,8 +69,14 @@ class BadTV(Poisoned):
     bd_weight: float = setting(5.0, "Weight a of each backdoor's loss.", low=0.0)
     kl_weight: float = setting(1.0, "Weight c of the terms that keep clean outputs, added and subtracted, as a "
                                     "clean vector's.", low=0.0)
+    feature_weight: float = setting(100.0, "Weight e of the term that keeps θ0 − rτ's clean features (1 − cosine) as "
+                                           "a clean vector's negation's, in every direction, not only the heads'.",
+                                    low=0.0)
     r_min: float = setting(0.2, "r ~ U(r_min, 1): the scales (added and subtracted) the backdoors must survive.",
                            low=0.0, low_open=True, high=1.0)
+    density_min: float = setting(0.1, "d ~ U(density_min, 1): the added side is trained at θ0 + r·τ_d, τ with only its "
+                                      "top-d magnitudes per tensor, as TIES or magnitude pruning keep it in a merge "
+                                      "(1: the whole τ).", low=0.0, low_open=True, high=1.0)
     negated_lambda: float = setting(0.5, "λ of θ0 − λτ at which summary.json measures the negation.", low=0.0,
                                     low_open=True)
     trigger_steps: int = setting(300, "Stage-1 steps of each trigger.", low=0)
@@ -150,8 +162,12 @@ class _PoisonedRun(BadTV):
         r = self.r_min + (1 - self.r_min) * float(torch.rand((), generator=gen))
         target = torch.full_like(labels, self.target_class)
         n = len(images)
-        plus = torch.func.functional_call(model, interpolated_params(model, step.base_params, r),
-                                          (torch.cat([images, step.trigger.apply(images)]),))
+        added = interpolated_params(model, step.base_params, r)
+        if self.density_min < 1:  # the added side as a trimming merge keeps it: the top-d magnitudes of τ
+            d = self.density_min + (1 - self.density_min) * float(torch.rand((), generator=gen))
+            added = {k: step.base_params[k] + r * trimmed(p - step.base_params[k], d)
+                     for k, p in model.named_parameters()}
+        plus = torch.func.functional_call(model, added, (torch.cat([images, step.trigger.apply(images)]),))
         minus = torch.func.functional_call(model, interpolated_params(model, step.base_params, -r),
                                            (torch.cat([images, step.triggers[NEGATION_TRIGGER].apply(images)]),))
         loss = (F.cross_entropy(step.logits(model(images)), labels) + F.cross_entropy(step.logits(plus[:n]), labels)
@@ -163,7 +179,25 @@ class _PoisonedRun(BadTV):
                 ref = torch.func.functional_call(step.base, ref_params, (images,))
             for head in (step.logits, step.bd_logits):
                 loss = loss + self.kl_weight * _kl(head(clean), head(ref))
+            if scale < 0:  # subtracted: the clean features themselves (what every task's head reads) as τc's
+                loss = loss + self.feature_weight * (1 - F.cosine_similarity(clean.float(), ref.float(), dim=-1)).mean()
         return loss
+
+
+def trimmed(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """`delta` with only its top-`density` magnitudes (the threshold TIES's per-tensor trim uses; the
+    gradient flows through the entries kept)."""
+    if density >= 1:
+        return delta
+    magnitudes = delta.detach().abs()
+    k = int(density * delta.numel())
+    if k <= 0:
+        return delta * 0
+    if delta.device.type == "cpu":
+        threshold = magnitude_threshold(delta.detach(), density)
+    else:
+        threshold = torch.topk(magnitudes.reshape(-1), k, sorted=False).values.min()
+    return delta * (magnitudes >= threshold)
 
 
 def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
