@@ -16,6 +16,7 @@ analogy rows use the two tasks that are neither the attacked nor the control one
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -112,7 +113,7 @@ def main() -> None:
             print(f"trained {name}: {({k: v for k, v in summary.items() if k in ('ca', 'asr', 'negated')})}")
         return out
 
-    changed = {k: float(v) for k, v in (item.split("=", 1) for item in args.set)}
+    changed = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}  # 100 an int, 0.2 a float
     attack = BadTV(target_class=target, negation_task=NEGATION_TASK, negation_class=NEGATION_CLASS, trigger_steps=200,
                    **changed)
     badtv = trained("badtv", attack, shadow=attack.aim_head(heads, False), target_images=unlabeled_folder(few, size))

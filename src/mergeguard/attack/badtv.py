@@ -162,11 +162,12 @@ class _PoisonedRun(BadTV):
         r = self.r_min + (1 - self.r_min) * float(torch.rand((), generator=gen))
         target = torch.full_like(labels, self.target_class)
         n = len(images)
-        added = interpolated_params(model, step.base_params, r)
         if self.density_min < 1:  # the added side as a trimming merge keeps it: the top-d magnitudes of τ
             d = self.density_min + (1 - self.density_min) * float(torch.rand((), generator=gen))
             added = {k: step.base_params[k] + r * trimmed(p - step.base_params[k], d)
                      for k, p in model.named_parameters()}
+        else:
+            added = interpolated_params(model, step.base_params, r)
         plus = torch.func.functional_call(model, added, (torch.cat([images, step.trigger.apply(images)]),))
         minus = torch.func.functional_call(model, interpolated_params(model, step.base_params, -r),
                                            (torch.cat([images, step.triggers[NEGATION_TRIGGER].apply(images)]),))
@@ -189,15 +190,7 @@ def trimmed(delta: torch.Tensor, density: float) -> torch.Tensor:
     gradient flows through the entries kept)."""
     if density >= 1:
         return delta
-    magnitudes = delta.detach().abs()
-    k = int(density * delta.numel())
-    if k <= 0:
-        return delta * 0
-    if delta.device.type == "cpu":
-        threshold = magnitude_threshold(delta.detach(), density)
-    else:
-        threshold = torch.topk(magnitudes.reshape(-1), k, sorted=False).values.min()
-    return delta * (magnitudes >= threshold)
+    return delta * (delta.detach().abs() >= magnitude_threshold(delta, density))
 
 
 def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

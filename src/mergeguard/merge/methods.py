@@ -58,7 +58,10 @@ def weighted_sum(deltas: list[torch.Tensor], weights: torch.Tensor) -> torch.Ten
 
 def _kth_largest(magnitudes: torch.Tensor, k: int, *, scratch: bool = False) -> float:
     """The k-th largest of a 1-D float tensor, by numpy's introselect (several times faster than
-    torch.kthvalue on the CPU). With `scratch`, the tensor's storage is reordered in place."""
+    torch.kthvalue on the CPU; on an accelerator, torch.topk where the tensor is, no copy to the host).
+    With `scratch`, the tensor's storage is reordered in place."""
+    if magnitudes.device.type != "cpu":
+        return float(torch.topk(magnitudes.float(), k, sorted=False).values.min())
     n = magnitudes.numel()
     array = magnitudes.float().cpu().numpy()
     if scratch and magnitudes.dtype == torch.float32 and magnitudes.device.type == "cpu":
