@@ -20,6 +20,7 @@ from mergeguard.data.folders import labeled_folder
 from mergeguard.defend import LFPMConfig
 from mergeguard.models.encoder import load_encoder
 from mergeguard.models.heads import load_heads
+from mergeguard.scan import ScanConfig
 from mergeguard.workflows.demo import SETTINGS, DemoSettings, is_demo_folder, run_demo
 
 
@@ -98,21 +99,25 @@ def _printed_lines_rerun_the_demos_settings(commands: list[str], variables: dict
             if argv[0] in ("attack", "defend"):
                 CliRunner().invoke(app, argv)
     assert seen["attack"][1] == s.attack and seen["attack"][2] == s.train
-    assert seen["lfpm"][3] == s.lfpm
+    assert seen["lfpm"][3] == s.lfpm and seen["lfpm"][5] == s.scan  # `--heads`' scan: its settings too
     assert seen["ibvs"][5] == s.ibvs
 
 
 def test_demo_printed_commands_run_as_printed(tiny_zoo, tmp_path):
     """What the demo prints under "redo any step by hand" runs in a shell exactly as printed, in order, after
     the demo (new folders under $D/by-hand, nothing refused), and redoes the demo: the same numbers. Short
-    settings keep it quick; the printed lines carry whatever settings the demo ran with."""
+    settings keep it quick; the printed lines carry whatever settings the demo ran with, the scan's too (a
+    short scan, whose thresholds are lowered so that it still hands LFPM a trigger to start from)."""
     short = DemoSettings(attack=BadMerging(target_class=3, bd_weight=8.0, interpolation="weight", trigger_steps=3),
                          train=TrainSettings(steps=6, lr=5e-4, batch_size=16, logit_scale=10.0),
                          lfpm=LFPMConfig(epochs=1, batch_size=256, lr=1e-2, path_points=1, prompts=1,
                                          mine_warmup=5),
-                         ibvs=TrainSettings(steps=4, lr=5e-4, batch_size=16, logit_scale=10.0))
+                         ibvs=TrainSettings(steps=4, lr=5e-4, batch_size=16, logit_scale=10.0),
+                         scan=ScanConfig(steps=30, images=128, suspicious=0.1, backdoored=0.2))
     out = tmp_path / "demo dir"  # a space: the printed lines quote what a shell would split
     r = run_demo(out, size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=short)
+    defend_line = next(c for c in r["commands"] if c.startswith("mergeguard defend lfpm"))
+    assert "--scan-steps 30 --scan-images 128 --scan-suspicious 0.1 --scan-backdoored 0.2" in defend_line
     assert [c.split()[1] for c in r["commands"]] == ["zoo", "attack", "merge", "merge", "merge", "eval", "eval",
                                                       "eval", "defend", "eval", "defend", "eval"]
     script = "\n".join([f'mergeguard() {{ {shlex.quote(sys.executable)} -m mergeguard "$@"; }}', "set -e",

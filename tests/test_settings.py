@@ -51,6 +51,10 @@ def test_argv_lists_changed_fields_and_required_ones():
     toy = Toy(count=7, rate=1e-3, flag=True, device="cpu")
     assert settings.to_argv(toy) == ["--count", "7", "--rate", "0.001", "--flag", "--device", "cpu"]
     assert settings.to_argv(Toy(), always=("mode",)) == ["--mode", "a"]
+    # a command's second settings object, under prefixed flags, without the fields the command sets itself
+    assert settings.to_argv(toy, prefix="toy", skip=("device",)) == ["--toy-count", "7", "--toy-rate", "0.001",
+                                                                      "--toy-flag"]
+    assert settings.to_argv(Toy(flag=True), prefix="toy", skip=("flag",)) == []
 
 
 def _every_field_changed(obj):
@@ -106,6 +110,40 @@ def test_the_printed_lfpm_command_parses_back_to_the_same_settings(monkeypatch, 
     args = _captured(monkeypatch, defend, "defend_lfpm", argv)
     got = next(a for a in args if isinstance(a, LFPMConfig))
     assert got == cfg
+
+
+def test_the_scan_settings_of_defend_lfpm_heads_parse_back_and_errors_name_the_prefixed_flag(monkeypatch, tmp_path):
+    """`defend lfpm --heads` takes the scan's settings as --scan-* (device and seed are LFPM's): every one,
+    changed, reaches the scan; a bad one is one sentence naming its --scan-* flag, before anything is read."""
+    import mergeguard.defend as defend
+    import mergeguard.models.heads as heads_module
+    from mergeguard.defend.lfpm import SCAN_FROM_LFPM
+    from mergeguard.scan import ScanConfig
+
+    cfg = replace(LFPMConfig(), device="cpu", seed=5)
+    scan = replace(_every_field_changed(ScanConfig()), device="cpu", seed=5)
+    scan = replace(scan, backdoored=scan.suspicious + 1)  # the scan's own check: backdoored ≥ suspicious
+    assert scan != replace(ScanConfig(), device="cpu", seed=5)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "h.safetensors").write_bytes(b"")
+    common = ["defend", "lfpm", "--merged", str(tmp_path / "m"), "--base", str(tmp_path / "m"), "--shadow",
+              str(tmp_path / "m"), "-o", str(tmp_path / "o"), "--heads", str(tmp_path / "h.safetensors")]
+    argv = [*common, *settings.to_argv(cfg), *settings.to_argv(scan, prefix="scan", skip=SCAN_FROM_LFPM)]
+    assert "--scan-steps" in argv and "--scan-seed" not in argv and "--scan-device" not in argv
+    from types import SimpleNamespace
+
+    encoder = SimpleNamespace(image_size=32)
+    monkeypatch.setattr(defend, "load_models", lambda *a, **k: ([encoder, encoder], [], None))
+    monkeypatch.setattr(heads_module, "load_heads", lambda *a, **k: {})
+    monkeypatch.setattr("mergeguard.data.folders.unlabeled_folder", lambda *a, **k: [])
+    args = _captured(monkeypatch, defend, "defend_lfpm_scanned", argv)
+    assert next(a for a in args if isinstance(a, ScanConfig)) == scan
+    for bad, message in ((["--scan-steps", "0"], "--scan-steps must be at least 1 (got 0)."),
+                         (["--scan-suspicious", "2", "--scan-backdoored", "1"],
+                          "--scan-backdoored 1 is below the suspicious threshold 2.")):
+        result = CliRunner().invoke(app, [*common, *bad])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("name", ["badnets", "badmerging", "lobam"])

@@ -107,8 +107,8 @@ def targets_of(heads: dict[str, Head] | None) -> list[Target]:
 def check_config(cfg: ScanConfig) -> None:
     settings.check(cfg)
     if cfg.backdoored < cfg.suspicious:
-        raise SettingError("backdoored", f"{{name}} {cfg.backdoored:g} is below --suspicious "
-                                                  f"{cfg.suspicious:g}.")
+        raise SettingError("backdoored", f"{{name}} {cfg.backdoored:g} is below the suspicious threshold "
+                                         f"{cfg.suspicious:g}.")
 
 
 class MaskPrompt:

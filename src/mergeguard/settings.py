@@ -100,18 +100,21 @@ def changed(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f, _ in declared(obj) if getattr(obj, f.name) != f.default}
 
 
-def to_argv(obj: Any, *, always: Sequence[str] = ()) -> list[str]:
+def to_argv(obj: Any, *, always: Sequence[str] = (), prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
     """The CLI arguments that reproduce `obj` from the declared defaults: one `--flag value` per changed field
-    (and per field named in `always`, which a command requires), a bool as `--flag` / `--no-flag`."""
+    (and per field named in `always`, which a command requires), a bool as `--flag` / `--no-flag`. `prefix`:
+    the settings of a second object a command takes under prefixed flags (`--scan-steps`); fields in `skip`
+    (which the command sets from its own settings) are left out."""
     argv: list[str] = []
     for f, _ in declared(obj):
         name, value = f.name, getattr(obj, f.name)
-        if value == f.default and name not in always:
+        if name in skip or (value == f.default and name not in always):
             continue
+        option = flag(f"{prefix}_{name}" if prefix else name)
         if isinstance(value, bool):
-            argv.append(flag(name) if value else "--no-" + flag(name)[2:])
+            argv.append(option if value else "--no-" + option[2:])
         elif value is not None:
-            argv += [flag(name), f"{value:g}" if isinstance(value, float) else str(value)]
+            argv += [option, f"{value:g}" if isinstance(value, float) else str(value)]
     return argv
 
 

@@ -22,19 +22,20 @@ from mergeguard.models.encoder import load_encoder
 from mergeguard.progress import NullProgress
 
 
-def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path):
+def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path, shadow_subset):
     z = Path(tiny_zoo["root"])
     runner = CliRunner()
     merged = tmp_path / "merged"
     inputs = [str(z / "finetuned" / t) for t in tiny_zoo["tasks"]]
     assert runner.invoke(app, ["merge", str(z / "base"), *inputs, "-o", str(merged), "-q"]).exit_code == 0
     out = tmp_path / "defended"
+    shadow = shadow_subset(1000)  # 13 steps of 64 once 125 are held out (the whole folder and warm-up: 80 s)
     result = runner.invoke(app, ["defend", "lfpm", "--merged", str(merged), "--base", str(z / "base"),
-                                 "--shadow", str(z / "shadow"), "-o", str(out), "--epochs", "1", "--batch-size", "64",
-                                 "--lr", "1e-3", "--device", "cpu", "--json", "-", "-q"])
+                                 "--shadow", str(shadow), "-o", str(out), "--epochs", "1", "--batch-size", "64",
+                                 "--lr", "1e-3", "--mine-warmup", "3", "--device", "cpu", "--json", "-", "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    n = len(list((z / "shadow").glob("*.png")))
+    n = len(list(shadow.glob("*.png")))
     assert report["held_out_images"] == min(512, n // 8) and report["steps"] == (n - n // 8) // 64
     assert 0 < report["drift"] < 1 and report["chosen"]["lr"] == {"value": 1e-3, "why": "set by the user"}
     assert report["lambda_eff_start"] is not None and report["lambda_eff_end"] is not None
@@ -173,14 +174,14 @@ def test_lfpm_leaves_theta0_itself_alone(tiny_zoo):
     lr-sized steps: ‖τa‖ 12.7 after 320 steps at lr 1e-2, CA −1.1 points)."""
     z = Path(tiny_zoo["root"])
     base = load_encoder(str(z / "base"))
+    shadow = Subset(unlabeled_folder(z / "shadow", 32), range(640))  # 9 steps of 64 once 80 are held out
     cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, device="cpu")
-    _, tau, report = defend_lfpm(load_encoder(str(z / "base")), base, unlabeled_folder(z / "shadow", 32), cfg)
+    _, tau, report = defend_lfpm(load_encoder(str(z / "base")), base, shadow, cfg)
     assert all(e < 1e-8 for e in report["mined_excess_start"])  # rounding level: θ0 vs θm batch shapes
     assert report["idle_steps"] == report["steps"] and report["tau_norm"] == 0.0
     assert all(float(t.abs().max()) == 0.0 for t in tau.values())
     # the gate off: the same run moves τa (so the assertion above is the gate's doing)
-    _, _, drifting = defend_lfpm(load_encoder(str(z / "base")), base, unlabeled_folder(z / "shadow", 32),
-                                 replace(cfg, idle_tolerance=0.0))
+    _, _, drifting = defend_lfpm(load_encoder(str(z / "base")), base, shadow, replace(cfg, idle_tolerance=0.0))
     assert drifting["tau_norm"] > 0 and drifting["idle_steps"] == 0
 
 
@@ -198,7 +199,8 @@ def test_lfpm_under_bf16_autocast_as_on_one_gpu(tiny_zoo, monkeypatch):
 
     z = Path(tiny_zoo["root"])
     shadow = Subset(unlabeled_folder(z / "shadow", 32), range(512))
-    cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, device="cpu")
+    # one path point: CPU bf16 matmuls are slow (4 points: 82 s, cos 0.982; 1 point: 40 s, cos 0.983)
+    cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, path_points=1, device="cpu")
     _, tau_fp32, _ = defend_lfpm(*_encoders(z), shadow, cfg)
     bf16 = lambda device: torch.bfloat16  # noqa: E731
     monkeypatch.setattr(trainer_module, "autocast_dtype", bf16)
@@ -258,13 +260,14 @@ def test_lfpm_and_ibvs_reject_a_base_of_another_architecture(tiny_zoo):
         defend_ibvs(merged, other, head, unlabeled_folder(z / "shadow", 32), "colour", TrainSettings(device="cpu"))
 
 
-def test_lfpm_token_prompts(tiny_zoo, tmp_path):
+def test_lfpm_token_prompts(tiny_zoo, tmp_path, shadow_subset):
     """VPT prompts: tokens inserted after the class token; stage I finds an excess reaction on a
     fine-tuned model (not on θ0) and stage II moves τa."""
     z = Path(tiny_zoo["root"])
     out = tmp_path / "tok"
+    shadow = shadow_subset(640)  # 9 steps of 64 once 80 are held out
     result = CliRunner().invoke(app, ["defend", "lfpm", "--merged", str(z / "finetuned" / "shape"), "--base",
-                                      str(z / "base"), "--shadow", str(z / "shadow"), "-o", str(out), "--epochs", "1",
+                                      str(z / "base"), "--shadow", str(shadow), "-o", str(out), "--epochs", "1",
                                       "--batch-size", "64", "--lr", "1e-3", "--prompt", "tokens", "--prompt-tokens",
                                       "3", "--prompts", "2", "--mine-warmup", "5", "--device", "cpu", "--json", "-",
                                       "-q"])
@@ -277,7 +280,7 @@ def test_lfpm_token_prompts(tiny_zoo, tmp_path):
     # on θ0 the same prompts find nothing: the excess is relative to θ0's own reaction to the tokens
     base = load_encoder(str(z / "base"))
     cfg = LFPMConfig(epochs=1, batch_size=64, prompt="tokens", prompts=1, mine_warmup=3, device="cpu")
-    _, _, on_theta0 = defend_lfpm(load_encoder(str(z / "base")), base, unlabeled_folder(z / "shadow", 32), cfg)
+    _, _, on_theta0 = defend_lfpm(load_encoder(str(z / "base")), base, unlabeled_folder(shadow, 32), cfg)
     assert on_theta0["mined_excess_start"][0] < 1e-8
 
 

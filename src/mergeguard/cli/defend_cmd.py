@@ -40,8 +40,9 @@ from mergeguard.cli._cli_utils import (
 from mergeguard.cli._errors import handle_errors
 from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
 from mergeguard.cli._settings import build, with_settings
-from mergeguard.defend.lfpm import LFPMConfig
+from mergeguard.defend.lfpm import SCAN_FROM_LFPM, LFPMConfig
 from mergeguard.defend.outputs import IBVS_OUTPUTS, LFPM_OUTPUTS, lfpm_results
+from mergeguard.scan import ScanConfig, check_config
 
 EXAMPLES = [
     "mergeguard defend lfpm --merged merged/ --base base/ --shadow imagenet_10k/ -o defended/",
@@ -62,6 +63,7 @@ ResumeOpt = Annotated[bool, typer.Option(
 defend_app = typer.Typer(help="Remove backdoors from a merged model.", no_args_is_help=True)
 
 
+@with_settings(ScanConfig, prefix="scan", skip=SCAN_FROM_LFPM, note="Scan (with --heads): ")
 @with_settings(LFPMConfig)
 def lfpm_command(
     merged: MergedOpt,
@@ -94,6 +96,7 @@ def lfpm_command(
     from mergeguard.trainer import distributed_rank
 
     cfg = build(LFPMConfig, settings)
+    scan_cfg = build(ScanConfig, settings, prefix="scan", checker=check_config, device=cfg.device, seed=cfg.seed)
     refuse_writing_over(out, [merged, base, shadow, *([heads] if heads else [])], LFPM_OUTPUTS + (".partial",))
     if not (resume and unfinished(out)):
         require_empty(out, overwrite, resumable=True, resume=resume)
@@ -104,11 +107,8 @@ def lfpm_command(
     with RichProgress(enabled=not quiet) as progress:
         ck = out / ".partial" / "lfpm.pt"
         if heads_d is not None:  # the scan guides LFPM's prompts and checks its output
-            from mergeguard.scan import ScanConfig
-
-            defended, _, report = defend.defend_lfpm_scanned(
-                merged_enc, base_enc, images, cfg, heads_d, ScanConfig(device=cfg.device, seed=cfg.seed), progress,
-                checkpoint=ck, resume=resume)
+            defended, _, report = defend.defend_lfpm_scanned(merged_enc, base_enc, images, cfg, heads_d, scan_cfg,
+                                                             progress, checkpoint=ck, resume=resume)
         else:
             defended, _, report = defend.defend_lfpm(merged_enc, base_enc, images, cfg, progress, checkpoint=ck,
                                                      resume=resume)

@@ -106,6 +106,7 @@ class LFPMConfig:
 # fp32 features, leaves a loss of ~2e-5 × E‖f‖² (tiny zoo), which Adam would turn into lr-sized steps;
 # the smallest real loss measured, a clean merge's first step, is ~1e-2 × E‖f‖²
 BF16_IDLE_TOLERANCE = 1e-4
+SCAN_FROM_LFPM = ("device", "seed")  # the scan of `defend lfpm --heads` runs on LFPM's device with its seed
 FEW_SHADOW = 1000  # the tiny zoo, clean merge, 3 seeds: 512 images cost 2.0-2.9 CA points, 2048 cost 1.3-1.8
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,8 @@ class DemoSettings:
     train: TrainSettings = field(default_factory=lambda: TrainSettings(  # the attack's fine-tune
         steps=500, lr=5e-4, batch_size=64, logit_scale=10.0))
     lfpm: LFPMConfig = field(default_factory=LFPMConfig)  # the defaults a user gets, on every zoo size
-    scan: ScanConfig = field(default_factory=ScanConfig)  # `defend lfpm --heads`'s scan (its defaults too)
+    # `defend lfpm --heads`'s scan (its defaults too; its device and seed are LFPM's, as in `defend lfpm`)
+    scan: ScanConfig = field(default_factory=ScanConfig)
     ibvs: TrainSettings = field(default_factory=lambda: TrainSettings(  # IBVS's two fine-tunes
         steps=250, lr=5e-4, batch_size=64, logit_scale=10.0))
 
@@ -113,6 +114,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.data.pictures import bar_chart, first_images
     from mergeguard.data.triggers import load_trigger
     from mergeguard.defend import defend_ibvs, defend_lfpm_scanned, write_ibvs_outputs, write_lfpm_outputs
+    from mergeguard.defend.lfpm import SCAN_FROM_LFPM
     from mergeguard.eval import evaluate
     from mergeguard.merge.engine import merge_checkpoints
     from mergeguard.models.encoder import load_encoder
@@ -216,7 +218,8 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     merged = load_encoder(str(out / "poisoned_merge"))
     shadow = unlabeled_folder(z / "shadow", image_size)
     # with the zoo's heads, as `defend lfpm --heads`: the scan starts LFPM's prompts and checks its output
-    defended, tau, report = defend_lfpm_scanned(merged, base, shadow, s.lfpm, heads, s.scan, progress)
+    scan_cfg = replace(s.scan, **{k: getattr(s.lfpm, k) for k in SCAN_FROM_LFPM})  # as `defend lfpm` runs it
+    defended, tau, report = defend_lfpm_scanned(merged, base, shadow, s.lfpm, heads, scan_cfg, progress)
     lfpm_dir = out / "lfpm"
     with staged_outputs(lfpm_dir) as stage:
         write_lfpm_outputs(stage, defended, merged, report.pop("prompt"), report,
@@ -224,7 +227,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
                            examples=first_images(shadow))
     commands.append(f"mergeguard defend lfpm --merged {dpath(out / 'poisoned_merge')} --base {zpath(z / 'base')} "
                     f"--shadow {zpath(z / 'shadow')} --heads {zpath(heads_file)} -o {dpath(lfpm_dir)} "
-                    f"{argv_text(to_argv(s.lfpm))}".rstrip())
+                    f"{argv_text(to_argv(s.lfpm) + to_argv(s.scan, prefix='scan', skip=SCAN_FROM_LFPM))}".rstrip())
     r = measure("lfpm", lfpm_dir)
     b, a = report["scan"]["before"], report["scan"]["after"]
     say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} "
