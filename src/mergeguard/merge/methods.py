@@ -61,13 +61,18 @@ def _kth_largest(magnitudes: torch.Tensor, k: int, *, scratch: bool = False) -> 
     torch.kthvalue on the CPU; on an accelerator, torch.topk where the tensor is, no copy to the host).
     With `scratch`, the tensor's storage is reordered in place."""
     if magnitudes.device.type != "cpu":
-        return float(torch.topk(magnitudes.float(), k, sorted=False).values.min())
+        return _kth_largest_in_place(magnitudes, k)
     n = magnitudes.numel()
     array = magnitudes.float().cpu().numpy()
     if scratch and magnitudes.dtype == torch.float32 and magnitudes.device.type == "cpu":
         array.partition(n - k)
         return float(array[n - k])
     return float(np.partition(array, n - k)[n - k])
+
+
+def _kth_largest_in_place(magnitudes: torch.Tensor, k: int) -> float:
+    """The k-th largest by torch.topk on the tensor's own device (an accelerator's; tested on the CPU)."""
+    return float(torch.topk(magnitudes.float(), k, sorted=False).values.min())
 
 
 def magnitude_threshold(delta: torch.Tensor, keep_fraction: float) -> float:
