@@ -49,6 +49,11 @@ def declared(cls_or_obj: Any) -> list[tuple[dataclasses.Field, Spec]]:
     return [(f, f.metadata[KEY]) for f in dataclasses.fields(cls_or_obj) if KEY in f.metadata]
 
 
+def prefixed(name: str, prefix: str = "") -> str:
+    """A field's name as a command holds it: `PREFIX_NAME` for a second settings object under `prefix`."""
+    return f"{prefix}_{name}" if prefix else name
+
+
 def flag(name: str) -> str:
     """A field's CLI flag."""
     return "--" + name.replace("_", "-")
@@ -110,7 +115,7 @@ def to_argv(obj: Any, *, always: Sequence[str] = (), prefix: str = "", skip: Seq
         name, value = f.name, getattr(obj, f.name)
         if name in skip or (value == f.default and name not in always):
             continue
-        option = flag(f"{prefix}_{name}" if prefix else name)
+        option = flag(prefixed(name, prefix))
         if isinstance(value, bool):
             argv.append(option if value else "--no-" + option[2:])
         elif value is not None:

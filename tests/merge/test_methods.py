@@ -237,7 +237,7 @@ def test_kth_largest_on_an_accelerator_path_equals_the_cpu_path_and_a_sort(dtype
     """`_kth_largest` selects with numpy on the CPU and with torch.topk where an accelerator's tensor lives;
     the topk path runs here on the CPU tensor itself: both equal a plain descending sort's k-th entry, ties
     and repeated values included."""
-    from mergeguard.merge.methods import _kth_largest, _kth_largest_in_place
+    from mergeguard.merge.methods import _kth_largest, _kth_largest_topk
 
     g = torch.Generator().manual_seed(3)
     for n in (1, 7, 1000, 4097):
@@ -245,6 +245,6 @@ def test_kth_largest_on_an_accelerator_path_equals_the_cpu_path_and_a_sort(dtype
         values[: n // 3] = values[0]  # repeated magnitudes
         for k in sorted({1, max(1, n // 5), n}):
             expected = float(values.float().sort(descending=True).values[k - 1])
-            assert _kth_largest_in_place(values, k) == expected
+            assert _kth_largest_topk(values, k) == expected
             assert _kth_largest(values.clone(), k) == expected
             assert _kth_largest(values.float().clone(), k, scratch=True) == expected

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from mergeguard.errors import SettingError
-from mergeguard.settings import check, declared, flag
+from mergeguard.settings import check, declared, flag, prefixed
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ def settings_options(*classes: type, required: Sequence[str] = (), skip: Sequenc
     for cls in classes:
         hints = typing.get_type_hints(cls)
         for f, spec in declared(cls):
-            key = f"{prefix}_{f.name}" if prefix else f.name
+            key = prefixed(f.name, prefix)
             if not spec.cli or f.name in skip or key in params:
                 continue
             name = flag(key)
@@ -67,11 +67,10 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "", checker: Calla
     checked (`checker`: its declaration's ranges, or a stricter check) before the command reads or writes
     anything. `prefix`: the values are named `PREFIX_FIELD` (`with_settings(..., prefix=...)`), and an error
     names the prefixed flag."""
-    key = (lambda name: f"{prefix}_{name}") if prefix else (lambda name: name)
-    given = {f.name: values[key(f.name)] for f, _ in declared(cls) if key(f.name) in values}
+    given = {f.name: values[prefixed(f.name, prefix)] for f, _ in declared(cls) if prefixed(f.name, prefix) in values}
     obj = cls(**{**given, **override})
     try:
         checker(obj)
     except SettingError as exc:
-        raise SettingError(key(exc.field), exc.template) from None
+        raise SettingError(prefixed(exc.field, prefix) if exc.field else exc.field, exc.template) from None
     return obj

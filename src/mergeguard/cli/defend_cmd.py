@@ -40,7 +40,7 @@ from mergeguard.cli._cli_utils import (
 from mergeguard.cli._errors import handle_errors
 from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
 from mergeguard.cli._settings import build, with_settings
-from mergeguard.defend.lfpm import SCAN_FROM_LFPM, LFPMConfig
+from mergeguard.defend.lfpm import SCAN_FROM_LFPM, LFPMConfig, scan_settings_from
 from mergeguard.defend.outputs import IBVS_OUTPUTS, LFPM_OUTPUTS, lfpm_results
 from mergeguard.scan import ScanConfig, check_config
 
@@ -96,7 +96,7 @@ def lfpm_command(
     from mergeguard.trainer import distributed_rank
 
     cfg = build(LFPMConfig, settings)
-    scan_cfg = build(ScanConfig, settings, prefix="scan", checker=check_config, device=cfg.device, seed=cfg.seed)
+    scan_cfg = build(ScanConfig, settings, prefix="scan", checker=check_config, **scan_settings_from(cfg))
     refuse_writing_over(out, [merged, base, shadow, *([heads] if heads else [])], LFPM_OUTPUTS + (".partial",))
     if not (resume and unfinished(out)):
         require_empty(out, overwrite, resumable=True, resume=resume)

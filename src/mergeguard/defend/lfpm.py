@@ -660,6 +660,11 @@ def curvature(model: ImageEncoder, theta_m: dict, tau: dict, x: torch.Tensor, ta
     return float(h) / norm2
 
 
+def scan_settings_from(cfg: LFPMConfig) -> dict[str, Any]:
+    """The scan settings `defend lfpm --heads` takes from LFPM's own (`SCAN_FROM_LFPM`: its device and seed)."""
+    return {k: getattr(cfg, k) for k in SCAN_FROM_LFPM}
+
+
 def defend_lfpm_scanned(merged: ImageEncoder, base: ImageEncoder, shadow: Dataset, cfg: LFPMConfig,
                         heads: dict, scan_cfg: scan.ScanConfig, progress: ProgressSink | None = None, *,
                         checkpoint: Path | None = None, resume: bool = False

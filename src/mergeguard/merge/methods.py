@@ -61,16 +61,16 @@ def _kth_largest(magnitudes: torch.Tensor, k: int, *, scratch: bool = False) -> 
     torch.kthvalue on the CPU; on an accelerator, torch.topk where the tensor is, no copy to the host).
     With `scratch`, the tensor's storage is reordered in place."""
     if magnitudes.device.type != "cpu":
-        return _kth_largest_in_place(magnitudes, k)
+        return _kth_largest_topk(magnitudes, k)
     n = magnitudes.numel()
-    array = magnitudes.float().cpu().numpy()
-    if scratch and magnitudes.dtype == torch.float32 and magnitudes.device.type == "cpu":
+    array = magnitudes.float().numpy()
+    if scratch and magnitudes.dtype == torch.float32:
         array.partition(n - k)
         return float(array[n - k])
     return float(np.partition(array, n - k)[n - k])
 
 
-def _kth_largest_in_place(magnitudes: torch.Tensor, k: int) -> float:
+def _kth_largest_topk(magnitudes: torch.Tensor, k: int) -> float:
     """The k-th largest by torch.topk on the tensor's own device (an accelerator's; tested on the CPU)."""
     return float(torch.topk(magnitudes.float(), k, sorted=False).values.min())
 

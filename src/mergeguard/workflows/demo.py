@@ -114,7 +114,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.data.pictures import bar_chart, first_images
     from mergeguard.data.triggers import load_trigger
     from mergeguard.defend import defend_ibvs, defend_lfpm_scanned, write_ibvs_outputs, write_lfpm_outputs
-    from mergeguard.defend.lfpm import SCAN_FROM_LFPM
+    from mergeguard.defend.lfpm import SCAN_FROM_LFPM, scan_settings_from
     from mergeguard.eval import evaluate
     from mergeguard.merge.engine import merge_checkpoints
     from mergeguard.models.encoder import load_encoder
@@ -218,7 +218,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     merged = load_encoder(str(out / "poisoned_merge"))
     shadow = unlabeled_folder(z / "shadow", image_size)
     # with the zoo's heads, as `defend lfpm --heads`: the scan starts LFPM's prompts and checks its output
-    scan_cfg = replace(s.scan, **{k: getattr(s.lfpm, k) for k in SCAN_FROM_LFPM})  # as `defend lfpm` runs it
+    scan_cfg = replace(s.scan, **scan_settings_from(s.lfpm))  # as `defend lfpm --heads` runs it
     defended, tau, report = defend_lfpm_scanned(merged, base, shadow, s.lfpm, heads, scan_cfg, progress)
     lfpm_dir = out / "lfpm"
     with staged_outputs(lfpm_dir) as stage:
