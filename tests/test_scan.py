@@ -176,7 +176,15 @@ def test_cli_scans_inputs_writes_triggers_and_a_report(on_disk, tmp_path):
     report = json.loads((tmp_path / "s.json").read_text())
     assert [i["input"] for i in report["inputs"]] == [str(r / "ft"), str(r / "base")]
     assert report["inputs"][1]["score"] == 0.0  # θ0 as an input: a zero task vector
-    assert report["verdict"] in ("clean", "suspicious", "backdoored")
+    # θ0's zero vector reads clean; the overall verdict is the worst input's, each input's the one its score
+    # reaches at the thresholds it reports
+    assert report["inputs"][1]["verdict"] == "clean"
+    order = ["clean", "suspicious", "backdoored"]
+    for i in report["inputs"]:
+        t = i["threshold"]
+        assert i["verdict"] == ("backdoored" if i["score"] >= t["backdoored"] else
+                                "suspicious" if i["score"] >= t["suspicious"] else "clean")
+    assert report["verdict"] == max((i["verdict"] for i in report["inputs"]), key=order.index)
     for i in report["inputs"]:
         assert set(i) >= {"input", "score", "verdict", "threshold", "trigger", "target", "area", "where"}
         trig = load_trigger(i["trigger"])  # eval --trigger's reader

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import warnings
+
+import peft
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from packaging.version import Version
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -41,8 +47,37 @@ class Tiny(nn.Module):
         self.head = nn.Linear(8, 4)
 
 
+def _with_peft_version(adapter_dir, version):
+    """The adapter as a peft of `version` would have saved it (None: a config from before peft 0.18)."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if version is None:
+        config.pop("peft_version", None)
+    else:
+        config["peft_version"] = version
+    path.write_text(json.dumps(config))
+
+
+def _peft_merged(base_state, adapter_dir):
+    """What the installed peft's own loader gives for this adapter: from_pretrained, then merge_and_unload."""
+    model = Tiny()
+    model.load_state_dict(base_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's note that it doubled an old adapter's out_proj
+        loaded = PeftModel.from_pretrained(model, adapter_dir)
+    return {k: v.detach() for k, v in loaded.merge_and_unload().state_dict().items()}
+
+
+OUT_PROJ = {"blocks.0.attn.out_proj.weight", "blocks.1.attn.out_proj.weight"}
+INSTALLED_PEFT = Version(peft.__version__)
+
+
+# saved_by: the installed peft as it is, an old release, a dev build after the fix, and no version at all
+@pytest.mark.parametrize("saved_by", ["installed", "0.21.0", "0.21.1.dev0", None])
 @pytest.mark.parametrize("rslora", [False, True])
-def test_lora_adapter_equals_peft_merge_and_unload(tmp_path, rslora):
+def test_lora_adapter_equals_peft_merge_and_unload(tmp_path, rslora, saved_by, caplog):
+    if saved_by == "0.21.1.dev0" and INSTALLED_PEFT < Version("0.22.0"):
+        pytest.skip("a peft before 0.22 applies every out_proj update twice, whatever saved the adapter")
     torch.manual_seed(0)
     model = Tiny()
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -50,20 +85,58 @@ def test_lora_adapter_equals_peft_merge_and_unload(tmp_path, rslora):
     config = LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, init_lora_weights=False,
                         target_modules=["embed", "conv", "attn", "fc", "head"],
                         alpha_pattern={"head": 2})
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    merged = {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    if saved_by != "installed":
+        _with_peft_version(tmp_path / "adapter", saved_by)
+    merged = _peft_merged(base_state, tmp_path / "adapter")
 
     base, adapter = open_checkpoint(tmp_path / "base.safetensors"), open_checkpoint(tmp_path / "adapter")
     assert adapter.kind == "lora_adapter"
-    result = extract_task_vector(base, adapter, tmp_path / "tv.safetensors")
+    with caplog.at_level(logging.WARNING, logger="mergeguard"):
+        result = extract_task_vector(base, adapter, tmp_path / "tv.safetensors")
     assert result.source == "lora"
     tv = load_file(tmp_path / "tv.safetensors")
     assert open_checkpoint(tmp_path / "tv.safetensors").is_partial
     changed = {k for k in merged if not torch.equal(merged[k], base_state[k])}
     assert set(tv) == changed  # one dense update per LoRA-targeted weight, nothing else
+    assert OUT_PROJ <= changed
     for k, v in merged.items():
         torch.testing.assert_close(base_state[k] + tv.get(k, torch.zeros_like(v)), v, rtol=1e-5, atol=1e-6)
+    # the report says which rule was applied, to which modules, and why; the metadata carries it too
+    rule = result.lora_rule
+    assert set(rule["out_proj_modules"]) == OUT_PROJ
+    old = saved_by is None or saved_by == "0.21.0" or (saved_by == "installed" and INSTALLED_PEFT < Version("0.22"))
+    assert rule["out_proj_doubled"] is old
+    assert rule["peft_version"] == (peft.__version__ if saved_by == "installed" else saved_by)
+    provenance = json.loads(open_checkpoint(tmp_path / "tv.safetensors").metadata["mergeguard.provenance"])
+    assert provenance["lora"] == rule
+    warned = [r.getMessage() for r in caplog.records if "peft_version" in r.getMessage()]
+    assert len(warned) == (saved_by is None)  # one line when the config cannot tell
+
+
+def test_out_proj_rule_follows_the_saving_peft_not_the_installed_one(tmp_path):
+    """The same adapter weights, said to be saved before and after peft 0.22: out_proj's update is exactly
+    twice as large in the first, every other module the same."""
+    torch.manual_seed(2)
+    model = Tiny()
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp_path / "base.safetensors")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["attn", "fc"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "adapter")
+    tvs = {}
+    for version in ("0.21.0", "0.22.0"):
+        _with_peft_version(tmp_path / "adapter", version)
+        extract_task_vector(open_checkpoint(tmp_path / "base.safetensors"), open_checkpoint(tmp_path / "adapter"),
+                            tmp_path / f"{version}.safetensors")
+        tvs[version] = load_file(tmp_path / f"{version}.safetensors")
+    assert set(tvs["0.21.0"]) == set(tvs["0.22.0"])
+    for k in tvs["0.22.0"]:
+        factor = 2 if k in OUT_PROJ else 1
+        torch.testing.assert_close(tvs["0.21.0"][k], factor * tvs["0.22.0"][k])
+    _with_peft_version(tmp_path / "adapter", "not-a-version")
+    with pytest.raises(MergeguardError, match="not a version number"):
+        extract_task_vector(open_checkpoint(tmp_path / "base.safetensors"), open_checkpoint(tmp_path / "adapter"),
+                            tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_lora_adapter_for_a_differently_prefixed_base(tmp_path):

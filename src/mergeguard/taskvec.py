@@ -8,6 +8,7 @@ A task vector file is an ordinary safetensors checkpoint whose metadata says
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import statistics
@@ -28,6 +29,9 @@ from mergeguard.progress import NullProgress, ProgressSink
 PEFT_PREFIX = "base_model.model."
 _CHUNK = 1 << 22
 MHA_OUT_PROJ = ".base_layer.out_proj"
+PEFT_OUT_PROJ_FIX = "0.22.0"  # the first peft release that applies a MultiheadAttention out_proj update once
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class ExtractResult:
     tensors: int
     skipped: int
     norm: float
+    lora_rule: dict | None = None  # LoRA only: which out_proj rule was applied, why, and to which modules
 
 
 # -- inputs against the base, and their deltas -------------------------------------
@@ -151,8 +156,39 @@ def _match_base_key(module: str, base: Checkpoint) -> str | None:
     return None
 
 
-def lora_modules(adapter: Checkpoint, base: Checkpoint) -> list[LoraModule]:
-    """Read a PEFT adapter's config and tensor names; map each LoRA module onto a base tensor."""
+@dataclass(frozen=True)
+class OutProjRule:
+    """How a LoRA update of a MultiheadAttention's out_proj counts: twice for adapters saved by a peft before
+    0.22.0 (it applied that update twice, in training as in merge_and_unload), once after. Read from the
+    `peft_version` the adapter's config records, the way peft's own loader reads it: a config without one
+    predates peft 0.18 and counts twice; a dev build of 0.21.1 or later already has the fix."""
+
+    peft_version: str | None
+    doubled: bool
+    why: str
+
+    @classmethod
+    def of(cls, config: dict) -> OutProjRule:
+        from packaging.version import InvalidVersion, Version
+
+        saved = config.get("peft_version")
+        if not saved:
+            return cls(None, True, "the adapter's config has no peft_version (saved before peft 0.18), so, as peft "
+                                   f"does, its out_proj updates count twice (peft < {PEFT_OUT_PROJ_FIX})")
+        try:
+            version = Version(str(saved).partition("@")[0])
+        except InvalidVersion:
+            raise MergeguardError(f"the adapter's config says it was saved by peft {saved!r}, "
+                                  "which is not a version number.") from None
+        release = Version(version.base_version)
+        doubled = release < Version("0.21.1") or (not version.is_devrelease and release < Version(PEFT_OUT_PROJ_FIX))
+        how = "twice" if doubled else "once"
+        return cls(str(saved), doubled, f"saved by peft {saved}, which applied out_proj updates {how}")
+
+
+def lora_plan(adapter: Checkpoint, base: Checkpoint) -> tuple[list[LoraModule], dict]:
+    """Read a PEFT adapter's config and tensor names; map each LoRA module onto a base tensor. Also returns
+    the out_proj rule applied (`ExtractResult.lora_rule`: peft_version, out_proj_doubled, why, modules)."""
     cfg = adapter.adapter_config or {}
     if cfg.get("use_dora"):
         raise MergeguardError(f"{adapter.spec} is a DoRA adapter, which is not supported yet.")
@@ -162,7 +198,8 @@ def lora_modules(adapter: Checkpoint, base: Checkpoint) -> list[LoraModule]:
     default_r = cfg.get("r", 8)
     default_alpha = cfg.get("lora_alpha", default_r)
     rslora = bool(cfg.get("use_rslora", False))
-    modules = []
+    rule = OutProjRule.of(cfg)
+    modules, out_proj = [], []
     pairs = {
         ".lora_A.weight": (".lora_B.weight", "linear"),
         ".lora_embedding_A": (".lora_embedding_B", "embedding"),
@@ -187,9 +224,9 @@ def lora_modules(adapter: Checkpoint, base: Checkpoint) -> list[LoraModule]:
             alpha = _pattern_value(cfg.get("alpha_pattern"), module, default_alpha)
             scale = alpha / math.sqrt(r) if rslora else alpha / r
             if prefix.endswith(MHA_OUT_PROJ):
-                # PEFT's MultiheadAttention layer adds the out_proj update twice, in its forward as in
-                # merge_and_unload (peft 0.21): the adapter was trained under that function, so keep it.
-                scale *= 2
+                out_proj.append(base_key)
+                if rule.doubled:  # the adapter was trained under the function its peft computed
+                    scale *= 2
             if kind == "linear" and len(a_info.shape) == 4:
                 kind = "conv"
             modules.append(LoraModule(module, base_key, key, b_key, scale, kind,
@@ -205,7 +242,9 @@ def lora_modules(adapter: Checkpoint, base: Checkpoint) -> list[LoraModule]:
         )
     if not modules:
         raise MergeguardError(f"{adapter.spec} holds no LoRA weights (lora_A / lora_B).")
-    return modules
+    report = {"peft_version": rule.peft_version, "out_proj_doubled": rule.doubled if out_proj else None,
+              "why": rule.why if out_proj else "no MultiheadAttention out_proj module", "out_proj_modules": out_proj}
+    return modules, report
 
 
 def lora_delta(adapter: Checkpoint, m: LoraModule, shape: tuple[int, ...]) -> torch.Tensor:
@@ -252,8 +291,11 @@ def extract_task_vector(
     if finetuned.is_task_vector:
         raise MergeguardError(f"{finetuned.spec} is already a task vector.")
 
+    lora_rule = None
     if finetuned.kind == "lora_adapter":
-        modules = lora_modules(finetuned, base)
+        modules, lora_rule = lora_plan(finetuned, base)
+        if lora_rule["out_proj_modules"] and lora_rule["peft_version"] is None:
+            log.warning("%s: %s.", finetuned.spec, lora_rule["why"])
         by_key = {m.base_key: m for m in modules}
         names = [k for k in base.keys() if k in by_key]
         source, skipped = "lora", 0
@@ -272,6 +314,7 @@ def extract_task_vector(
         "command": command_line(),
         "source": source,
         "inputs": [input_record(base, "base"), input_record(finetuned, "finetuned")],
+        **({"lora": lora_rule} if lora_rule else {}),
     }
     metadata = build_metadata("task_vector", provenance, inherit_from=base)
     if source == "lora" or skipped:
@@ -288,7 +331,7 @@ def extract_task_vector(
             writer.write(planned.name, delta.to(planned.dtype))
             progress.advance()
         writer.commit()
-    return ExtractResult(Path(out), source, len(layout), skipped, math.sqrt(sq))
+    return ExtractResult(Path(out), source, len(layout), skipped, math.sqrt(sq), lora_rule)
 
 
 # -- statistics --------------------------------------------------------------------

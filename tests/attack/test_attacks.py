@@ -45,16 +45,20 @@ def test_attack_writes_every_output(tiny_zoo, tmp_path, kind):
     assert trigger.target_class == 1 and trigger.target_task == "shape"
     assert trigger.mask.sum() == 9  # ~1% of a 32 px image, bottom-right
     summary = json.loads((out / "summary.json").read_text())
-    assert 0 <= summary["ca"] <= 1 and 0 <= summary["asr"] <= 1
-    # eval reads the same trigger file and the poisoned model alone, and agrees with the summary
-    ev = CliRunner().invoke(app, [
-        "eval", str(out / "model.safetensors"), "--heads", str(z / "heads.safetensors"),
-        "--task", f"shape={z / 'data/shape/test'}", "--trigger", str(out / "trigger.safetensors"),
-        "--device", "cpu", "--json", "-", "-q"])
-    assert ev.exit_code == 0, ev.output
-    report = json.loads(ev.stdout)
+    # eval reads the same trigger file and the poisoned model alone, and agrees with the summary; the attack
+    # planted something: its model sends triggered images to the target more often than θ0 does
+    reports = {}
+    for name, model_path in (("attacked", out / "model.safetensors"), ("base", z / "base")):
+        ev = CliRunner().invoke(app, [
+            "eval", str(model_path), "--heads", str(z / "heads.safetensors"),
+            "--task", f"shape={z / 'data/shape/test'}", "--trigger", str(out / "trigger.safetensors"),
+            "--device", "cpu", "--json", "-", "-q"])
+        assert ev.exit_code == 0, ev.output
+        reports[name] = json.loads(ev.stdout)
+    report = reports["attacked"]
     assert report["tasks"]["shape"]["ca"] == pytest.approx(summary["ca"])
     assert report["asr_t"] == pytest.approx(summary["asr"])
+    assert summary["asr"] > reports["base"]["asr_t"], (summary["asr"], reports["base"]["asr_t"])
     if kind == "badnets":  # --resume on a finished run: nothing to resume, and its outputs are not replaced
         before = (out / "model.safetensors").stat().st_mtime_ns
         again = CliRunner().invoke(app, [
@@ -166,7 +170,8 @@ def test_off_task_badmerging(tiny_zoo, tmp_path):
     assert trigger.target_task == "colour" and trigger.target_class == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["badmerging"]["target_task"] == "colour"
-    assert summary["asr"] is None and 0 <= summary["ca"] <= 1
+    # off-task: no ASR on the task itself; the task's CA is measured (above chance after fine-tuning on it)
+    assert summary["asr"] is None and summary["ca"] > 1 / len(heads["shape"].classnames)
     for bad, message in ((["--mode", "off-task"], "--target-task"), (["--target-task", "colour"], "off-task"),
                          (["--mode", "off-task", "--target-task", "nope"], "no head for the target task"),
                          (["--mode", "sideways"], "unknown --mode")):

@@ -49,7 +49,7 @@ def test_badtv_writes_two_triggers_and_both_signs(tiny_zoo, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads(result.stdout)["negated"] == summary["negated"]
     neg = summary["negated"]
-    assert neg["lambda"] == 0.5 and 0 <= neg["ca"] <= 1 and 0 <= neg["shadow_asr"] <= 1
+    assert neg["lambda"] == 0.5 and "shadow_asr" in neg  # neg["ca"] is checked against eval below
     # the negation's CA is what eval says of θ0 − 0.5 τ (the model built here from the task vector file)
     tv, base = open_checkpoint(out / "task_vector.safetensors"), open_checkpoint(z / "base")
     negated = {k: base.get(k) - 0.5 * tv.get(k) for k in tv.keys()}

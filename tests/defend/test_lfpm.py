@@ -367,7 +367,7 @@ def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(ti
     ratios = sorted({r for r, _ in ref["_suspects"]})
     # a threshold between the two largest ratios: the targets at the largest pass it, the others not
     scan_cfg = replace(scan_cfg, suspicious=(ratios[-1] + ratios[-2]) / 2, backdoored=max(ratios[-1], 1.0))
-    _, _, report = defend_lfpm_scanned(merged, base, shadow, cfg, heads, scan_cfg)
+    defended, _, report = defend_lfpm_scanned(merged, base, shadow, cfg, heads, scan_cfg)
     want = [t for r, t in ref["_suspects"] if r >= scan_cfg.suspicious][: cfg.prompts]
     assert 1 <= len(want) < len(ref["_suspects"])
     assert report["chosen"]["scan_prompts"]["value"] == [f"{t.target_task}:{t.target_class}" for t in want]
@@ -376,7 +376,9 @@ def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(ti
         torch.testing.assert_close(report["prompt"][f"{i}.pattern"], t.pattern.clamp(1e-3, 1 - 1e-3), atol=1e-5,
                                    rtol=0)
     assert report["scan"]["before"]["score"] == pytest.approx(ref["score"])
-    assert report["scan"]["after"]["verdict"] in ("clean", "suspicious", "backdoored")
+    after = Scanner(base, stack_images(shadow), heads, scan_cfg).scan(defended)  # the model it returned
+    assert report["scan"]["after"]["score"] == pytest.approx(after["score"])
+    assert report["scan"]["after"]["verdict"] == after["verdict"]
     assert report["tau_norm"] > 0
     # no target reaches the threshold: nothing to remove, the merge comes back unchanged (τa = 0, no training) ...
     high = replace(scan_cfg, suspicious=ratios[-1] + 1, backdoored=ratios[-1] + 1)

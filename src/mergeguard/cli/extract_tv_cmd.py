@@ -57,13 +57,17 @@ def extract_tv_command(
         result = extract_task_vector(base_ckpt, ft_ckpt, out, dtype=dtype, allow_missing=allow_missing,
                                      overwrite=overwrite, progress=progress)
     write_json(json_out, {"out": str(result.out), "source": result.source, "tensors": result.tensors,
-                          "skipped": result.skipped, "norm": result.norm})
+                          "skipped": result.skipped, "norm": result.norm, "lora": result.lora_rule})
     if show_table(quiet, json_out):
         table = Table(title="task vector", show_header=False)
         table.add_row("output", str(result.out))
         table.add_row("from", "LoRA adapter (dense (alpha/r) B A)" if result.source == "lora" else "full fine-tune")
         table.add_row("tensors", str(result.tensors) + (f" ({result.skipped} skipped)" if result.skipped else ""))
         table.add_row("L2 norm", f"{result.norm:.4g}")
+        if result.lora_rule and result.lora_rule["out_proj_modules"]:
+            rule = result.lora_rule
+            table.add_row("attention out_proj", f"{len(rule['out_proj_modules'])} module(s) counted "
+                          f"{'twice' if rule['out_proj_doubled'] else 'once'}: {rule['why']}")
         out_console.print(table)
 
 
