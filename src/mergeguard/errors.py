@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class MergeguardError(Exception):
     """A problem with the user's input or environment, reported as one sentence (exit code 2).
@@ -39,3 +41,18 @@ def reason(exc: BaseException, limit: int = 160) -> str:
     line = next((ln for ln in lines if ln.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
     line = (line or type(exc).__name__).split(". ", 1)[0].rstrip(".")
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """" Did you mean 'ties'?" (the end of a sentence that lists the choices) for a mistyped choice, or "":
+    the choice it spells in other case, else the longest choice it contains (`ties_merging`), else the
+    shortest that contains it, else the closest spelling."""
+    import difflib
+
+    choices = list(choices)
+    key = word.lower().replace("-", "_")
+    exact = [c for c in choices if c.lower() == key]
+    inside = sorted((c for c in choices if len(c) >= 3 and c.lower() in key), key=len, reverse=True)
+    around = sorted((c for c in choices if len(key) >= 3 and key in c.lower()), key=len)
+    found = exact or inside or around or difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f" Did you mean {found[0]!r}?" if found else ""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mergeguard.errors import SettingError
+from mergeguard.errors import SettingError, did_you_mean
 
 KEY = "mergeguard.setting"
 
@@ -70,7 +70,8 @@ def check_value(name: str, spec: Spec, value: Any) -> None:
         return
     if spec.choices is not None:
         if value not in spec.choices:
-            raise SettingError(name, f"{{name}} must be one of {', '.join(spec.choices)} (got {value!r}).")
+            raise SettingError(name, f"{{name}} must be one of {', '.join(spec.choices)} (got {value!r})."
+                                     + did_you_mean(str(value), spec.choices))
         return
     if not isinstance(value, int | float):
         return

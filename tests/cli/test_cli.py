@@ -84,6 +84,26 @@ def test_inputs_are_never_modified(family, tmp_path):
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in files] == before
 
 
+def test_every_output_goes_into_missing_folders(family, tmp_path):
+    """One rule for every command that writes: missing parent folders are created, as `mkdir -p` would (the
+    README's quick start writes tv/cars.safetensors into a folder nobody made)."""
+    base, ft = family["base_path"], family["paths"][0]
+    tv = tmp_path / "a" / "tv" / "cars.safetensors"
+    assert invoke("extract-tv", base, ft, "-o", tv, "-q", "--json", tmp_path / "r1" / "x.json").exit_code == 0
+    assert tv.is_file() and (tmp_path / "r1" / "x.json").is_file()
+    for out in (tmp_path / "b" / "by-hand" / "clean_merge", tmp_path / "c" / "d" / "merged.safetensors"):
+        result = invoke("merge", base, *family["paths"], "-o", out, "-q")
+        assert result.exit_code == 0, result.output
+        assert out.exists()
+    result = invoke("inspect", tv, "--json", tmp_path / "e" / "f" / "inspect.json", "-q")
+    assert result.exit_code == 0 and (tmp_path / "e" / "f" / "inspect.json").is_file(), result.output
+    # a file where a folder must be: one sentence, nothing written
+    (tmp_path / "blocker").write_text("")
+    out = _one_error_line(invoke("merge", base, *family["paths"], "-o", tmp_path / "blocker" / "m"))
+    assert "is a file, not a folder" in out
+    assert invoke("inspect", tv, "--json", tmp_path / "blocker" / "x.json", "-q").exit_code == 2
+
+
 # -- bad input: one sentence, exit 2, nothing written ------------------------------
 def test_missing_file(family, tmp_path):
     out = _one_error_line(invoke("merge", family["base_path"], tmp_path / "nope.safetensors", "-o", tmp_path / "m"))
@@ -126,6 +146,8 @@ def test_missing_keys_error_then_allowed(family, tmp_path):
     ("args", "message"),
     [
         (["--method", "frankenmerge"], "unknown merge method"),
+        (["--method", "ties_merging"], "Did you mean 'ties'?"),
+        (["--method", "ties", "--normalize", "sums"], "Did you mean 'sum'?"),
         (["--method", "ties", "--density", "0"], "--density for ties must be in (0.0, 1.0]"),
         (["--method", "ties", "--density", "1.5"], "--density for ties must be in (0.0, 1.0]"),
         (["--method", "task_arithmetic", "--density", "0.5"], "--density is not a parameter of task_arithmetic"),
@@ -249,7 +271,8 @@ def test_output_under_a_file_is_one_sentence(family, tmp_path):
     assert "afile" in out
 
 
-def test_json_into_a_missing_folder_fails_before_any_work(family, tmp_path):
+def test_json_that_cannot_get_its_folder_fails_before_any_work(family, tmp_path):
+    (tmp_path / "nope").write_text("a file where the report's folder would be")
     result = invoke("merge", family["base_path"], family["paths"][0], "-o", tmp_path / "m", "--json",
                     tmp_path / "nope" / "r.json")
     assert result.exit_code == 2 and not (tmp_path / "m").exists()
@@ -323,3 +346,33 @@ def test_invalid_yaml_config_is_one_sentence(tmp_path):
     (tmp_path / "c.yaml").write_text("method: ties\n  lam: [0.3\n")
     out = _one_error_line(invoke("merge", "--config", tmp_path / "c.yaml"))
     assert "is not valid YAML (line 2, column 6)" in out and len(out.strip().splitlines()) == 1
+
+
+def _commands(cmd, path=()):
+    """Every leaf command of the CLI, with its path."""
+    if hasattr(cmd, "commands"):
+        for name, sub in cmd.commands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield path, cmd
+
+
+def test_help_texts_name_only_options_their_command_has():
+    """A help text that names an option names one of its own command's (`inspect --overwrite` once spoke of
+    an --out that inspect does not have); another command's flag is named with that command (`merge --subtract`)
+    or in backticks. Flags show as flags: no `<bool>` after them."""
+    import re
+
+    from typer.main import get_command
+
+    root = get_command(app)
+    names = {p[-1] for p, _ in _commands(root)} | {"attack", "defend", "zoo"}
+    for path, cmd in _commands(root):
+        flags = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        for text in [cmd.help or "", *(getattr(p, "help", "") or "" for p in cmd.params)]:
+            text = re.sub(r"`[^`]*`", "", text)
+            text = re.sub(rf"\b(?:{'|'.join(map(re.escape, names))}) --[a-z][a-z0-9-]*", "", text)
+            unknown = set(re.findall(r"--[a-z][a-z0-9-]*", text)) - flags
+            assert not unknown, (" ".join(path), unknown, text)
+        shown = invoke(*path, "--help").output
+        assert "<bool>" not in shown, " ".join(path)

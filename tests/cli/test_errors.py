@@ -147,3 +147,37 @@ def test_one_rule_for_an_existing_output_json_included(family, tmp_path):
     replaced = CliRunner().invoke(mergeguard_app, [*args, "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert json.loads(report.read_text())
+
+
+def mismatched_torch_command() -> None:
+    raise RuntimeError("operator torchvision::nms does not exist")
+
+
+def test_a_torch_and_torchvision_that_do_not_match_is_one_sentence_naming_both():
+    from importlib.metadata import version
+
+    result = run(mismatched_torch_command)
+    assert result.exit_code == EXIT_BAD_INPUT and "internal error" not in result.output, result.output
+    assert f"torch {version('torch')} and torchvision {version('torchvision')} do not match" in result.output
+
+
+def test_ctrl_c_while_the_cli_is_still_being_imported_is_one_line_and_130(monkeypatch, capsys):
+    """The console script (`mergeguard.__main__:run`) is all that runs before the imports: a Ctrl-C there
+    gives one line, no traceback."""
+    import sys
+    import types
+
+    import pytest
+
+    from mergeguard.__main__ import run as console_script
+
+    class StillImporting(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "mergeguard.cli", StillImporting("mergeguard.cli"))
+    with pytest.raises(SystemExit) as exit_info:
+        console_script()
+    assert exit_info.value.code == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err

@@ -86,6 +86,10 @@ def test_numeric_class_folders_index_the_head(tmp_path):
 def test_folder_errors(tmp_path):
     with pytest.raises(MergeguardError, match="does not exist"):
         labeled_folder(tmp_path / "nope", None, 8)
+    (tmp_path / "a_file.png").write_bytes(b"")
+    for read in (lambda p: labeled_folder(p, None, 8), lambda p: unlabeled_folder(p, 8)):
+        with pytest.raises(MergeguardError, match="is a file; give a folder"):
+            read(tmp_path / "a_file.png")
     (tmp_path / "empty").mkdir()
     with pytest.raises(MergeguardError, match="no class folders"):
         labeled_folder(tmp_path / "empty", None, 8)

@@ -256,7 +256,7 @@ def test_heads_command(tmp_path, tokenizer):
     base = save_full_clip(tmp_path / "clip.safetensors", model)
     for name in ("red_car", "blue_car"):
         (tmp_path / "mine" / name).mkdir(parents=True)
-    out = tmp_path / "heads.safetensors"
+    out = tmp_path / "not" / "yet" / "heads.safetensors"  # missing folders are created
     result = CliRunner().invoke(app, ["heads", "--base", str(base), "--task", "eurosat=eurosat",
                                       "--task", f"mine={tmp_path / 'mine'}", "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output

@@ -132,8 +132,7 @@ class CheckpointWriter:
                 )
         if self.out.exists() and not self.single_file and not self.out.is_dir():
             raise MergeguardError(f"{self.out} is a file; give a folder, or a path ending in .safetensors.")
-        if not self.out.parent.exists():
-            raise MergeguardError(f"the output folder {self.out.parent} does not exist.")
+        check_parents(self.out)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
         self._pos = 0
         self._shard_i = -1
@@ -147,6 +146,7 @@ class CheckpointWriter:
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> CheckpointWriter:
+        make_parents(self.out)
         self._remove(self.tmp)
         if not self.single_file:
             self.tmp.mkdir()
@@ -255,6 +255,24 @@ class CheckpointWriter:
         os.replace(self.out, old)
         os.replace(self.tmp, self.out)
         self._remove(old)
+
+
+def check_parents(out: str | Path) -> None:
+    """One sentence when an output cannot get its folder: a file stands where one of its folders must be.
+    Missing folders are fine: `make_parents` creates them when the output is written (one rule for every
+    command, as `mkdir -p` would)."""
+    out = Path(out).expanduser()
+    for folder in out.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise MergeguardError(f"cannot write {out}: {folder} is a file, not a folder.")
+            return
+
+
+def make_parents(out: str | Path) -> None:
+    """Create the missing folders above an output, when it is written (after `check_parents`)."""
+    check_parents(out)
+    Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
 def write_tensors(out: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,

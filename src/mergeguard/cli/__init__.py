@@ -23,9 +23,11 @@ from mergeguard.cli import (
     scan_cmd,
     zoo_cmd,
 )
+from mergeguard.cli._cli_utils import Group
 from mergeguard.cli._output import install_log_bridge
 
 app = typer.Typer(
+    cls=Group,
     name="mergeguard",
     help="Secure merged model checkpoints: extract task vectors, merge them, red-team and defend the merge.",
     no_args_is_help=True,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from typer.models import OptionInfo, ParameterInfo
 
 from mergeguard.cli._output import err_console
@@ -94,13 +95,40 @@ def read_paths(inputs: dict[str, Input], params: dict[str, Any]) -> list[Path]:
     return found
 
 
+# -- how commands and groups show their options ------------------------------------------
+class _FlagsShownAsFlags:
+    """A flag takes no value, so its help shows no type: typer ≥ 0.29 writes `--overwrite <bool>`, which
+    reads as if it took one (and `--overwrite true` then fails)."""
+
+    def get_params(self, ctx: Any) -> list:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsShownAsFlags, TyperCommand):
+    """Every mergeguard command's class (`cli._errors.add_command`)."""
+
+
+class Group(_FlagsShownAsFlags, TyperGroup):
+    """Every mergeguard command group's class (`typer.Typer(cls=Group)`)."""
+
+
 # -- option aliases, defined once --------------------------------------------------
 def _check_json_target(value: str | None) -> str | None:
     """Fail before any work when the JSON report could not be written."""
-    if value not in (None, "-") and not Path(value).expanduser().parent.is_dir():
-        raise typer.BadParameter(f"the folder of {value} does not exist.")
-    if value not in (None, "-") and Path(value).expanduser().is_dir():
+    if value in (None, "-"):
+        return value
+    if Path(value).expanduser().is_dir():
         raise typer.BadParameter(f"{value} is a folder; name a file.")
+    from mergeguard.checkpoint.writer import check_parents  # a missing folder is created when it is written
+
+    try:
+        check_parents(value)
+    except MergeguardError as exc:
+        raise typer.BadParameter(exc.sentence) from None
     return value
 
 
@@ -133,6 +161,8 @@ AllowMissingOpt = Annotated[
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Replace what is there: a non-empty --out and an existing --json FILE (without it, "
                         "both are refused).")]
+ReportOverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an existing --json FILE (without it, it is refused).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when present), cpu, cuda, cuda:1 ...")]
 
 BaseOpt = Annotated[str, typer.Option("--base", help="Pre-trained checkpoint (file, folder, Hub id)."), Input()]

@@ -16,8 +16,10 @@ from typing import Any
 import typer
 
 from mergeguard.cli._cli_utils import (
+    Command,
     Roles,
     command_roles,
+    examples,
     read_paths,
     refuse_existing_report,
     refuse_report_into_output,
@@ -64,11 +66,31 @@ class ErrorMapping:
     line: Callable[[Any], str]
     exit_code: int = EXIT_BAD_INPUT
     soft_wrap: bool = True  # one line, however long
+    matches: Callable[[BaseException], Any] = lambda exc: True  # narrower than the type, when set
 
 
 def _os_error(exc: OSError) -> str:  # disk full, permissions, a file where a folder should be ...
     where = f" {exc.filename}" if exc.filename else ""
     return f"[bold red]error:[/] cannot use{where}: {exc.strerror or exc}."
+
+
+def broken_torch_install(exc: BaseException) -> str | None:
+    """The sentence for a torch and torchvision that were not built together (a CPU wheel of one beside a
+    CUDA wheel of the other: torchvision's compiled operators fail to register), or None for anything else."""
+    text = str(exc)
+    if not (isinstance(exc, RuntimeError | ImportError) and "torchvision::" in text and "does not exist" in text):
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "(not installed)"
+
+    return (f"[bold red]error:[/] torch {installed('torch')} and torchvision {installed('torchvision')} do not "
+            "match (torchvision's compiled operators could not load): install the pair built for each other, "
+            "e.g. `pip install --force-reinstall torch torchvision` from one index.")
 
 
 # the first entry whose type matches wins; anything else (not typer's or click's own) is an internal error
@@ -78,6 +100,7 @@ CLI_ERROR_MAPPINGS: tuple[ErrorMapping, ...] = (
                                            f"{exc.phrased(flag(exc.field)) if exc.field else exc.sentence}"),
     ErrorMapping(MergeguardError, lambda exc: f"[bold red]error:[/] {exc.sentence}"),
     ErrorMapping(OSError, _os_error, soft_wrap=False),
+    ErrorMapping(Exception, broken_torch_install, matches=broken_torch_install),
 )
 
 
@@ -111,7 +134,7 @@ def handle_errors(fn: Callable) -> Callable:
         except PASS_THROUGH:
             raise
         except Exception as exc:
-            mapping = next((m for m in CLI_ERROR_MAPPINGS if isinstance(exc, m.kind)), None)
+            mapping = next((m for m in CLI_ERROR_MAPPINGS if isinstance(exc, m.kind) and m.matches(exc)), None)
             if mapping is not None:
                 err_console.print(mapping.line(exc), highlight=False, soft_wrap=mapping.soft_wrap)
                 raise typer.Exit(mapping.exit_code) from None
@@ -122,3 +145,9 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def add_command(app: typer.Typer, name: str, fn: Callable, example_lines: list[str], **kwargs: Any) -> None:
+    """Register `fn` as command `name` of `app`: its errors handled (`handle_errors`), its examples in its
+    help, its flags shown as flags (`Command`)."""
+    app.command(name, cls=Command, epilog=examples(*example_lines), **kwargs)(handle_errors(fn))

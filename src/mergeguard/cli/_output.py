@@ -116,9 +116,10 @@ def write_json(target: str | None, payload: dict) -> None:
     if target == "-":
         sys.stdout.write(text)
         return
-    path = Path(target)
+    path = Path(target).expanduser()
     tmp = path.parent / f".{path.name}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
         tmp.replace(path)
     except OSError as exc:

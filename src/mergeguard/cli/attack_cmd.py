@@ -23,6 +23,7 @@ from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
     ArchOpt,
     BaseOpt,
+    Group,
     HeadsOpt,
     Input,
     JsonOpt,
@@ -32,12 +33,11 @@ from mergeguard.cli._cli_utils import (
     Spec,
     TaskOpt,
     data_folders,
-    examples,
     note_resume,
     require_empty,
     unfinished,
 )
-from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
 from mergeguard.cli._settings import build, with_settings
 from mergeguard.errors import MergeguardError
@@ -91,7 +91,7 @@ DOCS = {
              "θ_benign + k (θ_malicious − θ_benign).",
 }
 
-attack_app = typer.Typer(help="Red-team a merge: produce a poisoned task vector with a known attack.",
+attack_app = typer.Typer(cls=Group, help="Red-team a merge: produce a poisoned task vector with a known attack.",
                          no_args_is_help=True)
 
 
@@ -187,6 +187,6 @@ def finetune_command(base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOp
 
 def register(app: typer.Typer) -> None:
     for name in ("badmerging", "badnets", "lobam", "badtv"):
-        attack_app.command(name, epilog=examples(*EXAMPLES[name]))(handle_errors(_attack_command(name)))
+        add_command(attack_app, name, _attack_command(name), EXAMPLES[name])
     app.add_typer(attack_app, name="attack")
-    app.command("finetune", epilog=examples(*EXAMPLES["finetune"]))(handle_errors(finetune_command))
+    add_command(app, "finetune", finetune_command, EXAMPLES["finetune"])

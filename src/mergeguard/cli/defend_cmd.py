@@ -22,6 +22,7 @@ from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
     ArchOpt,
     BaseOpt,
+    Group,
     HeadsOpt,
     Input,
     JsonOpt,
@@ -32,12 +33,11 @@ from mergeguard.cli._cli_utils import (
     Spec,
     TaskOpt,
     data_folders,
-    examples,
     note_resume,
     require_empty,
     unfinished,
 )
-from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
 from mergeguard.cli._settings import build, with_settings
 from mergeguard.defend.lfpm import SCAN_FROM_LFPM, LFPMConfig, scan_settings_from
@@ -60,7 +60,7 @@ ShadowOpt = Annotated[Path, typer.Option(
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Continue a killed run from OUT/.partial (same settings, same result).")]
 
-defend_app = typer.Typer(help="Remove backdoors from a merged model.", no_args_is_help=True)
+defend_app = typer.Typer(cls=Group, help="Remove backdoors from a merged model.", no_args_is_help=True)
 
 
 @with_settings(ScanConfig, prefix="scan", skip=SCAN_FROM_LFPM, note="Scan (with --heads): ")
@@ -185,6 +185,6 @@ def ibvs_command(
 
 
 def register(app: typer.Typer) -> None:
-    defend_app.command("lfpm", epilog=examples(*EXAMPLES))(handle_errors(lfpm_command))
-    defend_app.command("ibvs", epilog=examples(*IBVS_EXAMPLES))(handle_errors(ibvs_command))
+    add_command(defend_app, "lfpm", lfpm_command, EXAMPLES)
+    add_command(defend_app, "ibvs", ibvs_command, IBVS_EXAMPLES)
     app.add_typer(defend_app, name="defend")

@@ -20,9 +20,8 @@ from mergeguard.cli._cli_utils import (
     Output,
     OverwriteOpt,
     QuietOpt,
-    examples,
 )
-from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
     RichProgress,
     err_console,
@@ -102,4 +101,4 @@ def demo_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo", epilog=examples(*EXAMPLES))(handle_errors(demo_command))
+    add_command(app, "demo", demo_command, EXAMPLES)

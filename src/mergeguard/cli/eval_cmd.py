@@ -16,15 +16,11 @@ from mergeguard.cli._cli_utils import (
     DeviceOpt,
     Input,
     JsonOpt,
-    OverwriteOpt,
     QuietOpt,
+    ReportOverwriteOpt,
     Spec,
-    examples,
 )
-from mergeguard.cli._errors import (
-    EXIT_THRESHOLD,
-    handle_errors,
-)
+from mergeguard.cli._errors import EXIT_THRESHOLD, add_command
 from mergeguard.cli._output import (
     RichProgress,
     err_console,
@@ -75,7 +71,7 @@ def eval_command(
     device: DeviceOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     json_out: JsonOpt = None,
-    overwrite: OverwriteOpt = False,
+    overwrite: ReportOverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure clean accuracy (CA) per task and, with a trigger, attack success rate (ASR)."""
@@ -166,4 +162,4 @@ def eval_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval", epilog=examples(*EXAMPLES))(handle_errors(eval_command))
+    add_command(app, "eval", eval_command, EXAMPLES)

@@ -21,9 +21,8 @@ from mergeguard.cli._cli_utils import (
     OutOpt,
     OverwriteOpt,
     QuietOpt,
-    examples,
 )
-from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
     RichProgress,
     out_console,
@@ -72,4 +71,4 @@ def extract_tv_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("extract-tv", epilog=examples(*EXAMPLES))(handle_errors(extract_tv_command))
+    add_command(app, "extract-tv", extract_tv_command, EXAMPLES)

@@ -22,9 +22,8 @@ from mergeguard.cli._cli_utils import (
     OverwriteOpt,
     QuietOpt,
     Spec,
-    examples,
 )
-from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
     RichProgress,
     out_console,
@@ -88,4 +87,4 @@ def heads_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("heads", epilog=examples(*EXAMPLES))(handle_errors(heads_command))
+    add_command(app, "heads", heads_command, EXAMPLES)

@@ -19,11 +19,10 @@ from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
     Input,
     JsonOpt,
-    OverwriteOpt,
     QuietOpt,
-    examples,
+    ReportOverwriteOpt,
 )
-from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
     RichProgress,
     err_console,
@@ -52,7 +51,7 @@ def inspect_command(
         "--outlier-ratio", help="Flag a vector whose norm exceeds this multiple of the others' median.")] = 2.0,
     allow_pickle: AllowPickleOpt = False,
     json_out: JsonOpt = None,
-    overwrite: OverwriteOpt = False,
+    overwrite: ReportOverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Show tensors, dtypes and sizes; for task vectors, norms, cosines, sign conflicts and outliers."""
@@ -131,4 +130,4 @@ def inspect_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("inspect", epilog=examples(*EXAMPLES))(handle_errors(inspect_command))
+    add_command(app, "inspect", inspect_command, EXAMPLES)

@@ -26,11 +26,10 @@ from mergeguard.cli._cli_utils import (
     Output,
     OverwriteOpt,
     QuietOpt,
-    examples,
     refuse_report_into_output,
     refuse_report_over,
 )
-from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
     RichProgress,
     err_console,
@@ -175,9 +174,6 @@ def _signature() -> inspect.Signature:
 
 def register(app: typer.Typer) -> None:
     merge_command.__signature__ = _signature()  # type: ignore[attr-defined]
-    app.command(
-        "merge",
-        help=f"Merge task vectors onto a base model, tensor by tensor. Methods: {_method_help()}.",
-        short_help="Merge task vectors onto a base model (task arithmetic, TIES, DARE, LATA, ...).",
-        epilog=examples(*EXAMPLES),
-    )(handle_errors(merge_command))
+    add_command(app, "merge", merge_command, EXAMPLES,
+                help=f"Merge task vectors onto a base model, tensor by tensor. Methods: {_method_help()}.",
+                short_help="Merge task vectors onto a base model (task arithmetic, TIES, DARE, LATA, ...).")

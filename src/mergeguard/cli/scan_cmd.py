@@ -24,13 +24,12 @@ from mergeguard.cli._cli_utils import (
     Output,
     OverwriteOpt,
     QuietOpt,
-    examples,
     require_empty,
 )
-from mergeguard.cli._errors import EXIT_THRESHOLD, handle_errors
+from mergeguard.cli._errors import EXIT_THRESHOLD, add_command
 from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
 from mergeguard.cli._settings import build, with_settings
-from mergeguard.errors import MergeguardError
+from mergeguard.errors import MergeguardError, did_you_mean
 from mergeguard.scan import VERDICTS, ScanConfig
 
 EXAMPLES = [
@@ -82,7 +81,8 @@ def scan_command(
 
     cfg = build(ScanConfig, settings)
     if fail_on not in VERDICTS[1:]:
-        raise MergeguardError(f"--fail-on must be suspicious or backdoored, not {fail_on!r}.")
+        raise MergeguardError(f"--fail-on must be suspicious or backdoored, not {fail_on!r}."
+                              + did_you_mean(fail_on, ("suspicious", "backdoored")))
     inputs = list(inputs or [])
     if not inputs and merged is None:
         raise MergeguardError("give the inputs to scan (task vectors, fine-tuned checkpoints) or --merged MODEL.")
@@ -148,4 +148,4 @@ def _public(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("scan", epilog=examples(*EXAMPLES))(handle_errors(scan_command))
+    add_command(app, "scan", scan_command, EXAMPLES)

@@ -13,14 +13,14 @@ import typer
 from rich.table import Table
 
 from mergeguard.cli._cli_utils import (
+    Group,
     JsonOpt,
     Output,
     OverwriteOpt,
     QuietOpt,
-    examples,
     refuse_report_into_output,
 )
-from mergeguard.cli._errors import handle_errors
+from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
     RichProgress,
     out_console,
@@ -34,7 +34,7 @@ EXAMPLES = [
     "mergeguard zoo build --size tiny --force --json zoo.json",
 ]
 
-zoo_app = typer.Typer(help="The built-in tiny model family (no download).", no_args_is_help=True)
+zoo_app = typer.Typer(cls=Group, help="The built-in tiny model family (no download).", no_args_is_help=True)
 
 
 def zoo_build_command(
@@ -71,5 +71,5 @@ def zoo_build_command(
 
 
 def register(app: typer.Typer) -> None:
-    zoo_app.command("build", epilog=examples(*EXAMPLES))(handle_errors(zoo_build_command))
+    add_command(zoo_app, "build", zoo_build_command, EXAMPLES)
     app.add_typer(zoo_app, name="zoo")

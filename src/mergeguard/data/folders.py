@@ -54,6 +54,13 @@ class ImageFiles(Dataset):
         return image, self.labels[i]
 
 
+def _require_folder(root: Path, what: str) -> None:
+    if root.exists() and not root.is_dir():
+        raise MergeguardError(f"{root} is a file; give a folder of images.")
+    if not root.is_dir():
+        raise MergeguardError(f"the {what} folder {root} does not exist.")
+
+
 def labeled_folder(root: str | Path, classnames: list[str] | None, image_size: int) -> ImageFiles:
     """ROOT/<class>/<image> → dataset whose labels index `classnames` (the head's order).
 
@@ -61,8 +68,7 @@ def labeled_folder(root: str | Path, classnames: list[str] | None, image_size: i
     folders are named 0, 1, 2, ...; without class names, sorted folder order is the label order.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise MergeguardError(f"the data folder {root} does not exist.")
+    _require_folder(root, "data")
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     if not folders:
         raise MergeguardError(f"{root} has no class folders (expected {root}/<class>/<image>).")
@@ -95,8 +101,7 @@ def labeled_folder(root: str | Path, classnames: list[str] | None, image_size: i
 def unlabeled_folder(root: str | Path, image_size: int) -> ImageFiles:
     """Every image under ROOT (any depth), unlabeled: a shadow set."""
     root = Path(root)
-    if not root.is_dir():
-        raise MergeguardError(f"the image folder {root} does not exist.")
+    _require_folder(root, "image")
     files = _images_under(root)
     if not files:
         raise MergeguardError(f"{root} contains no images.")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mergeguard.errors import MergeguardError
+from mergeguard.errors import MergeguardError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Param:
         if self.choices is not None and value not in self.choices:
             raise MergeguardError(
                 f"{self.flag} for {method} must be one of {', '.join(self.choices)}, got {value!r}."
+                + did_you_mean(str(value), self.choices)
             )
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             bound = f"({self.low}" if self.low_open else f"[{self.low}"

@@ -6,7 +6,7 @@ the CLI builds its flags from the declarations and the YAML config is checked ag
 
 from __future__ import annotations
 
-from mergeguard.errors import MergeguardError
+from mergeguard.errors import MergeguardError, did_you_mean
 from mergeguard.merge import methods
 from mergeguard.merge.base import MergeMethod, Param, TensorContext
 
@@ -34,6 +34,7 @@ def get_method(name: str) -> MergeMethod:
     except KeyError:
         raise MergeguardError(
             f"unknown merge method {name!r}; choose one of: {', '.join(sorted(METHODS))}."
+            + did_you_mean(name, METHODS)
         ) from None
 
 

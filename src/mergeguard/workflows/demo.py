@@ -20,7 +20,7 @@ from typing import Any
 
 from mergeguard.attack import BadMerging, TrainSettings
 from mergeguard.defend import LFPMConfig
-from mergeguard.errors import MergeguardError
+from mergeguard.errors import MergeguardError, did_you_mean
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.scan import ScanConfig
 from mergeguard.settings import argv_text, to_argv
@@ -124,7 +124,8 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.workflows.zoo import build_zoo
 
     if size not in SETTINGS:
-        raise MergeguardError(f"unknown demo size {size!r}; choose one of: {', '.join(SETTINGS)}.")
+        raise MergeguardError(f"unknown demo size {size!r}; choose one of: {', '.join(SETTINGS)}."
+                              + did_you_mean(size, SETTINGS))
     progress = progress or NullProgress()
     say = say or (lambda _text: None)
     s = (settings or SETTINGS[size]).on(device)

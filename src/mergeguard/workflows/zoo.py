@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.data import procedural
-from mergeguard.errors import MergeguardError
+from mergeguard.errors import MergeguardError, did_you_mean
 from mergeguard.eval import evaluate
 from mergeguard.merge import merge_checkpoints
 from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
@@ -133,7 +133,8 @@ def build_zoo(out: str | Path | None = None, *, size: str = "tiny", seed: int = 
               progress: ProgressSink | None = None) -> dict[str, Any]:
     """Build (or load from the cache) the zoo; returns zoo.json's content with its `root`."""
     if size not in SIZES:
-        raise MergeguardError(f"unknown zoo size {size!r}; choose one of: {', '.join(SIZES)}.")
+        raise MergeguardError(f"unknown zoo size {size!r}; choose one of: {', '.join(SIZES)}."
+                              + did_you_mean(size, SIZES))
     progress = progress or NullProgress()
     root = (Path(out) if out else default_zoo_dir(size, seed)).expanduser().resolve()
     if holds_something_else(root):  # --force rebuilds a zoo; it never deletes a folder of something else
