@@ -24,16 +24,24 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
-class RichProgress:
-    """A ProgressSink drawn with rich on stderr, one bar per stage."""
+PROGRESS_INTERVAL_ENV = "MERGEGUARD_PROGRESS_INTERVAL"  # seconds between log lines (default 30)
 
-    def __init__(self, enabled: bool = True) -> None:
+
+class RichProgress:
+    """A ProgressSink on stderr: rich bars, one per stage, on a terminal; elsewhere (a CI log, `nohup`, a pipe),
+    where rich would draw the bars only at the end, plain lines as the work goes (`LineProgress`)."""
+
+    def __init__(self, enabled: bool = True, *, lines: bool | None = None) -> None:
         self.enabled = enabled
         self._progress: Progress | None = None
+        self._lines: LineProgress | None = None
         self._task = None
+        self._as_lines = not err_console.is_terminal if lines is None else lines
 
     def __enter__(self) -> RichProgress:
-        if self.enabled:
+        if self.enabled and self._as_lines:
+            self._lines = LineProgress(err_console)
+        elif self.enabled:
             self._progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -46,10 +54,14 @@ class RichProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._lines is not None:
+            self._lines.close(finished=exc[0] is None)
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
     def stage(self, description: str, total: int | None) -> None:
+        if self._lines is not None:
+            self._lines.stage(description, total)
         if self._progress is None:
             return
         if self._task is not None:
@@ -57,8 +69,64 @@ class RichProgress:
         self._task = self._progress.add_task(description, total=total)
 
     def advance(self, steps: int = 1) -> None:
+        if self._lines is not None:
+            self._lines.advance(steps)
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, steps)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class LineProgress:
+    """Progress as log lines: one when a stage starts, one at a steady interval while it runs (what, how far,
+    elapsed, rate, time left) and one when it ends, each printed at once, so a log shows where a run is."""
+
+    def __init__(self, console: Console, interval: float | None = None, clock=None) -> None:
+        import os
+        import time
+
+        self.console = console
+        self.interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, 30)) if interval is None else interval
+        self.clock = clock or time.monotonic
+        self.description: str | None = None
+        self.total: int | None = None
+        self.done = 0
+        self.started = self.last = 0.0
+
+    def _print(self, text: str) -> None:
+        self.console.print(escape(text), highlight=False, soft_wrap=True)
+        self.console.file.flush()
+
+    def stage(self, description: str, total: int | None) -> None:
+        self.close(finished=True)
+        self.description, self.total, self.done = description, total, 0
+        self.started = self.last = self.clock()
+        self._print(f"{description}: started" + (f" ({total} steps)" if total else ""))
+
+    def advance(self, steps: int = 1) -> None:
+        if self.description is None:
+            return
+        self.done += steps
+        now = self.clock()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        where = f"{self.done}/{self.total} ({self.done / self.total:.0%})" if self.total else f"{self.done}"
+        left = f", about {_clock((self.total - self.done) / rate)} left" if self.total and rate > 0 else ""
+        self._print(f"{self.description}: {where}, {_clock(elapsed)} elapsed, {rate:.3g} steps/s{left}")
+
+    def close(self, finished: bool) -> None:
+        if self.description is None:
+            return
+        elapsed = self.clock() - self.started
+        if finished:
+            self._print(f"{self.description}: done, {self.done} steps in {_clock(elapsed)}")
+        self.description = None
 
 
 # -- the library's log records -------------------------------------------------------
