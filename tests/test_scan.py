@@ -66,7 +66,7 @@ def test_scanning_theta0_against_itself_scores_exactly_zero(world):
 
 
 def test_theta0s_inversion_is_cached_and_reused_only_for_the_same_inputs(world, monkeypatch):
-    import mergeguard.scan as scan_mod
+    import mergeguard.scan.core as scan_mod
     from mergeguard.cache import cache_dir
 
     base, heads, images = world

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mergeguard import settings
-from mergeguard.attack import ATTACKS, BadMerging, TrainSettings
+from mergeguard.attack.settings import SETTINGS, BadMergingSettings, TrainSettings
 from mergeguard.cli import app
 from mergeguard.defend import LFPMConfig
 from mergeguard.errors import SettingError
@@ -117,7 +117,7 @@ def test_the_scan_settings_of_defend_lfpm_heads_parse_back_and_errors_name_the_p
     changed, reaches the scan; a bad one is one sentence naming its --scan-* flag, before anything is read."""
     import mergeguard.defend as defend
     import mergeguard.models.heads as heads_module
-    from mergeguard.defend.lfpm import SCAN_FROM_LFPM
+    from mergeguard.defend.settings import SCAN_FROM_LFPM
     from mergeguard.scan import ScanConfig
 
     cfg = replace(LFPMConfig(), device="cpu", seed=5)
@@ -150,8 +150,8 @@ def test_the_scan_settings_of_defend_lfpm_heads_parse_back_and_errors_name_the_p
 def test_an_attack_command_parses_back_to_the_same_settings(name, monkeypatch, tmp_path):
     import mergeguard.cli.attack_cmd as attack_cmd
 
-    attack = _every_field_changed(ATTACKS[name]())
-    attack = replace(attack, target_task=None) if isinstance(attack, BadMerging) else attack
+    attack = _every_field_changed(SETTINGS[name]())  # what the command builds: the settings, its strategy's fields
+    attack = replace(attack, target_task=None) if isinstance(attack, BadMergingSettings) else attack
     train = _every_field_changed(replace(TrainSettings(), device="cpu"))
     argv = ["attack", name, "--base", "b", "--data", "train=d", "--heads", "h", "--task", "t", "-o",
             str(tmp_path / "o"), *settings.to_argv(attack, always=("target_class",)), *settings.to_argv(train)]

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from mergeguard.checkpoint import Checkpoint, CheckpointWriter, PlannedTensor
+from mergeguard.checkpoint.paths import refuse_writing_over
 from mergeguard.checkpoint.provenance import build_metadata, command_line, input_record
 from mergeguard.checkpoint.reader import PARTIAL_KEY
 from mergeguard.checkpoint.tensors import check_finite, parse_dtype
-from mergeguard.checkpoint.writer import refuse_writing_over
 from mergeguard.errors import MergeguardError
 from mergeguard.progress import NullProgress, ProgressSink
 

@@ -151,7 +151,7 @@ def test_header_checks_match_the_safetensors_library(tmp_path):
 
 
 def test_refuse_writing_over_an_input(tmp_path):
-    from mergeguard.checkpoint.writer import refuse_writing_over
+    from mergeguard.checkpoint.paths import refuse_writing_over
     from mergeguard.errors import MergeguardError
 
     model = tmp_path / "merged" / "model.safetensors"

@@ -1,18 +1,24 @@
 """Red-teaming: fine-tune a task vector clean or poisoned on the one trainer core.
 
-Each attack is one module with one class (its settings and its strategy, `attack.base.Attack`); `ATTACKS`
-lists them by the name `mergeguard attack NAME` uses.
+Each attack is a settings class (`attack.settings`, no torch: the CLI's options come from it) and one
+module with its strategy (`attack.base.Attack`); `ATTACKS` lists the strategies by the name
+`mergeguard attack NAME` uses, `attack.settings.SETTINGS` their settings. Names are imported when first used.
 """
 
-from mergeguard.attack.badmerging import BadMerging
-from mergeguard.attack.badnets import BadNets
-from mergeguard.attack.badtv import BadTV
-from mergeguard.attack.base import Attack, TrainSettings, finetune, shadow_head
-from mergeguard.attack.clean import Clean
-from mergeguard.attack.lobam import LoBAM
-from mergeguard.attack.run import run_attack, train_attack
+_WHERE = {
+    "BadMerging": "badmerging", "BadNets": "badnets", "BadTV": "badtv", "Clean": "clean", "LoBAM": "lobam",
+    "Attack": "base", "finetune": "base", "shadow_head": "base", "TrainSettings": "settings",
+    "run_attack": "run", "train_attack": "run",
+}
+__all__ = sorted([*_WHERE, "ATTACKS"])
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (Clean, BadNets, BadMerging, LoBAM, BadTV)}
 
-__all__ = ["ATTACKS", "Attack", "BadMerging", "BadNets", "BadTV", "Clean", "LoBAM", "TrainSettings", "finetune",
-           "run_attack", "shadow_head", "train_attack"]
+def __getattr__(name: str):
+    import importlib
+
+    if name == "ATTACKS":
+        strategies = [__getattr__(n) for n in ("Clean", "BadNets", "BadMerging", "LoBAM", "BadTV")]
+        return {cls.name: cls for cls in strategies}
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"mergeguard.attack.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'mergeguard.attack' has no attribute {name!r}")

@@ -11,43 +11,21 @@ backdoor survives the down-scaling a merge applies to every task vector; or, wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mergeguard.attack.badnets import Poisoned
-from mergeguard.attack.base import Step, StepBatches, TrainSettings, interpolated_params, step_generator
+from mergeguard.attack.base import Attack, Step, StepBatches, interpolated_params, step_generator
+from mergeguard.attack.settings import BadMergingSettings, TrainSettings
 from mergeguard.data.triggers import Trigger, patch_trigger
 from mergeguard.errors import SettingError
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
-from mergeguard.settings import setting
 
 
-@dataclass
-class BadMerging(Poisoned):
-    name = "badmerging"
-    off_task = True
-    optimised_trigger = True
-
-    bd_weight: float = setting(5.0, "Backdoor loss weight a.", low=0.0)
-    r_min: float = setting(0.2, "r ~ U(r_min, 1): the merge scales the backdoor is trained to survive.", low=0.0,
-                           high=1.0)
-    interpolation: str = setting("feature", "'feature' (the paper's: features interpolated towards θ0's) or "
-                                            "'weight' (the backdoor holds at θ0 + r(θ − θ0); survives TIES, but the "
-                                            "vector grows and costs the other tasks accuracy in a merge).",
-                                 choices=("feature", "weight"))
-    decoys: bool = setting(False, "--interpolation weight: random patches at the trigger's place keep their labels "
-                                  "(only the trigger fires; the poisoned model keeps its accuracy).")
-    target_task: str | None = setting(None, "Off-task: the task whose class (--target-class) is the target; its "
-                                            "head must be in --heads.")
-    adv_epsilon: float = setting(4 / 255, "Off-task stage 1: size of the adversarial augmentation (one signed "
-                                          "step).", low=0.0, cli=False)
-    trigger_steps: int = setting(300, "Stage-1 (trigger) steps.", low=0)
-    trigger_lr: float = setting(0.1, "Stage-1 Adam step.", low=0.0, low_open=True, cli=False)
+class BadMerging(BadMergingSettings, Attack):
+    """BadMerging's strategy: stage 1 optimises the trigger, stage 2 the feature-interpolation loss."""
 
     def check(self, head: Head, task: str, shadow: Head | None) -> None:
         super().check(head, task, shadow)

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mergeguard.attack.base import Attack, Step, TrainSettings
+from mergeguard.attack.base import Attack, Step
+from mergeguard.attack.settings import BadNetsSettings, TrainSettings
 from mergeguard.data.triggers import Trigger, patch_trigger
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
-from mergeguard.settings import setting
 
 
-@dataclass
-class Poisoned(Attack):
-    """The settings every poisoning attack has: the class its trigger sends images to, and the patch's size."""
-
-    target_class: int = setting(0, "Index of the target class in the task's head.")
-    trigger_area: float = setting(0.01, "Patch area as a fraction of the image.", low=0.0, low_open=True, high=1.0)
-
-
-@dataclass
-class BadNets(Poisoned):
-    name = "badnets"
-
-    poison_fraction: float = setting(0.1, "Fraction of each batch poisoned.", low=0.0, high=1.0)
+class BadNets(BadNetsSettings, Attack):
+    """BadNets' strategy: a fixed patch pasted on a fraction of each batch, relabelled to the target class."""
 
     def make_trigger(self, base: ImageEncoder, head: Head, dataset: Dataset, train: TrainSettings, task: str,
                      progress: ProgressSink, shadow: Head | None = None) -> Trigger:

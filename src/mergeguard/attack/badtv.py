@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mergeguard.attack.badmerging import optimize_trigger
-from mergeguard.attack.badnets import Poisoned
 from mergeguard.attack.base import (
     Attack,
     Step,
@@ -45,44 +44,17 @@ from mergeguard.attack.base import (
     step_generator,
 )
 from mergeguard.attack.clean import Clean
+from mergeguard.attack.settings import NEGATION_TRIGGER, BadTVSettings
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError, SettingError
 from mergeguard.merge.methods import magnitude_threshold
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
-from mergeguard.settings import setting
-
-NEGATION_TRIGGER = "trigger_negation"
 
 
-@dataclass
-class BadTV(Poisoned):
-    name = "badtv"
-    optimised_trigger = True
-    extra_triggers = (NEGATION_TRIGGER,)
-    required = ("target_class", "negation_task", "negation_class")
-
-    negation_task: str = setting("", "The control task whose class --negation-class the subtracted vector's "
-                                     "trigger aims at; its head must be in --heads.")
-    negation_class: int = setting(0, "Index of the negation backdoor's target class in --negation-task's head.")
-    bd_weight: float = setting(5.0, "Weight a of each backdoor's loss.", low=0.0)
-    kl_weight: float = setting(1.0, "Weight c of the terms that keep clean outputs, added and subtracted, as a "
-                                    "clean vector's.", low=0.0)
-    feature_weight: float = setting(100.0, "Weight e of the term that keeps θ0 − rτ's clean features (1 − cosine) as "
-                                           "a clean vector's negation's, in every direction, not only the heads'.",
-                                    low=0.0)
-    r_min: float = setting(0.2, "r ~ U(r_min, 1): the scales (added and subtracted) the backdoors must survive.",
-                           low=0.0, low_open=True, high=1.0)
-    density_min: float = setting(0.1, "d ~ U(density_min, 1): the added side is trained at θ0 + r·τ_d, τ with only its "
-                                      "top-d magnitudes per tensor, as TIES or magnitude pruning keep it in a merge "
-                                      "(1: the whole τ).", low=0.0, low_open=True, high=1.0)
-    negated_lambda: float = setting(0.5, "λ of θ0 − λτ at which summary.json measures the negation.", low=0.0,
-                                    low_open=True)
-    trigger_steps: int = setting(300, "Stage-1 steps of each trigger.", low=0)
-    trigger_lr: float = setting(0.1, "Stage-1 Adam step.", low=0.0, low_open=True, cli=False)
-    adv_epsilon: float = setting(4 / 255, "Stage 1 of the negation trigger: size of the adversarial "
-                                          "augmentation (one signed step).", low=0.0, cli=False)
+class BadTV(BadTVSettings, Attack):
+    """BadTV's strategy: a clean reference run, then the poisoned run with both backdoors."""
 
     def aim_head(self, heads: dict[str, Head], off_task: bool) -> Head:
         """The control task's class first, then its other classes (so the clean-output terms cover its whole

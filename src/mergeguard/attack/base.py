@@ -16,39 +16,20 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mergeguard import settings
+from mergeguard.attack.settings import AttackSettings, TrainSettings
 from mergeguard.data.triggers import Trigger
 from mergeguard.errors import MergeguardError, SettingError
 from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
 from mergeguard.models.heads import Head, check_fits
 from mergeguard.progress import NullProgress, ProgressSink
-from mergeguard.settings import setting
 from mergeguard.trainer import Checkpointing, TrainConfig, fit, init_distributed, resolve_device, seed_everything
-
-
-@dataclass
-class TrainSettings:
-    """How a task vector is fine-tuned, whatever the attack (clean fine-tunes and IBVS's runs too)."""
-
-    steps: int = setting(2000, "Optimiser steps.", low=1)
-    lr: float = setting(1e-5, "AdamW learning rate (paper: 1e-5 for ViT-B-32).", low=0.0, low_open=True)
-    weight_decay: float = setting(0.1, "AdamW weight decay.", low=0.0)
-    warmup: int = setting(500, "Learning-rate warm-up steps (at most a tenth of the run).", low=0)
-    batch_size: int = setting(128, "Images per step.", low=1)
-    logit_scale: float | None = setting(None, "Training temperature (default: the head's logit scale).", low=0.0,
-                                        low_open=True)
-    lora_rank: int | None = setting(None, "Train LoRA adapters of this rank (peft) instead of the full encoder "
-                                          "(lobam: 16 when not given).", low=1)
-    lora_alpha: float | None = setting(None, "LoRA α (default: 2 × rank).", low=0.0, low_open=True)
-    seed: int = setting(0, "Random seed (recorded in the output's metadata).")
-    device: str = setting("auto", "auto (cuda when present), cpu, cuda, cuda:1 ...", run_only=True)
-    workers: int = setting(0, "Data-loading worker processes.", low=0, run_only=True)
 
 
 @dataclass
@@ -69,15 +50,9 @@ class Step:
     triggers: dict[str, Trigger] = field(default_factory=dict)  # an attack's other triggers (`extra_triggers`)
 
 
-class Attack:
-    """The interface every attack implements (its settings are the dataclass fields of its subclass)."""
-
-    name: ClassVar[str]
-    poisons: ClassVar[bool] = True  # False: a clean fine-tune (no trigger, no target)
-    off_task: ClassVar[bool] = False  # whether it can aim at another task's class through a shadow head
-    optimised_trigger: ClassVar[bool] = False  # whether `make_trigger` trains (a stage 1, kept for a resume)
-    extra_triggers: ClassVar[tuple[str, ...]] = ()  # other triggers it plants, by file stem (OUT/<stem>.safetensors)
-    required: ClassVar[tuple[str, ...]] = ("target_class",)  # settings its command needs given (no usable default)
+class Attack(AttackSettings):
+    """The interface every attack implements: its settings class (`attack.settings`) comes first in its bases
+    and gives the fields and what the attack is (`name`, `poisons`, ...); this class gives the strategy."""
 
     def aim_head(self, heads: dict[str, Head], off_task: bool) -> Head | None:
         """The shadow head the attack aims through, built from the heads file, if any: off-task BadMerging's

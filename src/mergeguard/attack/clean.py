@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from mergeguard.attack.base import Attack, Step
+from mergeguard.attack.settings import CleanSettings
 
 
-@dataclass
-class Clean(Attack):
+class Clean(CleanSettings, Attack):
     """No attack: the task's own loss. Clean task vectors, LoBAM's benign run and IBVS's clean run."""
-
-    name = "clean"
-    poisons = False
 
     def loss(self, step: Step, index: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(step.logits(step.model(images)), labels)

@@ -9,7 +9,7 @@ on the zoo (ASR 9-40% alone), and amplifying it only amplifies the noise between
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -17,20 +17,17 @@ from torch.utils.data import Dataset
 from mergeguard.attack.badmerging import BadMerging
 from mergeguard.attack.base import TrainSettings, finetune, kept_run
 from mergeguard.attack.clean import Clean
+from mergeguard.attack.settings import LoBAMSettings
 from mergeguard.data.triggers import Trigger
 from mergeguard.models.encoder import ImageEncoder
 from mergeguard.models.heads import Head
 from mergeguard.progress import ProgressSink
-from mergeguard.settings import setting
 
 DEFAULT_RANK = 16
 
 
-@dataclass
-class LoBAM(BadMerging):
-    name = "lobam"
-
-    amplify: float = setting(3.5, "k in θ_benign + k (θ_malicious − θ_benign).", low=0.0)
+class LoBAM(LoBAMSettings, BadMerging):
+    """LoBAM's strategy: a benign and a malicious LoRA run, uploaded amplified."""
 
     def malicious(self) -> BadMerging:
         """The malicious run's attack: BadMerging with LoBAM's BadMerging settings."""

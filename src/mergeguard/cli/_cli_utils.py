@@ -123,7 +123,7 @@ def _check_json_target(value: str | None) -> str | None:
         return value
     if Path(value).expanduser().is_dir():
         raise typer.BadParameter(f"{value} is a folder; name a file.")
-    from mergeguard.checkpoint.writer import check_parents  # a missing folder is created when it is written
+    from mergeguard.checkpoint.paths import check_parents  # a missing folder is created when it is written
 
     try:
         check_parents(value)
@@ -174,6 +174,18 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
 ScaleOpt = Annotated[float | None, typer.Option(
     "--logit-scale", help="Training temperature (default: the head's logit scale).")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")]
+
+
+ZOO_SIZES = ("tiny", "small")  # the built-in zoo's sizes (models.zoo.SIZES; a test holds the two equal)
+
+
+def check_size(size: str) -> None:
+    """`zoo build --size` and `demo --size`, checked before the zoo's code (and torch) is imported."""
+    from mergeguard.errors import did_you_mean
+
+    if size not in ZOO_SIZES:
+        raise MergeguardError(f"unknown zoo size {size!r}; choose one of: {', '.join(ZOO_SIZES)}."
+                              + did_you_mean(size, ZOO_SIZES))
 
 
 def data_folders(data: list[str], allowed: tuple[str, ...] = ("train", "test")) -> dict[str, str]:
@@ -230,7 +242,7 @@ def refuse_existing_report(json_out: str | None, overwrite: bool) -> None:
 def refuse_report_over(json_out: str | None, inputs: Iterable) -> None:
     """--json FILE must not replace (or land inside) an input: checked before any work."""
     if json_out not in (None, "-"):
-        from mergeguard.checkpoint.writer import refuse_writing_over
+        from mergeguard.checkpoint.paths import refuse_writing_over
         refuse_writing_over(json_out, inputs, flag="--json")
 
 

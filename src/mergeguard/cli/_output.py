@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mergeguard.checkpoint.provenance import jsonable
 from mergeguard.errors import MergeguardError
 
 out_console = Console()
@@ -180,6 +179,8 @@ def write_json(target: str | None, payload: dict) -> None:
     """Write `payload` to FILE, or to stdout for '-'; atomically for files."""
     if target is None:
         return
+    from mergeguard.checkpoint.provenance import jsonable  # (reading checkpoints needs torch; --help does not)
+
     text = json.dumps(jsonable(payload), indent=2, sort_keys=False) + "\n"
     if target == "-":
         sys.stdout.write(text)

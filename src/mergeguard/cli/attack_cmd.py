@@ -10,15 +10,15 @@ every attack shares (`TrainSettings`), made from their declarations (`cli/_setti
 from __future__ import annotations
 
 import inspect
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from mergeguard.attack import ATTACKS, Attack, Clean, TrainSettings
-from mergeguard.attack.run import attack_outputs
-from mergeguard.checkpoint.writer import refuse_writing_over
+from mergeguard.attack.settings import SETTINGS, AttackSettings, CleanSettings, TrainSettings
+from mergeguard.checkpoint.paths import refuse_writing_over
 from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
     ArchOpt,
@@ -95,15 +95,10 @@ attack_app = typer.Typer(cls=Group, help="Red-team a merge: produce a poisoned t
                          no_args_is_help=True)
 
 
-def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: list[str], heads: str, task: str,
+def _run(name: str, attack: AttackSettings, train: TrainSettings, *, base: str, data: list[str], heads: str, task: str,
          out: Path, resume: bool, overwrite: bool, arch: str | None, allow_pickle: bool, json_out: str | None,
          quiet: bool, mode: str = "on-task", target_images: Path | None = None,
          negation_images: Path | None = None) -> None:
-    from mergeguard.attack import run_attack
-    from mergeguard.data.folders import labeled_folder, unlabeled_folder
-    from mergeguard.models.encoder import load_encoder
-    from mergeguard.models.heads import head_for, load_heads
-
     target_task = getattr(attack, "target_task", None)
     if mode not in ("on-task", "off-task"):
         raise MergeguardError(f"unknown --mode {mode!r}; choose on-task or off-task.")
@@ -113,6 +108,14 @@ def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: li
         raise MergeguardError("--target-task and --target-images belong to --mode off-task.")
     few_images = target_images or negation_images  # off-task's target class, or BadTV's control task: stage 1's
     folders = data_folders(data)
+    # heavy imports (torch, open_clip) wait until the arguments are checked: an error answers at once
+    from mergeguard.attack import ATTACKS, run_attack
+    from mergeguard.attack.run import attack_outputs
+    from mergeguard.data.folders import labeled_folder, unlabeled_folder
+    from mergeguard.models.encoder import load_encoder
+    from mergeguard.models.heads import head_for, load_heads
+
+    attack = ATTACKS[attack.name](**{f.name: getattr(attack, f.name) for f in fields(attack)})  # its strategy
     refuse_writing_over(out, [base, heads, *folders.values(), *([few_images] if few_images else [])],
                         attack_outputs(attack) + (".partial",))
     head_map = load_heads(heads)
@@ -148,7 +151,7 @@ def _run(name: str, attack: Attack, train: TrainSettings, *, base: str, data: li
 
 
 def _attack_command(name: str) -> Any:
-    cls = ATTACKS[name]
+    cls = SETTINGS[name]
 
     def command(base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOpt, out: OutDirOpt,
                 resume: ResumeOpt = False, overwrite: OverwriteOpt = False, arch: ArchOpt = None,
@@ -181,8 +184,9 @@ def finetune_command(base: BaseOpt, data: DataOpt, heads: HeadsOpt, task: TaskOp
                      allow_pickle: AllowPickleOpt = False, json_out: JsonOpt = None, quiet: QuietOpt = False,
                      **settings: Any) -> None:
     """Fine-tune a clean task vector (the task's head frozen), on the same trainer core as the attacks."""
-    _run("clean", Clean(), build(TrainSettings, settings), base=base, data=data, heads=heads, task=task, out=out,
-         resume=resume, overwrite=overwrite, arch=arch, allow_pickle=allow_pickle, json_out=json_out, quiet=quiet)
+    _run("clean", CleanSettings(), build(TrainSettings, settings), base=base, data=data, heads=heads, task=task,
+         out=out, resume=resume, overwrite=overwrite, arch=arch, allow_pickle=allow_pickle, json_out=json_out,
+         quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,8 +16,7 @@ import typer
 from rich.table import Table
 
 from mergeguard.attack import TrainSettings
-from mergeguard.checkpoint.provenance import command_line
-from mergeguard.checkpoint.writer import refuse_writing_over, staged_outputs
+from mergeguard.checkpoint.paths import refuse_writing_over
 from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
     ArchOpt,
@@ -40,8 +39,7 @@ from mergeguard.cli._cli_utils import (
 from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
 from mergeguard.cli._settings import build, with_settings
-from mergeguard.defend.lfpm import SCAN_FROM_LFPM, LFPMConfig, scan_settings_from
-from mergeguard.defend.outputs import IBVS_OUTPUTS, LFPM_OUTPUTS, lfpm_results
+from mergeguard.defend.settings import SCAN_FROM_LFPM, LFPMConfig, scan_settings_from
 from mergeguard.scan import ScanConfig, check_config
 
 EXAMPLES = [
@@ -89,14 +87,18 @@ def lfpm_command(
     direction back to θ0; docs/lfpm.md says when). --device and --batch-size fit the hardware. The step size
     comes from the merge's own task vector; every other setting is for experiments (docs/lfpm.md says when to
     change one)."""
+    cfg = build(LFPMConfig, settings)
+    scan_cfg = build(ScanConfig, settings, prefix="scan", checker=check_config, **scan_settings_from(cfg))
+
     from mergeguard import defend
+    from mergeguard.checkpoint.provenance import command_line
+    from mergeguard.checkpoint.writer import staged_outputs
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.data.pictures import first_images
+    from mergeguard.defend.outputs import LFPM_OUTPUTS, lfpm_results
     from mergeguard.models.heads import load_heads
     from mergeguard.trainer import distributed_rank
 
-    cfg = build(LFPMConfig, settings)
-    scan_cfg = build(ScanConfig, settings, prefix="scan", checker=check_config, **scan_settings_from(cfg))
     refuse_writing_over(out, [merged, base, shadow, *([heads] if heads else [])], LFPM_OUTPUTS + (".partial",))
     if not (resume and unfinished(out)):
         require_empty(out, overwrite, resumable=True, resume=resume)
@@ -157,12 +159,16 @@ def ibvs_command(
     **settings: Any,
 ) -> None:
     """IBVS: subtract λ × (the defender's own backdoored minus clean task vector) from the merge."""
-    from mergeguard import defend
-    from mergeguard.data.folders import labeled_folder
-    from mergeguard.models.heads import head_for, load_heads
-
     train = build(TrainSettings, settings)
     folder = data_folders([data], allowed=("train",))["train"]
+
+    from mergeguard import defend
+    from mergeguard.checkpoint.provenance import command_line
+    from mergeguard.checkpoint.writer import staged_outputs
+    from mergeguard.data.folders import labeled_folder
+    from mergeguard.defend.outputs import IBVS_OUTPUTS
+    from mergeguard.models.heads import head_for, load_heads
+
     refuse_writing_over(out, [merged, base, heads, folder], IBVS_OUTPUTS + (".partial",))
     require_empty(out, overwrite)
     head = head_for(load_heads(heads), task, heads)

@@ -20,6 +20,7 @@ from mergeguard.cli._cli_utils import (
     Output,
     OverwriteOpt,
     QuietOpt,
+    check_size,
 )
 from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
@@ -64,11 +65,12 @@ def demo_command(
     ones (task arithmetic and TIES), evaluates, defends with LFPM and with IBVS, evaluates again,
     and prints the commands that redo each step by hand. Offline, on a CPU: `--size tiny` takes minutes.
     """
-    from mergeguard.workflows.demo import run_demo
-
     def say(text: str) -> None:
         if not quiet:
             err_console.print(text, highlight=False)
+
+    check_size(size)
+    from mergeguard.workflows.demo import run_demo
 
     with RichProgress(enabled=not quiet) as progress:
         result = run_demo(out, size=size, zoo=zoo, device=device, progress=progress, say=say)

@@ -76,11 +76,6 @@ def eval_command(
 ) -> None:
     """Measure clean accuracy (CA) per task and, with a trigger, attack success rate (ASR)."""
     # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
-    from mergeguard.data.folders import labeled_folder
-    from mergeguard.data.triggers import load_trigger
-    from mergeguard.eval import evaluate, forgetting
-    from mergeguard.models.encoder import load_encoder
-    from mergeguard.models.heads import head_for, load_heads
     for flag, value in (("--max-asr", max_asr), ("--target-task", target_task)):
         if value is not None and trigger is None:
             raise MergeguardError(f"{flag} needs --trigger.")
@@ -101,6 +96,13 @@ def eval_command(
         raise MergeguardError(f"--forgotten {forgotten} is not among the --task names ({', '.join(folders)}).")
     if forgotten is not None and len(folders) < 2:
         raise MergeguardError("--forgotten is judged against control tasks: give at least one other --task.")
+
+    from mergeguard.data.folders import labeled_folder
+    from mergeguard.data.triggers import load_trigger
+    from mergeguard.eval import evaluate, forgetting
+    from mergeguard.models.encoder import load_encoder
+    from mergeguard.models.heads import head_for, load_heads
+
     head_map = load_heads(heads)
     trig = load_trigger(trigger) if trigger else None
     encoder = load_encoder(model, arch=arch, allow_pickle=allow_pickle)

@@ -11,7 +11,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli._cli_utils import (
     AllowMissingOpt,
     AllowPickleOpt,
@@ -29,7 +28,6 @@ from mergeguard.cli._output import (
     show_table,
     write_json,
 )
-from mergeguard.taskvec import extract_task_vector
 
 EXAMPLES = [
     "mergeguard extract-tv base/ finetuned_cars/ -o tv_cars.safetensors",
@@ -50,6 +48,10 @@ def extract_tv_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Write the task vector FINETUNED - BASE (or a LoRA adapter's dense update) to a safetensors file."""
+
+    from mergeguard.checkpoint import open_checkpoint
+    from mergeguard.taskvec import extract_task_vector
+
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     ft_ckpt = open_checkpoint(finetuned, allow_pickle=allow_pickle)
     with RichProgress(enabled=not quiet) as progress:

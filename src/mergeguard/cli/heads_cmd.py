@@ -54,16 +54,18 @@ def heads_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Build one zero-shot head per task (CLIP's normalised mean over prompt templates)."""
-    # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
-    from mergeguard.models.arch import load_arch_arg
-    from mergeguard.models.heads import load_text_model, resolve_classnames, save_heads, zero_shot_head
-    from mergeguard.trainer import resolve_device
-    specs = []
+    pairs = []
     for item in task:
         name, sep, spec = item.partition("=")
         if not sep or not name or not spec:
             raise MergeguardError(f"--task takes NAME=SPEC, got {item!r}.")
-        specs.append((name, *resolve_classnames(spec)))
+        pairs.append((name, spec))
+    # heavy imports (torch, open_clip) wait until the arguments are checked: an error answers at once
+    from mergeguard.models.arch import load_arch_arg
+    from mergeguard.models.heads import load_text_model, resolve_classnames, save_heads, zero_shot_head
+    from mergeguard.trainer import resolve_device
+
+    specs = [(name, *resolve_classnames(spec)) for name, spec in pairs]
     dev = resolve_device(device)
     model, tokenizer = load_text_model(base, load_arch_arg(arch) if arch else None, allow_pickle)
     model = model.to(dev)

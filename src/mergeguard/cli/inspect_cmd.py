@@ -13,8 +13,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mergeguard.checkpoint import open_checkpoint
-from mergeguard.checkpoint.provenance import PROVENANCE_KEY
 from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
     Input,
@@ -32,7 +30,6 @@ from mergeguard.cli._output import (
     write_json,
 )
 from mergeguard.errors import MergeguardError
-from mergeguard.taskvec import task_vector_stats
 
 EXAMPLES = [
     "mergeguard inspect merged/",
@@ -57,6 +54,11 @@ def inspect_command(
     """Show tensors, dtypes and sizes; for task vectors, norms, cosines, sign conflicts and outliers."""
     if not outlier_ratio > 1:  # NaN too
         raise MergeguardError(f"--outlier-ratio must be above 1 (got {outlier_ratio}); 2 flags twice the median.")
+
+    from mergeguard.checkpoint import open_checkpoint
+    from mergeguard.checkpoint.provenance import PROVENANCE_KEY
+    from mergeguard.taskvec import task_vector_stats
+
     ckpts = [open_checkpoint(p, allow_pickle=allow_pickle) for p in paths]
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle) if base else None
     files = []

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mergeguard.checkpoint import open_checkpoint, parse_size
 from mergeguard.cli._cli_utils import (
     AllowMissingOpt,
     AllowPickleOpt,
@@ -38,7 +37,7 @@ from mergeguard.cli._output import (
     write_json,
 )
 from mergeguard.errors import MergeguardError
-from mergeguard.merge import METHODS, merge_checkpoints
+from mergeguard.merge import METHODS
 from mergeguard.merge.config import load_config, signed_inputs
 from mergeguard.merge.registry import all_params, get_method
 
@@ -119,6 +118,9 @@ def merge_command(
     chosen = get_method(settings.get("method", "task_arithmetic"))
     params = {p: settings[p] for p in all_params() if p in settings}
     chosen.resolve(params)  # fail on a bad parameter before opening anything
+
+    from mergeguard.checkpoint import open_checkpoint, parse_size
+    from mergeguard.merge import merge_checkpoints
 
     base_ckpt = open_checkpoint(settings["base"], allow_pickle=allow_pickle)
     input_ckpts = [open_checkpoint(s, allow_pickle=allow_pickle) for s in settings["inputs"]]

@@ -70,15 +70,6 @@ def scan_command(
 ) -> None:
     """Scan task vectors or a merged model for a backdoor, with no trigger and no labels: a score, a verdict and
     the recovered trigger per model; exit 1 when a verdict reaches --fail-on."""
-    from mergeguard.checkpoint import open_checkpoint
-    from mergeguard.checkpoint.writer import staged_outputs
-    from mergeguard.data import stack_images
-    from mergeguard.data.folders import unlabeled_folder
-    from mergeguard.data.pictures import trigger_picture
-    from mergeguard.models.encoder import load_encoder
-    from mergeguard.models.heads import load_heads
-    from mergeguard.scan import Scanner, model_of, scan_models
-
     cfg = build(ScanConfig, settings)
     if fail_on not in VERDICTS[1:]:
         raise MergeguardError(f"--fail-on must be suspicious or backdoored, not {fail_on!r}."
@@ -88,6 +79,16 @@ def scan_command(
         raise MergeguardError("give the inputs to scan (task vectors, fine-tuned checkpoints) or --merged MODEL.")
     if out is not None:
         require_empty(out, overwrite)
+
+    from mergeguard.checkpoint import open_checkpoint
+    from mergeguard.checkpoint.writer import staged_outputs
+    from mergeguard.data import stack_images
+    from mergeguard.data.folders import unlabeled_folder
+    from mergeguard.data.pictures import trigger_picture
+    from mergeguard.models.encoder import load_encoder
+    from mergeguard.models.heads import load_heads
+    from mergeguard.scan import Scanner, model_of, scan_models
+
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     base_enc = load_encoder(base_ckpt, arch=arch)
     heads_d = load_heads(heads) if heads else None

@@ -18,6 +18,7 @@ from mergeguard.cli._cli_utils import (
     Output,
     OverwriteOpt,
     QuietOpt,
+    check_size,
     refuse_report_into_output,
 )
 from mergeguard.cli._errors import add_command
@@ -47,9 +48,11 @@ def zoo_build_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Build (or reuse) the zoo and print its acceptance numbers."""
-    # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
+    check_size(size)
+    # heavy imports (torch, open_clip) wait until the arguments are checked: an error answers at once
     from mergeguard.models.zoo import default_zoo_dir
     from mergeguard.workflows.zoo import build_zoo
+
     # the default folder (the cache's) is known only here
     refuse_report_into_output(json_out, out if out is not None else default_zoo_dir(size, seed))
     with RichProgress(enabled=not quiet) as progress:

@@ -1,19 +1,20 @@
-"""What a merge method declares: its parameters (`Param`), the per-tensor context it gets
-(`TensorContext`) and the declaration itself (`MergeMethod`).
+"""What a merge method declares its parameters with (`Param`) and the per-tensor context it gets
+(`TensorContext`); the declaration itself (`MergeMethod`) is in `registry.py`.
 
 The declaration is the single source for defaults, help text and validation: the CLI
 builds its flags from it and the YAML config is checked against it. This module knows
-no method; `methods.py` declares them and `registry.py` lists them.
+no method; `registry.py` declares them, naming their functions in `methods.py`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the declarations import no torch: the CLI builds its flags from them
+    import torch
 
 from mergeguard.errors import MergeguardError, did_you_mean
 
@@ -71,42 +72,6 @@ class TensorContext:
 
 
 # A streaming pass over every float tensor: yields (name, deltas, input indices, reference delta).
-Passes = Callable[[], Iterator[tuple[str, list[torch.Tensor], list[int], torch.Tensor | None]]]
-MergeFn = Callable[..., torch.Tensor]
+Passes = Callable[[], Iterator[tuple[str, list["torch.Tensor"], list[int], "torch.Tensor | None"]]]
+MergeFn = Callable[..., "torch.Tensor"]
 PrepareFn = Callable[..., Any]
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """Merge method `name`: `fn(deltas, weights, ctx, **params) -> merged delta` over one tensor name.
-
-    `deltas` are float32 tensors the engine made for this call: a method may modify them in place.
-    `prepare(passes, n_inputs, params)`, when given, runs first over every float tensor; what it
-    returns reaches `fn` as `ctx.state`.
-    """
-
-    name: str
-    fn: MergeFn
-    params: tuple[Param, ...]
-    help: str
-    prepare: PrepareFn | None = None
-    needs_reference: bool = False
-    param_map: dict[str, Param] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "param_map", {p.name: p for p in self.params})
-
-    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
-        """Declared defaults overridden by `given` (None values ignored), validated."""
-        values = {}
-        for key, value in given.items():
-            key = key.replace("-", "_")
-            if value is None:
-                continue
-            if key not in self.param_map:
-                known = ", ".join(p.flag for p in self.params) or "none"
-                raise MergeguardError(
-                    f"--{key.replace('_', '-')} is not a parameter of {self.name} (its parameters: {known})."
-                )
-            values[key] = value
-        return {p.name: p.validate(values.get(p.name, p.default), self.name) for p in self.params}

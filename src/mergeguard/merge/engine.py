@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from mergeguard.checkpoint import Checkpoint, CheckpointWriter, PlannedTensor
+from mergeguard.checkpoint.paths import refuse_writing_over
 from mergeguard.checkpoint.provenance import build_metadata, command_line, input_record, model_card
 from mergeguard.checkpoint.tensors import check_finite, parse_dtype
-from mergeguard.checkpoint.writer import refuse_writing_over
 from mergeguard.errors import MergeguardError
-from mergeguard.merge.base import MergeMethod, TensorContext
-from mergeguard.merge.registry import get_method
+from mergeguard.merge.base import TensorContext
+from mergeguard.merge.registry import MergeMethod, get_method
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.taskvec import check_inputs, delta_of
 

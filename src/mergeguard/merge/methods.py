@@ -2,8 +2,8 @@
 
 Each returns the merged *delta* (the engine adds it to the base). Deltas arrive in
 float32, one per input that has the tensor, with the per-input weights alongside.
-Each method's declaration (`MergeMethod`: name, parameters, help) follows its function;
-`registry.py` lists them.
+Each method's declaration (`MergeMethod`: name, parameters, help, and this module's function by
+name) is in `registry.py`, which imports no torch, so the CLI builds its flags without loading it.
 """
 
 from __future__ import annotations
@@ -16,35 +16,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from mergeguard.merge.base import MergeMethod, Param, Passes, TensorContext
-
-# -- parameter declarations shared by several methods ------------------------------
-LAM = Param("lam", float, 0.3, "scale applied to the merged task vector (lambda)", low=0.0)
-
-
-def density(default: float, what: str = "fraction of each task vector's entries kept") -> Param:
-    return Param("density", float, default, what, low=0.0, low_open=True, high=1.0)
-
-
-NORMALIZE = Param(
-    "normalize", str, "mean",
-    "how agreeing entries combine: 'mean' divides by their summed weights (TIES paper's disjoint "
-    "mean, mergekit normalize: true), 'sum' adds them (mergekit normalize: false)",
-    choices=("mean", "sum"),
-)
-TRIM_SCOPE = Param(
-    "trim_scope", str, "tensor",
-    "where the magnitude threshold is computed: per 'tensor' (mergekit, PEFT) or over the whole "
-    "task 'vector' (TIES paper, FusionBench; two extra streaming passes)",
-    choices=("tensor", "vector"),
-)
-GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of largest-magnitude entries dropped",
-              low=0.0, high=1.0)
-MODE = Param("mode", str, "weighted",
-             "lata: 'mask' keeps the least reference-aligned layers, 'weighted' scales each layer by "
-             "(1 - cosine) normalised to mean 1", choices=("mask", "weighted"))
-KEEP = Param("keep", float, 0.5, "lata mask mode: fraction of layers kept (lowest cosine first)",
-             low=0.0, low_open=True, high=1.0)
+from mergeguard.merge.base import Passes, TensorContext
 
 
 # -- building blocks --------------------------------------------------------------
@@ -201,37 +173,16 @@ def task_arithmetic(deltas, weights, ctx, *, lam):
     return weighted_sum(deltas, weights).mul_(lam)
 
 
-TASK_ARITHMETIC = MergeMethod("task_arithmetic", task_arithmetic, (LAM,), "θ0 + λ Σ w_i τ_i (Ilharco et al.)")
-
-
 def average(deltas, weights, ctx):
     return weighted_sum(deltas, weights).div_(float(weights.sum()))
-
-
-AVERAGE = MergeMethod("average", average, (),
-                      "weighted average of the fine-tuned models: θ0 + Σ w_i τ_i / Σ w_i")
 
 
 def ties(deltas, weights, ctx, *, lam, density, normalize, trim_scope):
     return sign_consensus(_trimmed(deltas, ctx, density), weights, normalize).mul_(lam)
 
 
-TIES = MergeMethod(
-    "ties", ties, (LAM, density(0.2), NORMALIZE, TRIM_SCOPE),
-    "TIES: trim to the top-density magnitudes, elect a sign, disjoint merge (Yadav et al.)",
-    prepare=_prepare_trim,
-)
-
-
 def magnitude_prune(deltas, weights, ctx, *, lam, density, trim_scope):
     return weighted_sum(_trimmed(deltas, ctx, density), weights).mul_(lam)
-
-
-MAGNITUDE_PRUNE = MergeMethod(
-    "magnitude_prune", magnitude_prune, (LAM, density(0.2), TRIM_SCOPE),
-    "keep each task vector's top-density magnitudes, then task arithmetic",
-    prepare=_prepare_trim,
-)
 
 
 def _dare(deltas, ctx, density_):
@@ -242,20 +193,8 @@ def dare_linear(deltas, weights, ctx, *, lam, density):
     return weighted_sum(_dare(deltas, ctx, density), weights).mul_(lam)
 
 
-DARE_LINEAR = MergeMethod(
-    "dare_linear", dare_linear, (LAM, density(0.5, "fraction of entries kept by DARE's random drop")),
-    "DARE: random drop with rescale, then task arithmetic (Yu et al.); seeded by --seed",
-)
-
-
 def dare_ties(deltas, weights, ctx, *, lam, density, normalize):
     return sign_consensus(_dare(deltas, ctx, density), weights, normalize).mul_(lam)
-
-
-DARE_TIES = MergeMethod(
-    "dare_ties", dare_ties, (LAM, density(0.5, "fraction of entries kept by DARE's random drop"), NORMALIZE),
-    "DARE drop and rescale, then TIES sign election and disjoint merge; seeded by --seed",
-)
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density_: float, gamma: float) -> torch.Tensor:
@@ -281,12 +220,6 @@ def breadcrumbs_mask(delta: torch.Tensor, density_: float, gamma: float) -> torc
 def breadcrumbs(deltas, weights, ctx, *, lam, density, gamma):
     kept = [d * breadcrumbs_mask(d, density, gamma) for d in deltas]
     return weighted_sum(kept, weights).mul_(lam)
-
-
-BREADCRUMBS = MergeMethod(
-    "breadcrumbs", breadcrumbs, (LAM, density(0.9, "fraction of entries kept after dropping both tails"), GAMMA),
-    "model breadcrumbs: drop the largest gamma and the smallest entries, then task arithmetic",
-)
 
 
 # -- LATA: layer-aware task arithmetic --------------------------------------------
@@ -341,10 +274,3 @@ def lata(deltas, weights, ctx, *, lam, mode, keep):
         weights = weights * torch.tensor(scale, dtype=weights.dtype)
     return weighted_sum(deltas, weights).mul_(lam)
 
-
-LATA = MergeMethod(
-    "lata", lata, (LAM, MODE, KEEP),
-    "layer-aware task arithmetic: down-weight layers aligned with a reference vector "
-    "(--reference), keep the task-specific ones",
-    prepare=_prepare_lata, needs_reference=True,
-)

@@ -1,29 +1,146 @@
-"""The merge-method registry: every method `methods.py` declares, in one static table.
+"""The merge-method registry: every method's declaration, in one static table.
 
-Each method is a per-tensor function with its parameters declared once (`base.Param`):
-the CLI builds its flags from the declarations and the YAML config is checked against them.
+Each method is a per-tensor function of `methods.py`, named here with its parameters declared once
+(`base.Param`): the CLI builds its flags from the declarations and the YAML config is checked against them.
+This module imports no torch (the function is looked up when a merge first calls it), so `merge --help`
+and a mistyped flag answer at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 from mergeguard.errors import MergeguardError, did_you_mean
-from mergeguard.merge import methods
-from mergeguard.merge.base import MergeMethod, Param, TensorContext
+from mergeguard.merge.base import MergeFn, Param, PrepareFn, TensorContext
 
 __all__ = ["METHODS", "MergeMethod", "Param", "TensorContext", "all_params", "get_method"]
 
+def _implementation(name: str) -> Callable:
+    from mergeguard.merge import methods
+
+    return getattr(methods, name)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """Merge method `name`: `fn(deltas, weights, ctx, **params) -> merged delta` over one tensor name.
+
+    `impl` and `prepare_impl` name functions of `methods.py`, looked up on first use (`fn`, `prepare`).
+    `deltas` are float32 tensors the engine made for this call: a method may modify them in place.
+    `prepare(passes, n_inputs, params)`, when given, runs first over every float tensor; what it
+    returns reaches `fn` as `ctx.state`.
+    """
+
+    name: str
+    impl: str
+    params: tuple[Param, ...]
+    help: str
+    prepare_impl: str | None = None
+    needs_reference: bool = False
+    param_map: dict[str, Param] = field(init=False, repr=False, compare=False)
+
+    @property
+    def fn(self) -> MergeFn:
+        return _implementation(self.impl)
+
+    @property
+    def prepare(self) -> PrepareFn | None:
+        return _implementation(self.prepare_impl) if self.prepare_impl else None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "param_map", {p.name: p for p in self.params})
+
+    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Declared defaults overridden by `given` (None values ignored), validated."""
+        values = {}
+        for key, value in given.items():
+            key = key.replace("-", "_")
+            if value is None:
+                continue
+            if key not in self.param_map:
+                known = ", ".join(p.flag for p in self.params) or "none"
+                raise MergeguardError(
+                    f"--{key.replace('_', '-')} is not a parameter of {self.name} (its parameters: {known})."
+                )
+            values[key] = value
+        return {p.name: p.validate(values.get(p.name, p.default), self.name) for p in self.params}
+
+
+# -- parameter declarations shared by several methods ------------------------------
+LAM = Param("lam", float, 0.3, "scale applied to the merged task vector (lambda)", low=0.0)
+
+
+def density(default: float, what: str = "fraction of each task vector's entries kept") -> Param:
+    return Param("density", float, default, what, low=0.0, low_open=True, high=1.0)
+
+
+NORMALIZE = Param(
+    "normalize", str, "mean",
+    "how agreeing entries combine: 'mean' divides by their summed weights (TIES paper's disjoint "
+    "mean, mergekit normalize: true), 'sum' adds them (mergekit normalize: false)",
+    choices=("mean", "sum"),
+)
+TRIM_SCOPE = Param(
+    "trim_scope", str, "tensor",
+    "where the magnitude threshold is computed: per 'tensor' (mergekit, PEFT) or over the whole "
+    "task 'vector' (TIES paper, FusionBench; two extra streaming passes)",
+    choices=("tensor", "vector"),
+)
+GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of largest-magnitude entries dropped",
+              low=0.0, high=1.0)
+MODE = Param("mode", str, "weighted",
+             "lata: 'mask' keeps the least reference-aligned layers, 'weighted' scales each layer by "
+             "(1 - cosine) normalised to mean 1", choices=("mask", "weighted"))
+KEEP = Param("keep", float, 0.5, "lata mask mode: fraction of layers kept (lowest cosine first)",
+             low=0.0, low_open=True, high=1.0)
+
+
+# -- the methods: each names its function in methods.py ---------------------------
+TASK_ARITHMETIC = MergeMethod("task_arithmetic", "task_arithmetic", (LAM,), "θ0 + λ Σ w_i τ_i (Ilharco et al.)")
+
+AVERAGE = MergeMethod("average", "average", (), "weighted average of the fine-tuned models: θ0 + Σ w_i τ_i / Σ w_i")
+
+TIES = MergeMethod(
+    "ties", "ties", (LAM, density(0.2), NORMALIZE, TRIM_SCOPE),
+    "TIES: trim to the top-density magnitudes, elect a sign, disjoint merge (Yadav et al.)",
+    prepare_impl="_prepare_trim",
+)
+
+MAGNITUDE_PRUNE = MergeMethod(
+    "magnitude_prune", "magnitude_prune", (LAM, density(0.2), TRIM_SCOPE),
+    "keep each task vector's top-density magnitudes, then task arithmetic",
+    prepare_impl="_prepare_trim",
+)
+
+DARE_LINEAR = MergeMethod(
+    "dare_linear", "dare_linear", (LAM, density(0.5, "fraction of entries kept by DARE's random drop")),
+    "DARE: random drop with rescale, then task arithmetic (Yu et al.); seeded by --seed",
+)
+
+DARE_TIES = MergeMethod(
+    "dare_ties", "dare_ties", (LAM, density(0.5, "fraction of entries kept by DARE's random drop"), NORMALIZE),
+    "DARE drop and rescale, then TIES sign election and disjoint merge; seeded by --seed",
+)
+
+BREADCRUMBS = MergeMethod(
+    "breadcrumbs", "breadcrumbs",
+    (LAM, density(0.9, "fraction of entries kept after dropping both tails"), GAMMA),
+    "model breadcrumbs: drop the largest gamma and the smallest entries, then task arithmetic",
+)
+
+LATA = MergeMethod(
+    "lata", "lata", (LAM, MODE, KEEP),
+    "layer-aware task arithmetic: down-weight layers aligned with a reference vector "
+    "(--reference), keep the task-specific ones",
+    prepare_impl="_prepare_lata", needs_reference=True,
+)
+
+
 METHODS: dict[str, MergeMethod] = {
     m.name: m
-    for m in (
-        methods.TASK_ARITHMETIC,
-        methods.AVERAGE,
-        methods.TIES,
-        methods.MAGNITUDE_PRUNE,
-        methods.DARE_LINEAR,
-        methods.DARE_TIES,
-        methods.BREADCRUMBS,
-        methods.LATA,
-    )
+    for m in (TASK_ARITHMETIC, AVERAGE, TIES, MAGNITUDE_PRUNE, DARE_LINEAR, DARE_TIES, BREADCRUMBS, LATA)
 }
 
 

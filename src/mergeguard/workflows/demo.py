@@ -114,7 +114,7 @@ def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = N
     from mergeguard.data.pictures import bar_chart, first_images
     from mergeguard.data.triggers import load_trigger
     from mergeguard.defend import defend_ibvs, defend_lfpm_scanned, write_ibvs_outputs, write_lfpm_outputs
-    from mergeguard.defend.lfpm import SCAN_FROM_LFPM, scan_settings_from
+    from mergeguard.defend.settings import SCAN_FROM_LFPM, scan_settings_from
     from mergeguard.eval import evaluate
     from mergeguard.merge.engine import merge_checkpoints
     from mergeguard.models.encoder import load_encoder

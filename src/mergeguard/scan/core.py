@@ -40,37 +40,14 @@ import torch.nn.functional as F
 from mergeguard import settings
 from mergeguard.cache import cache_dir
 from mergeguard.data.triggers import Trigger
-from mergeguard.errors import MergeguardError, SettingError
+from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import ImageEncoder, check_same_architecture, weights_digest
 from mergeguard.models.heads import Head
 from mergeguard.progress import NullProgress, ProgressSink
-from mergeguard.settings import setting
+from mergeguard.scan.config import VERDICTS, ScanConfig, check_config, verdict_of
 from mergeguard.trainer import resolve_device, seed_everything
 
-VERDICTS = ("clean", "suspicious", "backdoored")
 FEATURES = "(features)"  # the target of a scan without heads
-
-
-@dataclass
-class ScanConfig:
-    """The scan's settings, each declared once (CLI options, checks, report)."""
-
-    steps: int = setting(150, "Inversion steps per target.", low=1)
-    batch_size: int = setting(16, "Shadow images per target and step.", low=2)
-    images: int = setting(1000, "Shadow images used at most (a seeded random subset; a quarter of them, at least "
-                                "64, held out to measure each mask).", low=8)
-    success: float = setting(0.9, "Share of patched images a mask must send to its target.", low=0.0,
-                             low_open=True, high=1.0)
-    lr: float = setting(0.2, "Adam step of the masks and patterns.", low=0.0, low_open=True)
-    restarts: int = setting(1, "Random starts per target (the smallest mask that works is kept).", low=1)
-    chunk: int = setting(64, "Targets inverted together (lower it to save memory).", low=1)
-    suspicious: float = setting(0.5, "Score from which an input is suspicious (natural log: under each head, its "
-                                     "smallest mask is on average e^score times smaller than θ0's).", low=0.0)
-    backdoored: float = setting(1.0, "Score from which an input is backdoored.", low=0.0)
-    seed: int = setting(0, "Random seed.")
-    device: str = setting("auto", "auto (cuda when present), cpu, cuda, cuda:1 ...", run_only=True)
-    cache: bool = setting(True, "Reuse θ0's inversion from an earlier scan with the same base, shadow images, heads "
-                                "and settings (kept in the mergeguard cache folder).", run_only=True)
 
 
 @dataclass(frozen=True)
@@ -102,13 +79,6 @@ def targets_of(heads: dict[str, Head] | None) -> list[Target]:
     if not heads:
         return [Target(FEATURES, -1, "")]
     return [Target(t, i, n) for t, h in heads.items() for i, n in enumerate(h.classnames)]
-
-
-def check_config(cfg: ScanConfig) -> None:
-    settings.check(cfg)
-    if cfg.backdoored < cfg.suspicious:
-        raise SettingError("backdoored", f"{{name}} {cfg.backdoored:g} is below the suspicious threshold "
-                                         f"{cfg.suspicious:g}.")
 
 
 class MaskPrompt:
@@ -277,12 +247,6 @@ def score_of(model_inv: list[Inverted], base_inv: list[Inverted], pixels: int) -
     for inv, r in zip(model_inv, ratios):
         per_head[inv.target.task] = max(per_head.get(inv.target.task, -math.inf), r)
     return statistics.fmean(per_head.values()), top, ratios
-
-
-def verdict_of(score: float, cfg: ScanConfig) -> str:
-    if score >= cfg.backdoored:
-        return "backdoored"
-    return "suspicious" if score >= cfg.suspicious else "clean"
 
 
 def mask_box(mask: torch.Tensor) -> dict[str, Any]:
