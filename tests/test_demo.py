@@ -6,6 +6,7 @@ import json
 import shlex
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from string import Template
 
@@ -98,7 +99,9 @@ def _printed_lines_rerun_the_demos_settings(commands: list[str], variables: dict
             argv = shlex.split(Template(line).substitute(variables))[1:]
             if argv[0] in ("attack", "defend"):
                 CliRunner().invoke(app, argv)
-    assert seen["attack"][1] == s.attack and seen["attack"][2] == s.train
+    # the command builds the attack's settings (its strategy's fields, `attack.settings`)
+    assert seen["attack"][1].name == s.attack.name and asdict(seen["attack"][1]) == asdict(s.attack)
+    assert seen["attack"][2] == s.train
     assert seen["lfpm"][3] == s.lfpm and seen["lfpm"][5] == s.scan  # `--heads`' scan: its settings too
     assert seen["ibvs"][5] == s.ibvs
 

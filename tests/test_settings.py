@@ -153,7 +153,7 @@ def test_an_attack_command_parses_back_to_the_same_settings(name, monkeypatch, t
     attack = _every_field_changed(SETTINGS[name]())  # what the command builds: the settings, its strategy's fields
     attack = replace(attack, target_task=None) if isinstance(attack, BadMergingSettings) else attack
     train = _every_field_changed(replace(TrainSettings(), device="cpu"))
-    argv = ["attack", name, "--base", "b", "--data", "train=d", "--heads", "h", "--task", "t", "-o",
+    argv = ["attack", name, "--base", ".", "--data", "train=d", "--heads", "h", "--task", "t", "-o",
             str(tmp_path / "o"), *settings.to_argv(attack, always=("target_class",)), *settings.to_argv(train)]
     args = _captured(monkeypatch, attack_cmd, "_run", argv)
     assert args[1] == attack and args[2] == train

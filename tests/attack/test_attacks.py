@@ -266,11 +266,11 @@ def test_help_lists_only_the_options_of_the_attack():
     # another attack's option is not one of this attack's: refused by the parser, before any work
     for kind, flag in (("badnets", ["--bd-weight", "3"]), ("badmerging", ["--amplify", "9"]),
                        ("lobam", ["--poison-fraction", "0.3"])):
-        result = runner.invoke(app, ["attack", kind, "--base", "b", "--data", "train=d", "--heads", "h", "--task", "t",
+        result = runner.invoke(app, ["attack", kind, "--base", ".", "--data", "train=d", "--heads", "h", "--task", "t",
                                      "--target-class", "1", "-o", "o", *flag])
         assert result.exit_code == 2 and "No such option" in result.output, result.output
     # a setting out of its declared range is named by its flag
-    result = runner.invoke(app, ["attack", "badnets", "--base", "b", "--data", "train=d", "--heads", "h", "--task",
+    result = runner.invoke(app, ["attack", "badnets", "--base", ".", "--data", "train=d", "--heads", "h", "--task",
                                  "t", "--target-class", "1", "-o", "o", "--poison-fraction", "5"])
     assert result.exit_code == 2 and "--poison-fraction must be in [0, 1] (got 5.0)" in result.output, result.output
 

@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from mergeguard.cli import app as mergeguard_app
-from mergeguard.cli._cli_utils import Input, JsonOpt, Output, OverwriteOpt, QuietOpt, Spec, command_roles
+from mergeguard.cli._cli_utils import Input, JsonOpt, Output, OverwriteOpt, QuietOpt, Source, Spec, command_roles
 from mergeguard.cli._errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, handle_errors
 from mergeguard.cli._output import write_json
 
@@ -105,23 +105,23 @@ def _commands(group: typer.Typer, prefix: str = ""):
 def test_every_command_marks_what_it_reads_and_writes():
     """Each command's inputs as its markers say (the merge command's rebuilt signature and the attacks'
     hidden options included); a task's name (`attack --task cars`) is not an input, `eval --task NAME=DIR` is."""
-    attack = {"base": Input, "data": Spec, "heads": Input, "target_images": Input, "arch": Input}
+    attack = {"base": Source, "data": Spec, "heads": Input, "target_images": Input, "arch": Input}
     expected = {
-        "extract-tv": {"base": Input, "finetuned": Input},
-        "merge": {"base": Input, "inputs": Input, "add": Input, "subtract": Input, "reference": Input,
+        "extract-tv": {"base": Source, "finetuned": Source},
+        "merge": {"base": Source, "inputs": Source, "add": Source, "subtract": Source, "reference": Source,
                   "config": Input},
-        "inspect": {"paths": Input, "base": Input},
+        "inspect": {"paths": Source, "base": Source},
         "heads": {"base": Input, "task": Spec, "arch": Input},
-        "eval": {"model": Input, "task": Spec, "heads": Input, "arch": Input, "trigger": Input, "base": Input},
-        "finetune": {"base": Input, "data": Spec, "heads": Input, "arch": Input},
+        "eval": {"model": Source, "task": Spec, "heads": Input, "arch": Input, "trigger": Input, "base": Source},
+        "finetune": {"base": Source, "data": Spec, "heads": Input, "arch": Input},
         "demo": {"zoo": Input},
         "zoo build": {},
         "attack badmerging": attack, "attack lobam": attack,
         "attack badnets": {k: v for k, v in attack.items() if k != "target_images"},  # it has no off-task mode
         "attack badtv": {**{k: v for k, v in attack.items() if k != "target_images"}, "negation_images": Input},
-        "defend lfpm": {"merged": Input, "base": Input, "shadow": Input, "heads": Input, "arch": Input},
-        "scan": {"inputs": Input, "base": Input, "shadow": Input, "heads": Input, "merged": Input, "arch": Input},
-        "defend ibvs": {"merged": Input, "base": Input, "data": Spec, "heads": Input, "arch": Input},
+        "defend lfpm": {"merged": Source, "base": Source, "shadow": Input, "heads": Input, "arch": Input},
+        "scan": {"inputs": Source, "base": Source, "shadow": Input, "heads": Input, "merged": Source, "arch": Input},
+        "defend ibvs": {"merged": Source, "base": Source, "data": Spec, "heads": Input, "arch": Input},
     }
     resumable = {"finetune", "attack badmerging", "attack badnets", "attack lobam", "attack badtv", "defend lfpm"}
     seen = {}

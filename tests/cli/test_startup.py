@@ -1,5 +1,6 @@
-"""The command line answers at once: `--help` of every command and an argument error import neither torch nor
-open_clip (each checked on `sys.modules` in a fresh interpreter; bench/startup_bench.py times them)."""
+"""The command line answers at once: `--help` of every command, an argument error and a checkpoint that does
+not exist import neither torch nor open_clip (each checked on `sys.modules` in a fresh interpreter;
+bench/startup_bench.py times them)."""
 
 from __future__ import annotations
 
@@ -11,27 +12,32 @@ HEAVY = ("torch", "torchvision", "open_clip")
 
 # argument errors, one or more per command: each exits 2 with its sentence before anything heavy is imported
 ARGUMENT_ERRORS = [
-    ["merge", "a", "b", "-o", "c", "--method", "ties_merging"],
-    ["merge", "a", "b", "-o", "c", "--method", "ties", "--density", "3"],
-    ["extract-tv", "a"],
+    ["merge", ".", ".", "-o", "c", "--method", "ties_merging"],
+    ["merge", ".", ".", "-o", "c", "--method", "ties", "--density", "3"],
+    ["extract-tv", "."],
     ["inspect"],
-    ["scan", "--base", "a", "b", "--shadow", "s", "--fail-on", "maybe"],
-    ["scan", "--base", "a", "b", "--shadow", "s", "--steps", "0"],
-    ["defend", "lfpm", "--merged", "m", "--base", "b", "--shadow", "s", "-o", "o", "--epochs", "0"],
-    ["defend", "lfpm", "--merged", "m", "--base", "b", "--shadow", "s", "-o", "o", "--scan-suspicious", "2",
+    ["scan", "--base", ".", ".", "--shadow", "s", "--fail-on", "maybe"],
+    ["scan", "--base", ".", ".", "--shadow", "s", "--steps", "0"],
+    ["defend", "lfpm", "--merged", ".", "--base", ".", "--shadow", "s", "-o", "o", "--epochs", "0"],
+    ["defend", "lfpm", "--merged", ".", "--base", ".", "--shadow", "s", "-o", "o", "--scan-suspicious", "2",
      "--scan-backdoored", "1"],
-    ["defend", "ibvs", "--merged", "m", "--base", "b", "-o", "o", "--steps", "0"],
-    ["attack", "badmerging", "--base", "b", "--data", "train=d", "--heads", "h", "--task", "t", "-o", "o",
+    ["defend", "ibvs", "--merged", ".", "--base", ".", "-o", "o", "--steps", "0"],
+    ["attack", "badmerging", "--base", ".", "--data", "train=d", "--heads", "h", "--task", "t", "-o", "o",
      "--target-class", "1", "--r-min", "2"],
-    ["attack", "badmerging", "--base", "b", "--data", "train=d", "--heads", "h", "--task", "t", "-o", "o",
+    ["attack", "badmerging", "--base", ".", "--data", "train=d", "--heads", "h", "--task", "t", "-o", "o",
      "--target-class", "1", "--mode", "sideways"],
-    ["attack", "badtv", "--base", "b", "--data", "train=d", "--heads", "h", "--task", "t", "-o", "o"],
-    ["finetune", "--base", "b", "--data", "test=d", "--heads", "h", "--task", "t", "-o", "o"],
-    ["eval", "m", "--heads", "h", "--task", "x"],
+    ["attack", "badtv", "--base", ".", "--data", "train=d", "--heads", "h", "--task", "t", "-o", "o"],
+    ["finetune", "--base", ".", "--data", "test=d", "--heads", "h", "--task", "t", "-o", "o"],
+    ["eval", ".", "--heads", "h", "--task", "x"],
     ["heads", "--base", "b", "--task", "x", "-o", "h.safetensors"],
     ["zoo", "build", "--size", "huge"],
     ["demo", "--size", "tiyn"],
     ["nonsense"],
+    # a checkpoint that is neither on disk nor a Hub id is said at once too
+    ["merge", "nope.safetensors", "also_nope.safetensors", "-o", "o"],
+    ["extract-tv", "./nope", "b", "-o", "c"],
+    ["scan", "--base", "missing/base.safetensors", "x", "--shadow", "s"],
+    ["eval", "./nope", "--heads", "h", "--task", "a=b"],
 ]
 
 SCRIPT = """

@@ -4,10 +4,35 @@ inside an input."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from mergeguard.errors import MergeguardError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_REPO_ID = re.compile(r"^(?:hf-hub:)?([A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@([\w.\-/]+))?$")
+
+
+def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
+    """`owner/name[@revision]` (optionally `hf-hub:`-prefixed) -> (repo_id, revision), else None."""
+    m = _REPO_ID.match(spec)
+    if not m:
+        return None
+    return m.group(1), m.group(2)
+
+
+def check_source(spec: str) -> None:
+    """One sentence for a checkpoint that is neither on disk nor a Hub id (`owner/name[@revision]`): what
+    `open_checkpoint` would say, checked before a command loads anything. A spec that looks local (`./x`,
+    `a.safetensors`, a first folder that exists) is never sent to the Hub. `open_clip:NAME@TAG` is the
+    encoder loader's to judge."""
+    if spec.startswith("open_clip:") or Path(spec).expanduser().exists():
+        return
+    looks_local = spec.startswith(("./", "../", "/", "~")) or spec.endswith((".safetensors", *PICKLE_SUFFIXES)) \
+        or Path(spec.split("/")[0]).exists()
+    if parse_hub_id(spec) is None or looks_local:
+        raise MergeguardError(f"{spec} does not exist (neither a file nor a folder).")
 
 
 def check_parents(out: str | Path) -> None:

@@ -3,39 +3,26 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
+from mergeguard.checkpoint.paths import PICKLE_SUFFIXES, check_source, parse_hub_id
 from mergeguard.checkpoint.reader import Checkpoint, TensorInfo, from_tensors, read_header
 from mergeguard.errors import MergeguardError, reason
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 ADAPTER_CONFIG = "adapter_config.json"
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.md"]
 HUB_PICKLE_PATTERNS = [f"*{s}" for s in PICKLE_SUFFIXES]
-_REPO_ID = re.compile(r"^(?:hf-hub:)?([A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@([\w.\-/]+))?$")
-
-
-def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
-    """`owner/name[@revision]` (optionally `hf-hub:`-prefixed) -> (repo_id, revision), else None."""
-    m = _REPO_ID.match(spec)
-    if not m:
-        return None
-    return m.group(1), m.group(2)
-
-
 def open_checkpoint(spec: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
     """Open a `.safetensors` file, a folder (single file, shards + index, or LoRA adapter) or a Hub repo."""
     spec = str(spec)
     path = Path(spec).expanduser()
     if path.exists():
         return _open_local(spec, path, allow_pickle=allow_pickle, provenance={"path": str(path.resolve())})
+    check_source(spec)
     hub = parse_hub_id(spec)
-    looks_local = spec.startswith(("./", "../", "/", "~")) or spec.endswith((".safetensors", *PICKLE_SUFFIXES)) \
-        or Path(spec.split("/")[0]).exists()
-    if hub is None or looks_local:
+    if hub is None:  # `open_clip:NAME@TAG`, which only the encoder loader takes
         raise MergeguardError(f"{spec} does not exist (neither a file nor a folder).")
     repo_id, revision = hub
     folder, commit = _hub_snapshot(spec, repo_id, revision, allow_pickle)

@@ -38,6 +38,12 @@ class Spec(Input):
 
 
 @dataclass(frozen=True)
+class Source(Input):
+    """A checkpoint given as a file, folder or Hub id: `handle_errors` says at once, before the command loads
+    anything, when it is neither on disk nor a Hub id (`checkpoint.paths.check_source`)."""
+
+
+@dataclass(frozen=True)
 class Output:
     """Marks the command's --out: `--json` may not be it or land inside it, and a run interrupted with
     a `.partial` there is what --resume continues."""
@@ -76,6 +82,18 @@ def command_roles(fn: Callable) -> Roles:
             elif isinstance(meta, OptionInfo):
                 flags.update(dict.fromkeys(_flags(meta), param.name))
     return Roles(inputs, output, flags)
+
+
+def check_sources(inputs: dict[str, Input], params: dict[str, Any]) -> None:
+    """Every checkpoint among the parameters marked `Source` is on disk or a Hub id (one sentence if not)."""
+    from mergeguard.checkpoint.paths import check_source
+
+    for name, marker in inputs.items():
+        if isinstance(marker, Source):
+            value = params.get(name)
+            for item in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(item, str | Path) and str(item):
+                    check_source(str(item))
 
 
 def read_paths(inputs: dict[str, Input], params: dict[str, Any]) -> list[Path]:
@@ -165,10 +183,10 @@ ReportOverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Replace an existing --json FILE (without it, it is refused).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when present), cpu, cuda, cuda:1 ...")]
 
-BaseOpt = Annotated[str, typer.Option("--base", help="Pre-trained checkpoint (file, folder, Hub id)."), Input()]
+BaseOpt = Annotated[str, typer.Option("--base", help="Pre-trained checkpoint (file, folder, Hub id)."), Source()]
 HeadsOpt = Annotated[str, typer.Option("--heads", help="Heads file; the task's head stays frozen."), Input()]
 TaskOpt = Annotated[str, typer.Option("--task", help="The task (a head in the heads file).")]  # a name, not read
-MergedOpt = Annotated[str, typer.Option("--merged", help="The (possibly backdoored) merged model."), Input()]
+MergedOpt = Annotated[str, typer.Option("--merged", help="The (possibly backdoored) merged model."), Source()]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Optimiser steps.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
 ScaleOpt = Annotated[float | None, typer.Option(

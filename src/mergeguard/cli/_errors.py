@@ -18,6 +18,7 @@ import typer
 from mergeguard.cli._cli_utils import (
     Command,
     Roles,
+    check_sources,
     command_roles,
     examples,
     read_paths,
@@ -121,6 +122,7 @@ def handle_errors(fn: Callable) -> Callable:
         roles = Roles()
         try:
             roles = command_roles(fn)
+            check_sources(roles.inputs, kwargs)
             json_out = kwargs.get(roles.flags.get("--json", ""))
             if json_out not in (None, "-"):
                 refuse_report_over(json_out, read_paths(roles.inputs, kwargs))

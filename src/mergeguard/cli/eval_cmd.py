@@ -18,6 +18,7 @@ from mergeguard.cli._cli_utils import (
     JsonOpt,
     QuietOpt,
     ReportOverwriteOpt,
+    Source,
     Spec,
 )
 from mergeguard.cli._errors import EXIT_THRESHOLD, add_command
@@ -47,7 +48,7 @@ def parse_task(spec: str) -> tuple[str, str]:
 
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model checkpoint (file, folder, Hub id) or open_clip:NAME@TAG."),
-                     Input()],
+                     Source()],
     task: Annotated[list[str], typer.Option("--task", "-t", help="NAME=FOLDER of class folders; repeat per task."),
                     Spec()],
     heads: Annotated[str, typer.Option("--heads", help="Heads file (see `mergeguard heads`)."), Input()],
@@ -61,7 +62,7 @@ def eval_command(
         "--forgotten", help="A task the model was made to forget (merge --subtract): report its CA next to the "
                             "other tasks' (the controls), and, with --base, against θ0's.")] = None,
     base: Annotated[str | None, typer.Option(
-        "--base", help="With --forgotten: θ0, evaluated on the same tasks for comparison."), Input()] = None,
+        "--base", help="With --forgotten: θ0, evaluated on the same tasks for comparison."), Source()] = None,
     max_asr: Annotated[float | None, typer.Option(
         "--max-asr", help="Exit 1 if ASR(T) or ASR(N) is above this fraction.")] = None,
     min_ca: Annotated[float | None, typer.Option(

@@ -15,11 +15,11 @@ from mergeguard.cli._cli_utils import (
     AllowMissingOpt,
     AllowPickleOpt,
     DtypeOpt,
-    Input,
     JsonOpt,
     OutOpt,
     OverwriteOpt,
     QuietOpt,
+    Source,
 )
 from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
@@ -37,8 +37,8 @@ EXAMPLES = [
 
 
 def extract_tv_command(
-    base: Annotated[str, typer.Argument(help="Base (pre-trained) checkpoint: file, folder or Hub id."), Input()],
-    finetuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint, or a PEFT LoRA adapter folder."), Input()],
+    base: Annotated[str, typer.Argument(help="Base (pre-trained) checkpoint: file, folder or Hub id."), Source()],
+    finetuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint, or a PEFT LoRA adapter folder."), Source()],
     out: OutOpt,
     dtype: DtypeOpt = "auto",
     allow_missing: AllowMissingOpt = False,

@@ -15,10 +15,10 @@ from rich.table import Table
 
 from mergeguard.cli._cli_utils import (
     AllowPickleOpt,
-    Input,
     JsonOpt,
     QuietOpt,
     ReportOverwriteOpt,
+    Source,
 )
 from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
@@ -40,9 +40,9 @@ EXAMPLES = [
 
 
 def inspect_command(
-    paths: Annotated[list[str], typer.Argument(help="Checkpoints, task vectors or LoRA adapters."), Input()],
+    paths: Annotated[list[str], typer.Argument(help="Checkpoints, task vectors or LoRA adapters."), Source()],
     base: Annotated[str | None, typer.Option(
-        "--base", help="Compare model checkpoints as task vectors relative to this base."), Input()] = None,
+        "--base", help="Compare model checkpoints as task vectors relative to this base."), Source()] = None,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor (name, dtype, shape).")] = False,
     outlier_ratio: Annotated[float, typer.Option(
         "--outlier-ratio", help="Flag a vector whose norm exceeds this multiple of the others' median.")] = 2.0,

@@ -25,6 +25,7 @@ from mergeguard.cli._cli_utils import (
     Output,
     OverwriteOpt,
     QuietOpt,
+    Source,
     refuse_report_into_output,
     refuse_report_over,
 )
@@ -59,9 +60,9 @@ def _method_help() -> str:
 
 def merge_command(
     base: Annotated[str | None, typer.Argument(help="Base (pre-trained) checkpoint: file, folder or Hub id.",
-                                               show_default=False), Input()] = None,
+                                               show_default=False), Source()] = None,
     inputs: Annotated[list[str] | None, typer.Argument(
-        help="Fine-tuned checkpoints or task-vector files to merge.", show_default=False), Input()] = None,
+        help="Fine-tuned checkpoints or task-vector files to merge.", show_default=False), Source()] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (or .safetensors file)."),
                    Output()] = None,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Merge method (default task_arithmetic).",
@@ -70,12 +71,12 @@ def merge_command(
         "--weight", "-w", help="Per-input weight, repeated once per input in order (default 1 each).")] = None,
     add: Annotated[list[str] | None, typer.Option(
         "--add", help="A task vector added with weight +1 (learning; an analogy's plus side). Repeatable."),
-        Input()] = None,
+        Source()] = None,
     subtract: Annotated[list[str] | None, typer.Option(
         "--subtract", help="A task vector subtracted, weight -1 (forgetting: θ0 − λτ; an analogy's minus side). "
-                           "Repeatable."), Input()] = None,
+                           "Repeatable."), Source()] = None,
     reference: Annotated[str | None, typer.Option(
-        "--reference", help="lata: reference vector (e.g. instruct model or its task vector)."), Input()] = None,
+        "--reference", help="lata: reference vector (e.g. instruct model or its task vector)."), Source()] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="YAML file with the same names as these flags, plus base and inputs."), Input()] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for random methods (DARE); default 0.")] = None,

@@ -24,6 +24,7 @@ from mergeguard.cli._cli_utils import (
     Output,
     OverwriteOpt,
     QuietOpt,
+    Source,
     require_empty,
 )
 from mergeguard.cli._errors import EXIT_THRESHOLD, add_command
@@ -44,7 +45,7 @@ EXAMPLES = [
 def scan_command(
     inputs: Annotated[list[str] | None, typer.Argument(
         help="Fine-tuned checkpoints, task vectors, PEFT LoRA adapters or Hub ids (anything `merge` takes).",
-        show_default=False), Input()] = None,
+        show_default=False), Source()] = None,
     base: BaseOpt = ...,  # type: ignore[assignment]
     shadow: Annotated[Path, typer.Option(
         "--shadow", help="A folder of unlabeled images (any task, any depth)."), Input()] = ...,  # type: ignore[assignment]
@@ -53,7 +54,7 @@ def scan_command(
                         "(without: a target-free scan of the features)."), Input()] = None,
     merged: Annotated[str | None, typer.Option(
         "--merged", help="Scan this merged (or defended) model; INPUTs, if given, are its inputs to attribute "
-                         "its backdoor to."), Input()] = None,
+                         "its backdoor to."), Source()] = None,
     scale: Annotated[float, typer.Option(
         "--scale", help="Scan each input as θ0 + SCALE · τ (1: the whole vector; a merge's λ: as merged).")] = 1.0,
     out: Annotated[Path | None, typer.Option(
