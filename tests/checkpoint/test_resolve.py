@@ -132,3 +132,38 @@ def test_hub_provenance_records_commit(tmp_path):
     prov = json.loads(open_checkpoint(out).metadata["mergeguard.provenance"])
     assert prov["inputs"][0]["commit"] == COMMIT and prov["inputs"][0]["hub"] == "acme/tiny-vit"
     assert torch.equal(open_checkpoint(out).get("w"), torch.ones(4))
+
+
+def test_an_unreachable_hub_is_said_after_one_short_probe(monkeypatch, tmp_path):
+    """Without a network the Hub client waits through timeouts and retries (about 30 s) before it gives up; one
+    connection attempt with a short timeout decides instead, and a repo that is not cached is one sentence."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from mergeguard.checkpoint import resolve
+    from mergeguard.errors import MergeguardError
+
+    tried = []
+
+    def refuse(address, timeout=None):
+        tried.append((address, timeout))
+        raise OSError("unreachable")
+
+    for name in resolve._PROXIES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    resolve.hub_reachable.cache_clear()
+    try:
+        assert resolve.hub_reachable() is False
+        assert len(tried) == 1 and tried[0][1] <= 5
+        with pytest.raises(MergeguardError, match="the Hub could not be reached"):
+            resolve.open_checkpoint("someone/not-cached")
+        assert len(tried) == 1  # asked once per process
+        resolve.hub_reachable.cache_clear()
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+        assert resolve.hub_reachable() is True and len(tried) == 1  # a proxy's network is not dialled directly
+    finally:
+        resolve.hub_reachable.cache_clear()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +32,32 @@ def open_checkpoint(spec: str | Path, *, allow_pickle: bool = False) -> Checkpoi
     return _open_local(spec, folder, allow_pickle=allow_pickle, provenance=provenance)
 
 
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's endpoint takes a connection within `timeout` seconds, asked once per process, so a
+    machine without a network says so at once instead of after the Hub client's timeouts and retries (about
+    30 s). HF_HUB_OFFLINE=1: no. Behind a proxy the endpoint is not dialled directly: assumed reachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in _PROXIES):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _hub_snapshot(spec: str, repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str]:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
@@ -42,7 +70,8 @@ def _hub_snapshot(spec: str, repo_id: str, revision: str | None, allow_pickle: b
 
     patterns = HUB_PATTERNS + (HUB_PICKLE_PATTERNS if allow_pickle else [])
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                        local_files_only=not hub_reachable()))
     except LocalEntryNotFoundError as exc:
         if constants.HF_HUB_OFFLINE:
             raise MergeguardError(

@@ -49,9 +49,9 @@ ROW_NAMES = {  # short enough that the table fits 80 columns
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes."), Output()] = Path(
         "mergeguard-demo"),
-    size: Annotated[str, typer.Option("--size", help="Zoo size: small (the default; about 21 minutes on 2 CPU cores "
-                                                      "once its zoo is built, most of it LFPM) or tiny (faster).")
-                    ] = "small",
+    size: Annotated[str, typer.Option("--size", help="Zoo size: tiny (the README's first command) or small (a "
+                                                      "larger model, several times slower; times: docs/times.md).")
+                    ] = "tiny",
     zoo: Annotated[Path | None, typer.Option("--zoo", help="A zoo folder built by `zoo build` (default: the cache)."),
                    Input()] = None,
     device: DeviceOpt = "auto",
@@ -63,7 +63,7 @@ def demo_command(
 
     Builds (or loads) the zoo, poisons one task vector with BadMerging, merges it with the clean
     ones (task arithmetic and TIES), evaluates, defends with LFPM and with IBVS, evaluates again,
-    and prints the commands that redo each step by hand. Offline, on a CPU: `--size tiny` takes minutes.
+    and prints the commands that redo each step by hand. Offline, on a CPU (times: docs/times.md).
     """
     def say(text: str) -> None:
         if not quiet:

@@ -40,7 +40,8 @@ zoo_app = typer.Typer(cls=Group, help="The built-in tiny model family (no downlo
 
 def zoo_build_command(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: the cache)."), Output()] = None,
-    size: Annotated[str, typer.Option("--size", help="tiny (tests, < 1 min) or small (the demo's).")] = "tiny",
+    size: Annotated[str, typer.Option(
+        "--size", help="tiny (the tests' and the demo's default) or small (times: docs/times.md).")] = "tiny",
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same tensors.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a built zoo is there.")] = False,
     json_out: JsonOpt = None,

@@ -194,6 +194,11 @@ def open_clip_weights(name: str, tag: str) -> str:
         safe = "open_clip_model.safetensors"
     else:
         safe = pickle.rsplit(".", 1)[0] + ".safetensors"
+    from mergeguard.checkpoint.resolve import hub_reachable
+
+    cached = [isinstance(try_to_load_from_cache(repo, f), str) for f in (safe, pickle)]
+    if not any(cached) and not hub_reachable():  # said at once, not after the Hub client's retries
+        return "missing"
     try:
         hf_hub_download(repo, safe)
     except LocalEntryNotFoundError:  # not cached, and offline or the Hub unreachable

@@ -102,7 +102,7 @@ def _var(name: str, root: Path, path: Path) -> str:
     return text if _q(path) == str(path) else f'"{text}"'
 
 
-def run_demo(out: str | Path, *, size: str = "small", zoo: str | Path | None = None, device: str = "auto",
+def run_demo(out: str | Path, *, size: str = "tiny", zoo: str | Path | None = None, device: str = "auto",
              progress: ProgressSink | None = None, say: Callable[[str], None] | None = None,
              settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the loop into `out`; returns {"rows": {name: eval result}, "commands": [...], ...}.
