@@ -70,12 +70,12 @@ def _every_field_changed(obj):
             new[f.name] = not value
         elif isinstance(value, int):
             new[f.name] = value + 1 if spec.high is None else value
-        elif isinstance(value, float):
-            new[f.name] = value / 2 if value else 0.25
+        elif isinstance(value, float):  # non-round: a printed command must carry every digit
+            new[f.name] = value / 3 if value else 0.123456789
         elif value is None and f.name in ("checkpoint_every", "lora_rank"):
             new[f.name] = 3
         elif value is None and f.name in ("logit_scale", "lora_alpha"):
-            new[f.name] = 7.5
+            new[f.name] = 7.123456789
     return replace(obj, **new)
 
 

@@ -120,8 +120,15 @@ def to_argv(obj: Any, *, always: Sequence[str] = (), prefix: str = "", skip: Seq
         if isinstance(value, bool):
             argv.append(option if value else "--no-" + option[2:])
         elif value is not None:
-            argv += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+            argv += [option, float_text(value) if isinstance(value, float) else str(value)]
     return argv
+
+
+def float_text(value: float) -> str:
+    """A float as a command line gives it back exactly: the short form where it loses nothing (`0.0005`,
+    `10`), else every digit (`1.2345678e-05`, not `:g`'s `1.23457e-05`)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def argv_text(argv: Sequence[str]) -> str:

@@ -23,7 +23,7 @@ from mergeguard.defend import LFPMConfig
 from mergeguard.errors import MergeguardError, did_you_mean
 from mergeguard.progress import NullProgress, ProgressSink
 from mergeguard.scan import ScanConfig
-from mergeguard.settings import argv_text, to_argv
+from mergeguard.settings import argv_text, float_text, to_argv
 
 MARKER = "demo.json"
 DEMO_ENTRIES = ("attack", "clean_merge", "poisoned_merge", "poisoned_ties", "lfpm", "ibvs")  # with MARKER
@@ -194,7 +194,7 @@ def run_demo(out: str | Path, *, size: str = "tiny", zoo: str | Path | None = No
                           params, out=out / name, progress=progress)
         printed = " ".join(dpath(p) if out in p.parents else zpath(p) for p in inputs)
         commands.append(f"mergeguard merge {zpath(z / 'base')} {printed} -o {dpath(out / name)} "
-                        f"--method {method}" + (f" --lam {s.lam:g}" if method == "task_arithmetic" else ""))
+                        f"--method {method}" + (f" --lam {float_text(s.lam)}" if method == "task_arithmetic" else ""))
 
     rows: dict[str, Any] = {}
     eval_cmd = (f"mergeguard eval {{model}} --heads {zpath(heads_file)} "
