@@ -159,3 +159,11 @@ def test_an_attack_command_parses_back_to_the_same_settings(name, monkeypatch, t
     assert args[1] == attack and args[2] == train
     assert {f.name for f in fields(attack)} - {"target_task"} <= {a[2:].replace("-", "_") for a in argv
                                                                  if a.startswith("--")} | {"adv_epsilon", "trigger_lr"}
+
+
+def test_a_setting_with_no_flag_is_never_printed_as_one():
+    """`to_argv` once printed `--idle-tolerance`, which no command has: a changed field that has no flag
+    cannot be reproduced by a printed command, so it is refused rather than dropped or misprinted."""
+    assert settings.to_argv(LFPMConfig()) == []
+    with pytest.raises(ValueError, match="idle_tolerance has no command-line flag"):
+        settings.to_argv(replace(LFPMConfig(), idle_tolerance=1e-6))

@@ -112,10 +112,13 @@ def to_argv(obj: Any, *, always: Sequence[str] = (), prefix: str = "", skip: Seq
     the settings of a second object a command takes under prefixed flags (`--scan-steps`); fields in `skip`
     (which the command sets from its own settings) are left out."""
     argv: list[str] = []
-    for f, _ in declared(obj):
+    for f, spec in declared(obj):
         name, value = f.name, getattr(obj, f.name)
         if name in skip or (value == f.default and name not in always):
             continue
+        if not spec.cli:  # no flag takes it: a printed command would silently run with the default instead
+            raise ValueError(f"{type(obj).__name__}.{name} has no command-line flag, so no command can "
+                             f"reproduce {name}={value!r}.")
         option = flag(prefixed(name, prefix))
         if isinstance(value, bool):
             argv.append(option if value else "--no-" + option[2:])
