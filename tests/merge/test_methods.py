@@ -248,3 +248,69 @@ def test_kth_largest_on_an_accelerator_path_equals_the_cpu_path_and_a_sort(dtype
             assert _kth_largest_topk(values, k) == expected
             assert _kth_largest(values.clone(), k) == expected
             assert _kth_largest(values.float().clone(), k, scratch=True) == expected
+
+
+# -- spectral merges (Iso-C, TSV-M): the papers' equations in plain torch, and their closed forms -------------
+def test_iso_c_is_the_summed_matrix_with_its_mean_singular_value():
+    d = _deltas(3, (30, 20))
+    m = d[0] + d[1] + d[2]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)  # M = U S Vᵀ (the paper's eq. 7: S -> mean(S) I)
+    expected = 1.5 * s.mean() * (u @ vh)
+    got = run("iso_c", d, lam=1.5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # the closed form: one singular value, repeated, and the summed matrix's singular subspace
+    sv = torch.linalg.svdvals(got)
+    torch.testing.assert_close(sv, torch.full_like(sv, 1.5 * float(s.mean())), rtol=1e-4, atol=1e-5)
+    # a bias (not a matrix) is the task vectors' mean, scaled
+    b = _deltas(3, (20,))
+    torch.testing.assert_close(run("iso_c", b), (b[0] + b[1] + b[2]) / 3, rtol=1e-6, atol=1e-6)
+
+
+def test_tsv_m_of_tasks_in_orthogonal_subspaces_is_their_sum():
+    """Two rank-2 tasks on disjoint coordinates of a 4x4 matrix: each keeps its top 4/2 = 2 singular
+    triplets (all of it), the stacked bases are already orthonormal, so TSV-M is plain task arithmetic."""
+    g = torch.Generator().manual_seed(4)
+    t1, t2 = torch.zeros(4, 4), torch.zeros(4, 4)
+    t1[:2, :2] = torch.randn(2, 2, generator=g)
+    t2[2:, 2:] = torch.randn(2, 2, generator=g)
+    torch.testing.assert_close(run("tsv_m", [t1, t2]), t1 + t2, rtol=1e-5, atol=1e-6)
+
+
+def test_tsv_m_matches_the_papers_construction():
+    d = _deltas(3, (24, 18), seed=2)
+    k = 18 // 3
+    svds = [torch.linalg.svd(x, full_matrices=False) for x in d]
+    u_stack = torch.cat([u[:, :k] for u, _, _ in svds], dim=1)
+    s_stack = torch.cat([s[:k] for _, s, _ in svds])
+    v_stack = torch.cat([vh[:k] for _, _, vh in svds], dim=0)
+    pu, _, qu = torch.linalg.svd(u_stack, full_matrices=False)  # whitening: the nearest orthonormal bases
+    pv, _, qv = torch.linalg.svd(v_stack, full_matrices=False)
+    expected = 0.7 * (pu @ qu) @ torch.diag(s_stack) @ (pv @ qv)
+    got = run("tsv_m", d, lam=0.7)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    u_orth = pu @ qu
+    torch.testing.assert_close(u_orth.T @ u_orth, torch.eye(u_orth.shape[1]), rtol=0, atol=1e-5)
+    c = _deltas(3, (7,))
+    torch.testing.assert_close(run("tsv_m", c, lam=2.0), 2.0 * (c[0] + c[1] + c[2]) / 3, rtol=1e-6, atol=1e-6)
+
+
+def test_spectral_merges_through_the_engine(family, tmp_path):
+    """The CLI's merge with --method iso_c / tsv_m: matrices get the SVD treatment, the rest the mean, integer
+    buffers are copied, and the default scale is 1."""
+    from safetensors.torch import load_file
+
+    from mergeguard.checkpoint import open_checkpoint
+    from mergeguard.merge import merge_checkpoints
+
+    b = family["base"]
+    for name in ("iso_c", "tsv_m"):
+        merge_checkpoints(open_checkpoint(family["base_path"]), [open_checkpoint(p) for p in family["paths"]],
+                          name, out=tmp_path / f"{name}.safetensors")
+        out = load_file(tmp_path / f"{name}.safetensors")
+        deltas = {k: [ft[k] - b[k] for ft in family["fts"]] for k in b if b[k].is_floating_point()}
+        for k, ds in deltas.items():
+            expected = run(name, ds)
+            torch.testing.assert_close(out[k] - b[k], expected, rtol=1e-4, atol=1e-5)
+            if ds[0].dim() != 2:
+                torch.testing.assert_close(out[k] - b[k], sum(ds) / len(ds), rtol=1e-4, atol=1e-5)
+        assert torch.equal(out["position_ids"], b["position_ids"])

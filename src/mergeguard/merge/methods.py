@@ -274,3 +274,44 @@ def lata(deltas, weights, ctx, *, lam, mode, keep):
         weights = weights * torch.tensor(scale, dtype=weights.dtype)
     return weighted_sum(deltas, weights).mul_(lam)
 
+
+
+# -- spectral merges of weight matrices (data-free) --------------------------------
+def _spectral(deltas, weights) -> bool:
+    """Whether a tensor gets the papers' SVD treatment: a 2-D weight matrix (the rest is averaged)."""
+    return deltas[0].dim() == 2 and min(deltas[0].shape) > 1
+
+
+def _weighted_mean(deltas, weights):
+    return weighted_sum(deltas, weights).div_(len(deltas))
+
+
+def iso_c(deltas, weights, ctx, *, lam):
+    """Iso-C (Marczak et al., ICML 2025): the summed task matrix M = U S Vᵀ with every singular value
+    replaced by their mean, σ̄ U Vᵀ; other tensors are the task vectors' mean; all scaled by λ."""
+    if not _spectral(deltas, weights):
+        return _weighted_mean(deltas, weights).mul_(lam)
+    u, s, vh = torch.linalg.svd(weighted_sum(deltas, weights), full_matrices=False)
+    return (u * s.mean()) @ vh * lam
+
+
+def _orthogonal(basis: torch.Tensor) -> torch.Tensor:
+    """The orthonormal matrix nearest to `basis` (polar factor P Qᵀ of its SVD P Σ Qᵀ)."""
+    p, _, qh = torch.linalg.svd(basis, full_matrices=False)
+    return p @ qh
+
+
+def tsv_m(deltas, weights, ctx, *, lam):
+    """TSV-Merge (Gargiulo et al., CVPR 2025): per task the top 1/T of its matrix's singular triplets; the
+    stacked left and right bases are made orthonormal (whitened) and the sum rebuilt with the kept singular
+    values, U⊥ diag(σ) V⊥ᵀ; other tensors are the task vectors' mean; all scaled by λ."""
+    if not _spectral(deltas, weights):
+        return _weighted_mean(deltas, weights).mul_(lam)
+    keep = max(1, int(min(deltas[0].shape) / len(deltas)))
+    us, ss, vhs = [], [], []
+    for d, w in zip(deltas, weights.tolist()):
+        u, s, vh = torch.linalg.svd(d * w, full_matrices=False)
+        us.append(u[:, :keep])
+        ss.append(s[:keep])
+        vhs.append(vh[:keep])
+    return (_orthogonal(torch.cat(us, dim=1)) * torch.cat(ss)) @ _orthogonal(torch.cat(vhs, dim=0)) * lam

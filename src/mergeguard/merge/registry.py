@@ -137,10 +137,25 @@ LATA = MergeMethod(
     prepare_impl="_prepare_lata", needs_reference=True,
 )
 
+SPECTRAL_LAM = Param("lam", float, 1.0, "scale applied to the merged task vector (lambda)", low=0.0)
+
+ISO_C = MergeMethod(
+    "iso_c", "iso_c", (SPECTRAL_LAM,),
+    "Iso-C: per weight matrix, the summed task matrix with an isotropic spectrum (every singular value "
+    "replaced by their mean); other tensors averaged; data-free, an SVD per matrix (Marczak et al.)",
+)
+
+TSV_M = MergeMethod(
+    "tsv_m", "tsv_m", (SPECTRAL_LAM,),
+    "TSV-M: per weight matrix, each task's top 1/T singular vectors, the stacked bases orthogonalised, "
+    "then summed; other tensors averaged; data-free, T+2 SVDs per matrix (Gargiulo et al.)",
+)
+
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m
-    for m in (TASK_ARITHMETIC, AVERAGE, TIES, MAGNITUDE_PRUNE, DARE_LINEAR, DARE_TIES, BREADCRUMBS, LATA)
+    for m in (TASK_ARITHMETIC, AVERAGE, TIES, MAGNITUDE_PRUNE, DARE_LINEAR, DARE_TIES, BREADCRUMBS, LATA, ISO_C,
+              TSV_M)
 }
 
 
