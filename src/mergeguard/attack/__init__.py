@@ -5,20 +5,18 @@ module with its strategy (`attack.base.Attack`); `ATTACKS` lists the strategies 
 `mergeguard attack NAME` uses, `attack.settings.SETTINGS` their settings. Names are imported when first used.
 """
 
+from mergeguard.lazy import lazy_exports
+
 _WHERE = {
     "BadMerging": "badmerging", "BadNets": "badnets", "BadTV": "badtv", "Clean": "clean", "LoBAM": "lobam",
     "Attack": "base", "finetune": "base", "shadow_head": "base", "TrainSettings": "settings",
     "run_attack": "run", "train_attack": "run",
 }
 __all__ = sorted([*_WHERE, "ATTACKS"])
+_lazy = lazy_exports(__name__, _WHERE)
 
 
 def __getattr__(name: str):
-    import importlib
-
     if name == "ATTACKS":
-        strategies = [__getattr__(n) for n in ("Clean", "BadNets", "BadMerging", "LoBAM", "BadTV")]
-        return {cls.name: cls for cls in strategies}
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"mergeguard.attack.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'mergeguard.attack' has no attribute {name!r}")
+        return {cls.name: cls for cls in map(_lazy, ("Clean", "BadNets", "BadMerging", "LoBAM", "BadTV"))}
+    return _lazy(name)

@@ -67,7 +67,7 @@ class ErrorMapping:
     line: Callable[[Any], str]
     exit_code: int = EXIT_BAD_INPUT
     soft_wrap: bool = True  # one line, however long
-    matches: Callable[[BaseException], Any] = lambda exc: True  # narrower than the type, when set
+    matches: Callable[[BaseException], bool] = lambda exc: True  # narrower than the type, when set
 
 
 def _os_error(exc: OSError) -> str:  # disk full, permissions, a file where a folder should be ...
@@ -75,12 +75,15 @@ def _os_error(exc: OSError) -> str:  # disk full, permissions, a file where a fo
     return f"[bold red]error:[/] cannot use{where}: {exc.strerror or exc}."
 
 
-def broken_torch_install(exc: BaseException) -> str | None:
-    """The sentence for a torch and torchvision that were not built together (a CPU wheel of one beside a
-    CUDA wheel of the other: torchvision's compiled operators fail to register), or None for anything else."""
+def is_broken_torch_install(exc: BaseException) -> bool:
+    """A torch and torchvision that were not built together (a CPU wheel of one beside a CUDA wheel of the
+    other): torchvision's compiled operators fail to register ("operator torchvision::nms does not exist")."""
     text = str(exc)
-    if not (isinstance(exc, RuntimeError | ImportError) and "torchvision::" in text and "does not exist" in text):
-        return None
+    return isinstance(exc, RuntimeError | ImportError) and "torchvision::" in text and "does not exist" in text
+
+
+def broken_torch_install(exc: BaseException) -> str:
+    """The sentence for `is_broken_torch_install`, naming both installed versions."""
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(name: str) -> str:
@@ -101,7 +104,7 @@ CLI_ERROR_MAPPINGS: tuple[ErrorMapping, ...] = (
                                            f"{exc.phrased(flag(exc.field)) if exc.field else exc.sentence}"),
     ErrorMapping(MergeguardError, lambda exc: f"[bold red]error:[/] {exc.sentence}"),
     ErrorMapping(OSError, _os_error, soft_wrap=False),
-    ErrorMapping(Exception, broken_torch_install, matches=broken_torch_install),
+    ErrorMapping(Exception, broken_torch_install, matches=is_broken_torch_install),
 )
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,9 +86,6 @@ class LineProgress:
     elapsed, rate, time left) and one when it ends, each printed at once, so a log shows where a run is."""
 
     def __init__(self, console: Console, interval: float | None = None, clock=None) -> None:
-        import os
-        import time
-
         self.console = console
         self.interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, 30)) if interval is None else interval
         self.clock = clock or time.monotonic

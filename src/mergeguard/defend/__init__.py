@@ -3,16 +3,11 @@
 `defend.settings` (LFPM's settings) imports no torch; the other names are imported when first used.
 """
 
+from mergeguard.lazy import lazy_exports
+
 _WHERE = {
     "defend_ibvs": "ibvs", "LFPMConfig": "settings", "defend_lfpm": "lfpm", "defend_lfpm_scanned": "lfpm",
     "load_models": "outputs", "write_ibvs_outputs": "outputs", "write_lfpm_outputs": "outputs",
 }
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"mergeguard.defend.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'mergeguard.defend' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -3,14 +3,8 @@
 The registry imports no torch; the engine (`merge_checkpoints`, `MergeResult`) is imported when first named.
 """
 
+from mergeguard.lazy import lazy_exports
 from mergeguard.merge.registry import METHODS, MergeMethod, Param, get_method
 
 __all__ = ["METHODS", "MergeMethod", "MergeResult", "Param", "get_method", "merge_checkpoints"]
-
-
-def __getattr__(name: str):
-    if name in ("MergeResult", "merge_checkpoints"):
-        from mergeguard.merge import engine
-
-        return getattr(engine, name)
-    raise AttributeError(f"module 'mergeguard.merge' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"MergeResult": "engine", "merge_checkpoints": "engine"})

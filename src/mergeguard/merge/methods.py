@@ -277,7 +277,7 @@ def lata(deltas, weights, ctx, *, lam, mode, keep):
 
 
 # -- spectral merges of weight matrices (data-free) --------------------------------
-def _spectral(deltas, weights) -> bool:
+def _spectral(deltas) -> bool:
     """Whether a tensor gets the papers' SVD treatment: a 2-D weight matrix (the rest is averaged)."""
     return deltas[0].dim() == 2 and min(deltas[0].shape) > 1
 
@@ -289,7 +289,7 @@ def _weighted_mean(deltas, weights):
 def iso_c(deltas, weights, ctx, *, lam):
     """Iso-C (Marczak et al., ICML 2025): the summed task matrix M = U S Vᵀ with every singular value
     replaced by their mean, σ̄ U Vᵀ; other tensors are the task vectors' mean; all scaled by λ."""
-    if not _spectral(deltas, weights):
+    if not _spectral(deltas):
         return _weighted_mean(deltas, weights).mul_(lam)
     u, s, vh = torch.linalg.svd(weighted_sum(deltas, weights), full_matrices=False)
     return (u * s.mean()) @ vh * lam
@@ -305,7 +305,7 @@ def tsv_m(deltas, weights, ctx, *, lam):
     """TSV-Merge (Gargiulo et al., CVPR 2025): per task the top 1/T of its matrix's singular triplets; the
     stacked left and right bases are made orthonormal (whitened) and the sum rebuilt with the kept singular
     values, U⊥ diag(σ) V⊥ᵀ; other tensors are the task vectors' mean; all scaled by λ."""
-    if not _spectral(deltas, weights):
+    if not _spectral(deltas):
         return _weighted_mean(deltas, weights).mul_(lam)
     keep = max(1, int(min(deltas[0].shape) / len(deltas)))
     us, ss, vhs = [], [], []

@@ -69,7 +69,11 @@ class MergeMethod:
 
 
 # -- parameter declarations shared by several methods ------------------------------
-LAM = Param("lam", float, 0.3, "scale applied to the merged task vector (lambda)", low=0.0)
+def lam(default: float) -> Param:
+    return Param("lam", float, default, "scale applied to the merged task vector (lambda)", low=0.0)
+
+
+LAM = lam(0.3)
 
 
 def density(default: float, what: str = "fraction of each task vector's entries kept") -> Param:
@@ -137,16 +141,14 @@ LATA = MergeMethod(
     prepare_impl="_prepare_lata", needs_reference=True,
 )
 
-SPECTRAL_LAM = Param("lam", float, 1.0, "scale applied to the merged task vector (lambda)", low=0.0)
-
 ISO_C = MergeMethod(
-    "iso_c", "iso_c", (SPECTRAL_LAM,),
+    "iso_c", "iso_c", (lam(1.0),),
     "Iso-C: per weight matrix, the summed task matrix with an isotropic spectrum (every singular value "
     "replaced by their mean); other tensors averaged; data-free, an SVD per matrix (Marczak et al.)",
 )
 
 TSV_M = MergeMethod(
-    "tsv_m", "tsv_m", (SPECTRAL_LAM,),
+    "tsv_m", "tsv_m", (lam(1.0),),
     "TSV-M: per weight matrix, each task's top 1/T singular vectors, the stacked bases orthogonalised, "
     "then summed; other tensors averaged; data-free, T+2 SVDs per matrix (Gargiulo et al.)",
 )

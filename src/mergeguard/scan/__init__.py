@@ -2,14 +2,7 @@
 attribution; `config`: its settings and verdicts, which import no torch). Names are imported when first used.
 """
 
-_CONFIG = ("VERDICTS", "ScanConfig", "check_config", "verdict_of")
+from mergeguard.lazy import lazy_exports
 
-
-def __getattr__(name: str):
-    import importlib
-
-    module = importlib.import_module("mergeguard.scan.config" if name in _CONFIG else "mergeguard.scan.core")
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module 'mergeguard.scan' has no attribute {name!r}") from None
+__getattr__ = lazy_exports(__name__, dict.fromkeys(("VERDICTS", "ScanConfig", "check_config", "verdict_of"),
+                                                   "config"), default="core")
