@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
-from dataclasses import asdict
 from pathlib import Path
 from string import Template
 
@@ -14,15 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergeguard.attack import BadMerging, TrainSettings
 from mergeguard.checkpoint import open_checkpoint
 from mergeguard.cli import app
 from mergeguard.data.folders import labeled_folder
-from mergeguard.defend import LFPMConfig
 from mergeguard.models.encoder import load_encoder
 from mergeguard.models.heads import load_heads
-from mergeguard.scan import ScanConfig
-from mergeguard.workflows.demo import SETTINGS, DemoSettings, is_demo_folder, run_demo
+from mergeguard.workflows.demo import SETTINGS, is_demo_folder, run_demo
 
 
 def _asr_by_hand(model_dir: Path, z: Path, trigger_file: Path, task: str, target: int) -> float:
@@ -41,9 +35,16 @@ def _asr_by_hand(model_dir: Path, z: Path, trigger_file: Path, task: str, target
     return float((pred[keep] == target).float().mean())
 
 
-def test_demo_tiny_end_to_end(tiny_zoo, tmp_path):
+def test_demo_tiny_end_to_end(tiny_zoo, tmp_path, monkeypatch):
+    """The demo through the CLI: its numbers (checked by hand where they are headlines), and the commands it
+    prints are the very command lines it ran, in order (with $Z and $D standing for its two folders)."""
+    import mergeguard.cli._inprocess as inprocess
+
+    ran: list[list[str]] = []
+    real = inprocess.invoke
+    monkeypatch.setattr(inprocess, "invoke", lambda root, argv, **kw: ran.append(list(argv)) or real(root, argv, **kw))
     z = Path(tiny_zoo["root"])
-    out, js = tmp_path / "demo", tmp_path / "demo.json"
+    out, js = tmp_path / "demo dir", tmp_path / "demo.json"  # a space: the printed lines quote it
     result = CliRunner().invoke(app, ["demo", "--size", "tiny", "--zoo", str(z), "--out", str(out),
                                       "--device", "cpu", "--json", str(js)])
     assert result.exit_code == 0, result.output
@@ -64,81 +65,18 @@ def test_demo_tiny_end_to_end(tiny_zoo, tmp_path):
     for name in ("poisoned_merge", "lfpm"):
         by_hand = _asr_by_hand(out / name, z, trigger, s.target_task, s.attack.target_class)
         assert abs(by_hand - rows[name]["asr_t"]) < 1e-6  # one image is 1/192
-    # the table and the rerun commands are printed
-    assert "LFPM" in result.stdout and "IBVS" in result.stdout and "mergeguard defend lfpm" in result.stdout
-    _printed_lines_rerun_the_demos_settings(r["commands"], r["variables"], s.on("cpu"))
-
-
-def _printed_lines_rerun_the_demos_settings(commands: list[str], variables: dict[str, str], s) -> None:
-    """The printed attack, LFPM and IBVS lines, run through the real CLI, reach the library with the very
-    settings the demo ran with (stopped before any training: `test_demo_printed_commands_run_as_printed` runs
-    them for real, with short settings)."""
-    import mergeguard.cli.attack_cmd as attack_cmd
-    import mergeguard.defend as defend
-
-    seen: dict[str, tuple] = {}
-
-    def capture(key):
-        def stop(*args, **kwargs):
-            seen[key] = args
-            raise KeyboardInterrupt  # before any training or writing
-
-        return stop
-
-    # the printed defend lines read $D/by-hand/poisoned_merge, which the printed merge line writes: here, the
-    # demo's own merge stands in for it
-    hand = Path(variables["D"]) / "by-hand"
-    hand.mkdir(exist_ok=True)
-    (hand / "poisoned_merge").symlink_to(Path(variables["D"]).resolve() / "poisoned_merge")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attack_cmd, "_run", capture("attack"))
-        mp.setattr(defend, "defend_lfpm", capture("lfpm"))
-        mp.setattr(defend, "defend_lfpm_scanned", capture("lfpm"))  # the printed line passes --heads
-        mp.setattr(defend, "defend_ibvs", capture("ibvs"))
-        for line in commands:
-            argv = shlex.split(Template(line).substitute(variables))[1:]
-            if argv[0] in ("attack", "defend"):
-                CliRunner().invoke(app, argv)
-    # the command builds the attack's settings (its strategy's fields, `attack.settings`)
-    assert seen["attack"][1].name == s.attack.name and asdict(seen["attack"][1]) == asdict(s.attack)
-    assert seen["attack"][2] == s.train
-    assert seen["lfpm"][3] == s.lfpm and seen["lfpm"][5] == s.scan  # `--heads`' scan: its settings too
-    assert seen["ibvs"][5] == s.ibvs
-
-
-def test_demo_printed_commands_run_as_printed(tiny_zoo, tmp_path):
-    """What the demo prints under "redo any step by hand" runs in a shell exactly as printed, in order, after
-    the demo (new folders under $D/by-hand, nothing refused), and redoes the demo: the same numbers. Short
-    settings keep it quick; the printed lines carry whatever settings the demo ran with, the scan's too (a
-    short scan, whose thresholds are lowered so that it still hands LFPM a trigger to start from)."""
-    short = DemoSettings(attack=BadMerging(target_class=3, bd_weight=8.0, interpolation="weight", trigger_steps=3),
-                         train=TrainSettings(steps=6, lr=5e-4, batch_size=16, logit_scale=10.0),
-                         lfpm=LFPMConfig(epochs=1, batch_size=256, lr=1e-2, path_points=1, prompts=1,
-                                         mine_warmup=5),
-                         ibvs=TrainSettings(steps=4, lr=5e-4, batch_size=16, logit_scale=10.0),
-                         scan=ScanConfig(steps=30, images=128, suspicious=0.1, backdoored=0.2))
-    out = tmp_path / "demo dir"  # a space: the printed lines quote what a shell would split
-    r = run_demo(out, size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=short)
-    defend_line = next(c for c in r["commands"] if c.startswith("mergeguard defend lfpm"))
-    assert "--scan-steps 30 --scan-images 128 --scan-suspicious 0.1 --scan-backdoored 0.2" in defend_line
+    # what is printed is what ran
     assert [c.split()[1] for c in r["commands"]] == ["zoo", "attack", "merge", "merge", "merge", "eval", "eval",
                                                       "eval", "defend", "eval", "defend", "eval"]
-    script = "\n".join([f'mergeguard() {{ {shlex.quote(sys.executable)} -m mergeguard "$@"; }}', "set -e",
-                        *(f"{k}={shlex.quote(v)}" for k, v in r["variables"].items()), *r["commands"]])
-    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    hand = out / "by-hand"
-    for name, row in {**r["rows"], **r["extra_rows"]}.items():
-        redo = json.loads((hand / f"{name}.eval.json").read_text())
-        assert (redo["ca_avg"], redo["asr_t"], redo["asr_n"]) == (row["ca_avg"], row["asr_t"], row["asr_n"]), name
-    assert is_demo_folder(out)  # by-hand outputs included: the next demo may clear it
+    printed = [shlex.split(Template(c).substitute(Z=str(z), D=str(out))) for c in r["commands"]]
+    assert [p[0] for p in printed] == ["mergeguard"] * len(ran) and [p[1:] for p in printed] == ran
+    assert r["variables"] == {"Z": str(z), "D": str(out / "by-hand")}  # a rerun by hand writes beside the demo
+    assert "LFPM" in result.stdout and "IBVS" in result.stdout and "mergeguard defend lfpm" in result.stdout
     from PIL import Image
 
     with Image.open(r["figure"]) as figure:  # the before/after picture beside the table
         assert figure.format == "PNG" and figure.size[0] >= 360
-    pngs = sorted(p.name for p in (out / "lfpm").glob("*.png"))
-    # the mined prompts and as many triggers recovered by the scan (`--heads`)
-    assert pngs == [f"prompt_{i}.png" for i in range(2 * short.lfpm.prompts)]
+    assert is_demo_folder(out)
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):
@@ -175,9 +113,9 @@ def test_demo_runs_the_settings_it_is_given(tiny_zoo, tmp_path):
     the attack refuses stops the demo at the attack, so the given settings reached it."""
     from dataclasses import replace
 
+    from mergeguard.cli import run_command
     from mergeguard.errors import MergeguardError
-    from mergeguard.workflows.demo import run_demo
 
     bad = replace(SETTINGS["tiny"], attack=replace(SETTINGS["tiny"].attack, interpolation="sideways"))
-    with pytest.raises(MergeguardError, match="sideways"):
-        run_demo(tmp_path / "demo", size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=bad)
+    with pytest.raises(MergeguardError, match="--interpolation sideways` failed"):
+        run_demo(tmp_path / "demo", run_command, size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=bad)

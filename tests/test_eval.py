@@ -187,3 +187,18 @@ def test_forgotten_task_next_to_the_controls_and_theta0(setup, tmp_path):
                            (["--base", str(tmp_path / "base.safetensors")], "--base goes with --forgotten")):
         wrong = CliRunner().invoke(app, [*common, *extra, "--device", "cpu", "-q"])
         assert wrong.exit_code == 2 and message in wrong.output, wrong.output
+
+
+def test_the_release_gate_names_each_threshold_crossed_and_only_those():
+    """`eval --max-asr / --min-ca`'s gate lives in the library (`crossed_thresholds`): ASR(T) and ASR(N) above
+    --max-asr and the average CA below --min-ca each give one line; equal values pass; a missing ASR (no other
+    task) is not judged."""
+    from mergeguard.eval import crossed_thresholds
+
+    result = {"asr_t": 0.30, "asr_n": 0.05, "ca_avg": 0.70}
+    assert crossed_thresholds(result, None, None) == []
+    assert crossed_thresholds(result, 0.30, 0.70) == []  # on the bar: passes
+    assert crossed_thresholds(result, 0.05, None) == ["ASR(T) 30.0% > --max-asr 5.0%"]
+    assert crossed_thresholds(result, 0.01, 0.75) == ["ASR(T) 30.0% > --max-asr 1.0%", "ASR(N) 5.0% > --max-asr 1.0%",
+                                                      "average CA 70.0% < --min-ca 75.0%"]
+    assert crossed_thresholds({**result, "asr_n": None}, 0.01, None) == ["ASR(T) 30.0% > --max-asr 1.0%"]

@@ -61,8 +61,8 @@ def test_scanning_theta0_against_itself_scores_exactly_zero(world):
     base, heads, images = world
     scanner = Scanner(base, images, heads, CFG)
     r = scanner.scan(base)
-    assert r["score"] == 0.0 and r["verdict"] == "clean"
-    assert all(t["log_ratio"] == 0.0 for t in r["targets"])
+    assert r.score == 0.0 and r.verdict == "clean"
+    assert all(t["log_ratio"] == 0.0 for t in r.targets)
 
 
 def test_theta0s_inversion_is_cached_and_reused_only_for_the_same_inputs(world, monkeypatch):
@@ -106,15 +106,15 @@ def test_a_planted_backdoor_is_found_with_its_target_and_place(world):
     planted = Planted(base, heads["a"].weight[2]).eval()
     scanner = Scanner(base, images, heads, CFG)
     r = scanner.scan(planted)
-    assert r["verdict"] == "backdoored", r["score"]
-    assert (r["target"]["task"], r["target"]["class"]) == ("a", 2)
+    assert r.verdict == "backdoored", r.score
+    assert (r.target["task"], r.target["class"]) == ("a", 2)
     # held-out share: the mask kept is the smallest that reached 90% on one batch, so a little less here
-    assert r["target"]["share"] >= 0.6 and r["target"]["share_base"] < 0.2
+    assert r.target["share"] >= 0.6 and r.target["share_base"] < 0.2
     # the recovered mask sits on the planted square: its box lies in the bottom-right quarter
-    assert r["where"]["top"] >= 0.5 and r["where"]["left"] >= 0.5
-    assert r["area"] < r["area_base"] / 4
+    assert r.where["top"] >= 0.5 and r.where["left"] >= 0.5
+    assert r.area < r.area_base / 4
     # the recovered trigger, pasted, works on the planted model and not on θ0 (independent check, plain torch)
-    trig = r["_trigger"]
+    trig = r.trigger
     with torch.no_grad():
         hit = lambda m: float(((m(trig.apply(images)) @ heads["a"].weight.T).argmax(1) == 2).float().mean())  # noqa: E731
         assert hit(planted) >= 0.6 and hit(base) < 0.2

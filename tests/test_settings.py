@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shlex
 from dataclasses import dataclass, fields, replace
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -47,14 +48,34 @@ def test_defaults_pass_and_the_fingerprint_leaves_out_run_only_fields():
     assert settings.fingerprint(Toy()) == {"count": 3, "rate": 0.5, "share": 0.1, "mode": "a", "flag": False}
 
 
+@dataclass
+class Outer:
+    steps: int = setting(2, "steps", low=1)
+    device: str = settings.device()
+    inner: Toy = settings.nested(Toy, "Inner: ", inherit=("device",))
+
+    def __post_init__(self) -> None:
+        settings.inherit_into(self)
+
+
 def test_argv_lists_changed_fields_and_required_ones():
     toy = Toy(count=7, rate=1e-3, flag=True, device="cpu")
     assert settings.to_argv(toy) == ["--count", "7", "--rate", "0.001", "--flag", "--device", "cpu"]
     assert settings.to_argv(Toy(), always=("mode",)) == ["--mode", "a"]
-    # a command's second settings object, under prefixed flags, without the fields the command sets itself
-    assert settings.to_argv(toy, prefix="toy", skip=("device",)) == ["--toy-count", "7", "--toy-rate", "0.001",
-                                                                      "--toy-flag"]
-    assert settings.to_argv(Toy(flag=True), prefix="toy", skip=("flag",)) == []
+
+
+def test_a_nested_settings_object_takes_prefixed_flags_and_inherits_its_parents_fields():
+    """A settings object inside another (LFPM's scan): its flags are --NAME-FIELD, the fields it inherits are
+    the parent's (never flags of its own), its errors name NAME_FIELD, and it is part of the fingerprint."""
+    outer = Outer(steps=3, device="cpu", inner=Toy(count=7, rate=1e-3))
+    assert outer.inner.device == "cpu"  # inherited, whatever the inner object was given
+    assert replace(outer, device="cuda").inner.device == "cuda"
+    assert settings.to_argv(outer) == ["--steps", "3", "--device", "cpu", "--inner-count", "7", "--inner-rate",
+                                       "0.001"]
+    with pytest.raises(SettingError) as err:
+        settings.check(replace(outer, inner=Toy(count=0)))
+    assert err.value.field == "inner_count" and err.value.phrased("--inner-count").startswith("--inner-count must")
+    assert settings.fingerprint(outer)["inner"] == settings.fingerprint(outer.inner)
 
 
 def _every_field_changed(obj):
@@ -102,8 +123,6 @@ def test_the_printed_lfpm_command_parses_back_to_the_same_settings(monkeypatch, 
     (tmp_path / "m").mkdir()
     argv = ["defend", "lfpm", "--merged", str(tmp_path / "m"), "--base", str(tmp_path / "m"), "--shadow",
             str(tmp_path / "m"), "-o", str(tmp_path / "o"), *shlex.split(settings.argv_text(settings.to_argv(cfg)))]
-    from types import SimpleNamespace
-
     encoder = SimpleNamespace(image_size=32)
     monkeypatch.setattr(defend, "load_models", lambda *a, **k: ([encoder, encoder], [], None))
     monkeypatch.setattr("mergeguard.data.folders.unlabeled_folder", lambda *a, **k: [])
@@ -113,31 +132,29 @@ def test_the_printed_lfpm_command_parses_back_to_the_same_settings(monkeypatch, 
 
 
 def test_the_scan_settings_of_defend_lfpm_heads_parse_back_and_errors_name_the_prefixed_flag(monkeypatch, tmp_path):
-    """`defend lfpm --heads` takes the scan's settings as --scan-* (device and seed are LFPM's): every one,
-    changed, reaches the scan; a bad one is one sentence naming its --scan-* flag, before anything is read."""
+    """`defend lfpm --heads` takes the scan's settings (`LFPMConfig.scan`) as --scan-* (device and seed are
+    LFPM's): every one, changed, reaches the scan; a bad one is one sentence naming its --scan-* flag, before
+    anything is read."""
     import mergeguard.defend as defend
     import mergeguard.models.heads as heads_module
-    from mergeguard.defend.settings import SCAN_FROM_LFPM
     from mergeguard.scan import ScanConfig
 
-    cfg = replace(LFPMConfig(), device="cpu", seed=5)
-    scan = replace(_every_field_changed(ScanConfig()), device="cpu", seed=5)
+    scan = _every_field_changed(ScanConfig())
     scan = replace(scan, backdoored=scan.suspicious + 1)  # the scan's own check: backdoored ≥ suspicious
-    assert scan != replace(ScanConfig(), device="cpu", seed=5)
+    cfg = replace(LFPMConfig(), device="cpu", seed=5, scan=scan)
+    assert cfg.scan.seed == 5 and cfg.scan.device == "cpu" and cfg.scan != replace(ScanConfig(), device="cpu", seed=5)
     (tmp_path / "m").mkdir()
     (tmp_path / "h.safetensors").write_bytes(b"")
     common = ["defend", "lfpm", "--merged", str(tmp_path / "m"), "--base", str(tmp_path / "m"), "--shadow",
               str(tmp_path / "m"), "-o", str(tmp_path / "o"), "--heads", str(tmp_path / "h.safetensors")]
-    argv = [*common, *settings.to_argv(cfg), *settings.to_argv(scan, prefix="scan", skip=SCAN_FROM_LFPM)]
+    argv = [*common, *settings.to_argv(cfg)]
     assert "--scan-steps" in argv and "--scan-seed" not in argv and "--scan-device" not in argv
-    from types import SimpleNamespace
-
     encoder = SimpleNamespace(image_size=32)
     monkeypatch.setattr(defend, "load_models", lambda *a, **k: ([encoder, encoder], [], None))
     monkeypatch.setattr(heads_module, "load_heads", lambda *a, **k: {})
     monkeypatch.setattr("mergeguard.data.folders.unlabeled_folder", lambda *a, **k: [])
     args = _captured(monkeypatch, defend, "defend_lfpm_scanned", argv)
-    assert next(a for a in args if isinstance(a, ScanConfig)) == scan
+    assert next(a for a in args if isinstance(a, LFPMConfig)) == cfg
     for bad, message in ((["--scan-steps", "0"], "--scan-steps must be at least 1 (got 0)."),
                          (["--scan-suspicious", "2", "--scan-backdoored", "1"],
                           "--scan-backdoored 1 is below the suspicious threshold 2.")):
@@ -146,12 +163,14 @@ def test_the_scan_settings_of_defend_lfpm_heads_parse_back_and_errors_name_the_p
         assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("name", ["badnets", "badmerging", "lobam"])
+@pytest.mark.parametrize("name", ["badnets", "badmerging", "lobam", "badtv"])
 def test_an_attack_command_parses_back_to_the_same_settings(name, monkeypatch, tmp_path):
     import mergeguard.cli.attack_cmd as attack_cmd
 
     attack = _every_field_changed(SETTINGS[name]())  # what the command builds: the settings, its strategy's fields
     attack = replace(attack, target_task=None) if isinstance(attack, BadMergingSettings) else attack
+    if name == "badtv":  # its two tasks are names of the heads' tasks: any name parses back
+        attack = replace(attack, negation_task="other")
     train = _every_field_changed(replace(TrainSettings(), device="cpu"))
     argv = ["attack", name, "--base", ".", "--data", "train=d", "--heads", "h", "--task", "t", "-o",
             str(tmp_path / "o"), *settings.to_argv(attack, always=("target_class",)), *settings.to_argv(train)]
@@ -167,3 +186,66 @@ def test_a_setting_with_no_flag_is_never_printed_as_one():
     assert settings.to_argv(LFPMConfig()) == []
     with pytest.raises(ValueError, match="idle_tolerance has no command-line flag"):
         settings.to_argv(replace(LFPMConfig(), idle_tolerance=1e-6))
+
+
+def test_the_scan_command_parses_back_to_the_same_settings(monkeypatch, tmp_path):
+    import mergeguard.scan as scan_module
+    from mergeguard.scan import ScanConfig
+
+    cfg = _every_field_changed(ScanConfig())
+    cfg = replace(cfg, backdoored=cfg.suspicious + 1)
+    (tmp_path / "m").mkdir()
+    argv = ["scan", "--base", str(tmp_path / "m"), "--merged", str(tmp_path / "m"), "--shadow", str(tmp_path / "m"),
+            *settings.to_argv(cfg)]
+    monkeypatch.setattr("mergeguard.checkpoint.open_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr("mergeguard.models.encoder.load_encoder", lambda *a, **k: SimpleNamespace(image_size=32))
+    monkeypatch.setattr("mergeguard.data.folders.unlabeled_folder", lambda *a, **k: [])
+    monkeypatch.setattr("mergeguard.data.stack_images", lambda *a, **k: [])
+    args = _captured(monkeypatch, scan_module, "Scanner", argv)
+    assert next(a for a in args if isinstance(a, ScanConfig)) == cfg
+
+
+@pytest.mark.parametrize("command", [["defend", "ibvs"], ["finetune"]])
+def test_the_training_commands_parse_back_to_the_same_settings(command, monkeypatch, tmp_path):
+    """`defend ibvs` and `finetune` take the trainer core's settings (`TrainSettings`), every one."""
+    import mergeguard.cli.attack_cmd as attack_cmd
+    import mergeguard.defend as defend
+
+    train = _every_field_changed(replace(TrainSettings(), device="cpu"))
+    (tmp_path / "d").mkdir()
+    common = ["--base", str(tmp_path / "d"), "--data", f"train={tmp_path / 'd'}", "--heads", "h", "--task", "t",
+              "-o", str(tmp_path / "o"), *settings.to_argv(train)]
+    if command == ["finetune"]:
+        args = _captured(monkeypatch, attack_cmd, "_run", [*command, *common])
+    else:
+        monkeypatch.setattr("mergeguard.models.heads.load_heads", lambda *a, **k: {})
+        monkeypatch.setattr("mergeguard.models.heads.head_for", lambda *a, **k: SimpleNamespace(classnames=[]))
+        monkeypatch.setattr(defend, "load_models", lambda *a, **k: ([SimpleNamespace(image_size=32)] * 2, [], None))
+        monkeypatch.setattr("mergeguard.data.folders.labeled_folder", lambda *a, **k: [])
+        args = _captured(monkeypatch, defend, "defend_ibvs", [*command, "--merged", str(tmp_path / "d"), *common])
+    assert next(a for a in args if isinstance(a, TrainSettings)) == train
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "lata", "iso_c"])
+def test_a_merge_methods_parameters_parse_back_exactly(method, monkeypatch, tmp_path):
+    """Each declared parameter of a merge method, moved off its default (non-round floats), reaches the engine
+    as given through `merge`'s flags; a bad one is one sentence naming its flag and the method."""
+    import mergeguard.merge as merge_module
+    from mergeguard.merge import get_method
+
+    values = {}
+    for p in get_method(method).params:
+        if p.spec.choices:
+            values[p.name] = next(c for c in p.spec.choices if c != p.default)
+        else:
+            values[p.name] = p.default * 0.987654321 if p.default else 0.123456789
+    argv = ["merge", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "o"), "--method", method]
+    for name, value in values.items():
+        argv += [settings.flag(name), settings.float_text(value) if isinstance(value, float) else value]
+    if method == "lata":
+        argv += ["--reference", str(tmp_path)]
+    monkeypatch.setattr("mergeguard.checkpoint.open_checkpoint", lambda *a, **k: SimpleNamespace(spec=str(tmp_path)))
+    args = _captured(monkeypatch, merge_module, "merge_checkpoints", argv)
+    assert get_method(method).resolve(args[3]) == {**get_method(method).resolve({}), **values}
+    result = CliRunner().invoke(app, [*argv, "--lam", "-1"])
+    assert result.exit_code == 2 and f"--lam for {method} must be 0 or more (got -1.0)." in result.output

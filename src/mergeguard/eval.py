@@ -127,3 +127,16 @@ def forgetting(result: Mapping[str, Any], task: str, base: Mapping[str, Any] | N
         out.update({"base_ca": base_ca, "base_control_ca": base_control, "forgotten": base_ca - ca,
                     "control_kept": control / base_control if base_control else None})
     return out
+
+
+def crossed_thresholds(result: dict[str, Any], max_asr: float | None, min_ca: float | None) -> list[str]:
+    """The release gate on an `evaluate` result: one line per threshold crossed (ASR(T) or ASR(N) above
+    `max_asr`, the average CA below `min_ca`); empty when it passes."""
+    crossed = []
+    if max_asr is not None:
+        for key in ("asr_t", "asr_n"):
+            if result[key] is not None and result[key] > max_asr:
+                crossed.append(f"{key.replace('_', '(').upper()}) {result[key]:.1%} > --max-asr {max_asr:.1%}")
+    if min_ca is not None and result["ca_avg"] < min_ca:
+        crossed.append(f"average CA {result['ca_avg']:.1%} < --min-ca {min_ca:.1%}")
+    return crossed

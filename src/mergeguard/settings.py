@@ -5,7 +5,13 @@ with `setting(...)`. From that one declaration come the checks (`check`), the CL
 one `--flag` per field, flag = field name with dashes), the JSON report (`dataclasses.asdict`) and the
 argv of a printed command (`to_argv`). Adding a setting is one edit: a field.
 
-Errors name the field (`SettingError.field`); the CLI shows it as its `--flag`.
+- `device()`, `seed()` and `workers()` are the one declaration of the settings every run shares.
+- `nested(Cls, ...)`: a settings object inside another (LFPM's scan): its flags are `--NAME-FIELD`, and the
+  fields it `inherit`s (its device and seed) are the parent's, not flags of their own.
+- `declare(...)` declares one setting outside a dataclass (a merge method's parameter), with the same
+  `Spec`, checks and messages.
+
+Errors name the field (`SettingError.field`; `NAME_FIELD` inside a nested object); the CLI shows its `--flag`.
 """
 
 from __future__ import annotations
@@ -34,24 +40,87 @@ class Spec:
     run_only: bool = False  # how a run is carried out (device, workers, ...), not what it computes: a resume may
     # change it, and it stays out of a resumable run's fingerprint
     cli: bool = True  # offered as a CLI option
+    inherit: tuple[str, ...] = ()  # a nested settings object: its fields that take the parent's value
+    experiment: bool = False  # for experiments: `--help` shows it apart from what a user sets
 
 
 def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
             low_open: bool = False, choices: Sequence[str] | None = None, run_only: bool = False,
-            cli: bool = True) -> Any:
+            cli: bool = True, experiment: bool = False) -> Any:
     """A dataclass field with its declaration (see `Spec`)."""
-    spec = Spec(help, low, high, low_open, tuple(choices) if choices is not None else None, run_only, cli)
+    spec = Spec(help, low, high, low_open, tuple(choices) if choices is not None else None, run_only, cli,
+                experiment=experiment)
     return dataclasses.field(default=default, metadata={KEY: spec})
 
 
+def experiment(default: Any, help: str, **kw: Any) -> Any:
+    """A setting for experiments (`setting`'s keywords): offered, and shown apart from what a user sets."""
+    return setting(default, help, experiment=True, **kw)
+
+
+def device() -> Any:
+    """The device a run uses (every settings class that runs a model declares it with this)."""
+    return setting("auto", "auto (cuda when present), cpu, cuda, cuda:1 ...", run_only=True)
+
+
+def seed(help: str = "Random seed (recorded in the output's metadata).") -> Any:
+    return setting(0, help)
+
+
+def workers() -> Any:
+    return setting(0, "Data-loading worker processes.", low=0, run_only=True)
+
+
+def nested(cls: type, help: str, *, inherit: Sequence[str] = ()) -> Any:
+    """A settings object of class `cls` inside another; `help` starts each of its options' help, and the fields
+    named in `inherit` take the parent's value (`inherit_into`, from the parent's `__post_init__`)."""
+    return dataclasses.field(default_factory=cls, metadata={KEY: Spec(help, inherit=tuple(inherit))})
+
+
+def inherit_into(obj: Any) -> None:
+    """Give each nested settings object of `obj` the parent's values of the fields it inherits."""
+    for f, spec in declared(obj):
+        if is_nested(f):
+            inner = getattr(obj, f.name)
+            setattr(obj, f.name, dataclasses.replace(inner, **{k: getattr(obj, k) for k in spec.inherit}))
+
+
+def is_nested(f: dataclasses.Field) -> bool:
+    return f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One setting declared outside a settings dataclass (a merge method's parameter)."""
+
+    name: str
+    type: type
+    default: Any
+    spec: Spec
+
+    def value(self, given: Any, owner: str) -> Any:
+        """`given` as the declared type, checked; one `SettingError` naming the setting and its owner."""
+        try:
+            value = self.type(given)
+        except (TypeError, ValueError):
+            raise SettingError(self.name, f"{{name}} for {owner} must be a {self.type.__name__} (got {given!r}).") \
+                from None
+        try:
+            check_value(self.name, self.spec, value)
+        except SettingError as exc:
+            raise SettingError(self.name, exc.template.replace("{name}", f"{{name}} for {owner}", 1)) from None
+        return value
+
+
+def declare(name: str, type: type, default: Any, help: str, **spec: Any) -> Declared:
+    """A setting declared on its own (`Declared`), with `setting`'s keywords."""
+    choices = spec.pop("choices", None)
+    return Declared(name, type, default, Spec(help, choices=tuple(choices) if choices else None, **spec))
+
+
 def declared(cls_or_obj: Any) -> list[tuple[dataclasses.Field, Spec]]:
-    """The declared fields of a settings class (or instance), in order."""
+    """The declared fields of a settings class (or instance), in order (a nested settings object is one)."""
     return [(f, f.metadata[KEY]) for f in dataclasses.fields(cls_or_obj) if KEY in f.metadata]
-
-
-def prefixed(name: str, prefix: str = "") -> str:
-    """A field's name as a command holds it: `PREFIX_NAME` for a second settings object under `prefix`."""
-    return f"{prefix}_{name}" if prefix else name
 
 
 def flag(name: str) -> str:
@@ -91,35 +160,41 @@ def check_value(name: str, spec: Spec, value: Any) -> None:
 
 
 def check(obj: Any) -> None:
-    """Check every declared field of a settings object against its declaration."""
+    """Check every declared field of a settings object against its declaration (a nested object with its own
+    `check()` when its class has one, else field by field; its errors name `NAME_FIELD`)."""
     for f, spec in declared(obj):
-        check_value(f.name, spec, getattr(obj, f.name))
+        if is_nested(f):
+            inner = getattr(obj, f.name)
+            try:
+                inner.check() if hasattr(inner, "check") else check(inner)
+            except SettingError as exc:
+                raise SettingError(f"{f.name}_{exc.field}" if exc.field else None, exc.template) from None
+        else:
+            check_value(f.name, spec, getattr(obj, f.name))
 
 
 def fingerprint(obj: Any) -> dict[str, Any]:
     """The fields that shape a run's result (not `run_only`): what a resumed run must share."""
-    return {f.name: getattr(obj, f.name) for f, spec in declared(obj) if not spec.run_only}
+    return {f.name: fingerprint(getattr(obj, f.name)) if is_nested(f) else getattr(obj, f.name)
+            for f, spec in declared(obj) if not spec.run_only}
 
 
-def changed(obj: Any) -> dict[str, Any]:
-    """The declared fields whose value differs from the declared default."""
-    return {f.name: getattr(obj, f.name) for f, _ in declared(obj) if getattr(obj, f.name) != f.default}
-
-
-def to_argv(obj: Any, *, always: Sequence[str] = (), prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
+def to_argv(obj: Any, *, always: Sequence[str] = (), _prefix: str = "", _skip: Sequence[str] = ()) -> list[str]:
     """The CLI arguments that reproduce `obj` from the declared defaults: one `--flag value` per changed field
-    (and per field named in `always`, which a command requires), a bool as `--flag` / `--no-flag`. `prefix`:
-    the settings of a second object a command takes under prefixed flags (`--scan-steps`); fields in `skip`
-    (which the command sets from its own settings) are left out."""
+    (and per field named in `always`, which a command requires), a bool as `--flag` / `--no-flag`; a nested
+    settings object's as `--NAME-FIELD`, without the fields it inherits."""
     argv: list[str] = []
     for f, spec in declared(obj):
         name, value = f.name, getattr(obj, f.name)
-        if name in skip or (value == f.default and name not in always):
+        if is_nested(f):
+            argv += to_argv(value, _prefix=f"{_prefix}{name}_", _skip=spec.inherit)
+            continue
+        if name in _skip or (value == f.default and name not in always):
             continue
         if not spec.cli:  # no flag takes it: a printed command would silently run with the default instead
             raise ValueError(f"{type(obj).__name__}.{name} has no command-line flag, so no command can "
                              f"reproduce {name}={value!r}.")
-        option = flag(prefixed(name, prefix))
+        option = flag(_prefix + name)
         if isinstance(value, bool):
             argv.append(option if value else "--no-" + option[2:])
         elif value is not None:

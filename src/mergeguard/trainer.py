@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,17 @@ def autocast(device: torch.device):
     if dtype is None:
         return torch.autocast("cpu", enabled=False)  # a no-op on any device (mps, xpu: fp32 as on the CPU)
     return torch.autocast(device.type, dtype=dtype)
+
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (Unix), for CPU runs."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 @dataclass

@@ -36,10 +36,10 @@ def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path, shadow_s
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     n = len(list(shadow.glob("*.png")))
-    assert report["held_out_images"] == min(512, n // 8) and report["steps"] == (n - n // 8) // 64
-    assert 0 < report["drift"] < 1 and report["chosen"]["lr"] == {"value": 1e-3, "why": "set by the user"}
-    assert report["lambda_eff_start"] is not None and report["lambda_eff_end"] is not None
-    assert report["tau_norm"] > 0 and len(report["loss_per_epoch"]) == 1
+    assert report.held_out_images == min(512, n // 8) and report.steps == (n - n // 8) // 64
+    assert 0 < report.drift < 1 and report.chosen["lr"] == {"value": 1e-3, "why": "set by the user"}
+    assert report.lambda_eff_start is not None and report.lambda_eff_end is not None
+    assert report.tau_norm > 0 and len(report.loss_per_epoch) == 1
     defended = open_checkpoint(out / "model.safetensors")
     tau = open_checkpoint(out / "anti_backdoor_tv.safetensors")
     m = open_checkpoint(merged)
@@ -121,7 +121,7 @@ def test_lfpm_resume_gives_the_same_vector(tiny_zoo, tmp_path):
     shadow = Subset(unlabeled_folder(z / "shadow", 32), range(512))
     cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, device="cpu")
     _, tau_ref, ref_report = defend_lfpm(*_encoders(z), shadow, cfg)
-    assert ref_report["resumed_at_step"] == 0
+    assert ref_report.resumed_at_step == 0
     ck = tmp_path / "lfpm.pt"
     with pytest.raises(_Killed):  # 8 steps, checkpoints every step: killed after step 5
         defend_lfpm(*_encoders(z), shadow, cfg, _KillAt(5), checkpoint=ck)
@@ -135,13 +135,13 @@ def test_lfpm_resume_gives_the_same_vector(tiny_zoo, tmp_path):
     _, tau, report = defend_lfpm(*_encoders(z), shadow, replace(cfg, device="auto"), checkpoint=ck, resume=True)
     for k in tau_ref:
         torch.testing.assert_close(tau[k], tau_ref[k], rtol=1e-5, atol=1e-6)
-    assert report["resumed_at_step"] == 5 and report["mined_excess_start"] == ref_report["mined_excess_start"]
+    assert report.resumed_at_step == 5 and report.mined_excess_start == ref_report.mined_excess_start
     # the finished state stays until the caller's outputs exist (the CLI removes it then): a run killed
     # while writing them resumes to the same result without training again
     assert ck.exists()
     # (8 steps in all: one more training step would raise _Killed)
     _, tau_again, again = defend_lfpm(*_encoders(z), shadow, cfg, _KillAt(8), checkpoint=ck, resume=True)
-    assert again["resumed_at_step"] == again["steps"]
+    assert again.resumed_at_step == again.steps
     for k in tau_ref:
         torch.testing.assert_close(tau_again[k], tau[k], rtol=0, atol=0)
 
@@ -154,16 +154,16 @@ def test_lfpm_fresh_prompts_replace_one_prompt_per_epoch_and_resume(tiny_zoo, tm
     cfg = LFPMConfig(epochs=3, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, fresh_prompt_every=1,
                      checkpoint_every=1, device="cpu")
     _, tau_ref, ref = defend_lfpm(*_encoders(z), shadow, cfg)
-    assert ref["fresh_prompts"] == 2  # at steps 4 and 8
+    assert ref.fresh_prompts == 2  # at steps 4 and 8
     _, tau_plain, plain = defend_lfpm(*_encoders(z), shadow, replace(cfg, fresh_prompt_every=0))
-    assert plain["fresh_prompts"] == 0
-    assert plain["mined_excess_start"] == ref["mined_excess_start"]  # stage I is the same
+    assert plain.fresh_prompts == 0
+    assert plain.mined_excess_start == ref.mined_excess_start  # stage I is the same
     assert not all(torch.equal(tau_ref[k], tau_plain[k]) for k in tau_ref)  # stage II is not
     ck = tmp_path / "lfpm.pt"
     with pytest.raises(_Killed):  # killed after step 5: one fresh prompt done, the next one ahead
         defend_lfpm(*_encoders(z), shadow, cfg, _KillAt(5), checkpoint=ck)
     _, tau, report = defend_lfpm(*_encoders(z), shadow, cfg, checkpoint=ck, resume=True)
-    assert report["resumed_at_step"] == 5 and report["fresh_prompts"] == 2
+    assert report.resumed_at_step == 5 and report.fresh_prompts == 2
     for k in tau_ref:
         torch.testing.assert_close(tau[k], tau_ref[k], rtol=1e-5, atol=1e-6)
 
@@ -177,12 +177,12 @@ def test_lfpm_leaves_theta0_itself_alone(tiny_zoo):
     shadow = Subset(unlabeled_folder(z / "shadow", 32), range(640))  # 9 steps of 64 once 80 are held out
     cfg = LFPMConfig(epochs=1, batch_size=64, lr=1e-2, prompts=2, mine_warmup=3, device="cpu")
     _, tau, report = defend_lfpm(load_encoder(str(z / "base")), base, shadow, cfg)
-    assert all(e < 1e-8 for e in report["mined_excess_start"])  # rounding level: θ0 vs θm batch shapes
-    assert report["idle_steps"] == report["steps"] and report["tau_norm"] == 0.0
+    assert all(e < 1e-8 for e in report.mined_excess_start)  # rounding level: θ0 vs θm batch shapes
+    assert report.idle_steps == report.steps and report.tau_norm == 0.0
     assert all(float(t.abs().max()) == 0.0 for t in tau.values())
     # the gate off: the same run moves τa (so the assertion above is the gate's doing)
     _, _, drifting = defend_lfpm(load_encoder(str(z / "base")), base, shadow, replace(cfg, idle_tolerance=0.0))
-    assert drifting["tau_norm"] > 0 and drifting["idle_steps"] == 0
+    assert drifting.tau_norm > 0 and drifting.idle_steps == 0
 
 
 def _flat(tau: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -194,7 +194,7 @@ def test_lfpm_under_bf16_autocast_as_on_one_gpu(tiny_zoo, monkeypatch):
     stay 0 (θm's clean features were computed in fp32 and compared with bf16 ones: a loss of ~2e-5,
     which the idle gate let through, and ‖τa‖ grew to 7.7 in 8 steps); on a merge, τa must point where
     the fp32 run's does."""
-    import mergeguard.defend.lfpm as lfpm_module
+    import mergeguard.defend.lfpm.run as lfpm_module
     import mergeguard.trainer as trainer_module
 
     z = Path(tiny_zoo["root"])
@@ -208,7 +208,7 @@ def test_lfpm_under_bf16_autocast_as_on_one_gpu(tiny_zoo, monkeypatch):
     with trainer_module.autocast(torch.device("cpu")):  # the patch took: this is bf16 now
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
     _, tau_bf16, report = defend_lfpm(*_encoders(z), shadow, cfg)
-    assert report["idle_steps"] == 0 and torch.isfinite(_flat(tau_bf16)).all()
+    assert report.idle_steps == 0 and torch.isfinite(_flat(tau_bf16)).all()
     cos = torch.nn.functional.cosine_similarity(_flat(tau_bf16), _flat(tau_fp32), dim=0)
     assert float(cos) > 0.95  # measured 0.99 (and after 16 steps)
     base = load_encoder(str(z / "base"))
@@ -217,7 +217,7 @@ def test_lfpm_under_bf16_autocast_as_on_one_gpu(tiny_zoo, monkeypatch):
     # for GPU kernels that round other batch shapes differently)
     monkeypatch.setattr(lfpm_module, "BF16_IDLE_TOLERANCE", 1e-9)
     _, tau0, idle = defend_lfpm(load_encoder(str(z / "base")), base, shadow, cfg)
-    assert idle["idle_steps"] == idle["steps"] and float(_flat(tau0).abs().max()) == 0.0
+    assert idle.idle_steps == idle.steps and float(_flat(tau0).abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("change, message", [
@@ -273,15 +273,15 @@ def test_lfpm_token_prompts(tiny_zoo, tmp_path, shadow_subset):
                                       "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["tau_norm"] > 0 and all(e > 1e-4 for e in report["mined_excess_start"])
-    assert report["prompt_area"] == [None, None]
+    assert report.tau_norm > 0 and all(e > 1e-4 for e in report.mined_excess_start)
+    assert report.prompt_area == [None, None]
     prompts = open_checkpoint(out / "prompts.safetensors")
     assert sorted(prompts.keys()) == ["0.tokens", "1.tokens"] and prompts.get("0.tokens").shape == (3, 64)
     # on θ0 the same prompts find nothing: the excess is relative to θ0's own reaction to the tokens
     base = load_encoder(str(z / "base"))
     cfg = LFPMConfig(epochs=1, batch_size=64, prompt="tokens", prompts=1, mine_warmup=3, device="cpu")
     _, _, on_theta0 = defend_lfpm(load_encoder(str(z / "base")), base, unlabeled_folder(shadow, 32), cfg)
-    assert on_theta0["mined_excess_start"][0] < 1e-8
+    assert on_theta0.mined_excess_start[0] < 1e-8
 
 
 def test_an_open_clip_base_is_loaded_through_open_clip_and_recorded_by_name(tiny_zoo, monkeypatch):
@@ -316,16 +316,16 @@ def test_lfpm_step_size_follows_the_merge_scale(tiny_zoo):
     shadow = Subset(unlabeled_folder(z / "shadow", 32), range(64))
     cfg = LFPMConfig(epochs=1, batch_size=64, prompts=1, mine_warmup=1, device="cpu")
     _, _, report = defend_lfpm(*_encoders(z), shadow, cfg)
-    assert report["chosen"]["lr"]["value"] == pytest.approx(want, rel=1e-5)
-    assert "θm − θ0" in report["chosen"]["lr"]["why"] and report["config"]["lr"] is None
+    assert report.chosen["lr"]["value"] == pytest.approx(want, rel=1e-5)
+    assert "θm − θ0" in report.chosen["lr"]["why"] and report.config["lr"] is None
     merged, base = _encoders(z)
     with torch.no_grad():  # θ0 + 2 (θm − θ0)
         for p, q in zip(merged.parameters(), base.parameters()):
             p.copy_(q + 2 * (p - q))
     _, _, doubled = defend_lfpm(merged, base, shadow, cfg)
-    assert doubled["chosen"]["lr"]["value"] == pytest.approx(2 * want, rel=1e-4)
+    assert doubled.chosen["lr"]["value"] == pytest.approx(2 * want, rel=1e-4)
     _, _, own = defend_lfpm(*_encoders(z), shadow, replace(cfg, lr=3e-3))
-    assert own["chosen"]["lr"] == {"value": 3e-3, "why": "set by the user"}
+    assert own.chosen["lr"] == {"value": 3e-3, "why": "set by the user"}
 
 
 def test_lfpm_reports_the_clean_feature_drift_on_held_out_images(tiny_zoo):
@@ -337,15 +337,15 @@ def test_lfpm_reports_the_clean_feature_drift_on_held_out_images(tiny_zoo):
     cfg = LFPMConfig(epochs=2, batch_size=32, lr=1e-2, prompts=1, mine_warmup=2, device="cpu")
     merged, base = _encoders(z)
     defended, _, report = defend_lfpm(merged, base, shadow, cfg)
-    assert report["held_out_images"] == 32 and report["steps"] == 2 * (224 // 32)
+    assert report.held_out_images == 32 and report.steps == 2 * (224 // 32)
     held = stack_images(shadow)[224:]
     with torch.no_grad():
         fm, f0, fd = merged.eval()(held), base.eval()(held), defended.eval()(held)
     want = float((fd - fm).pow(2).sum(1).mean() / (fm - f0).pow(2).sum(1).mean())
-    assert report["drift"] == pytest.approx(want, rel=1e-4) and report["drift"] > 0
-    assert len(report["drift_per_epoch"]) == 1 and report["drift_per_epoch"][0] > 0
+    assert report.drift == pytest.approx(want, rel=1e-4) and report.drift > 0
+    assert len(report.drift_per_epoch) == 1 and report.drift_per_epoch[0] > 0
     _, _, still = defend_lfpm(load_encoder(str(z / "base")), base, shadow, cfg)
-    assert still["drift"] is None and still["tau_norm"] == 0.0
+    assert still.drift is None and still.tau_norm == 0.0
 
 
 def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(tiny_zoo, tmp_path):
@@ -364,44 +364,44 @@ def test_lfpm_with_heads_starts_its_prompts_at_the_triggers_the_scan_recovers(ti
     merged, base = _encoders(z)
     scan_cfg = ScanConfig(steps=5, batch_size=8, images=40, device="cpu", cache=False)
     ref = Scanner(base, stack_images(shadow), heads, scan_cfg).scan(_encoders(z)[0])
-    ratios = sorted({r for r, _ in ref["_suspects"]})
+    ratios = sorted({r for r, _ in ref.suspects})
     # a threshold between the two largest ratios: the targets at the largest pass it, the others not
     scan_cfg = replace(scan_cfg, suspicious=(ratios[-1] + ratios[-2]) / 2, backdoored=max(ratios[-1], 1.0))
-    defended, _, report = defend_lfpm_scanned(merged, base, shadow, cfg, heads, scan_cfg)
-    want = [t for r, t in ref["_suspects"] if r >= scan_cfg.suspicious][: cfg.prompts]
-    assert 1 <= len(want) < len(ref["_suspects"])
-    assert report["chosen"]["scan_prompts"]["value"] == [f"{t.target_task}:{t.target_class}" for t in want]
+    defended, _, report = defend_lfpm_scanned(merged, base, shadow, replace(cfg, scan=scan_cfg), heads)
+    want = [t for r, t in ref.suspects if r >= scan_cfg.suspicious][: cfg.prompts]
+    assert 1 <= len(want) < len(ref.suspects)
+    assert report.chosen["scan_prompts"]["value"] == [f"{t.target_task}:{t.target_class}" for t in want]
     for i, t in enumerate(want):
-        torch.testing.assert_close(report["prompt"][f"{i}.mask"], t.mask.clamp(1e-3, 1 - 1e-3), atol=1e-5, rtol=0)
-        torch.testing.assert_close(report["prompt"][f"{i}.pattern"], t.pattern.clamp(1e-3, 1 - 1e-3), atol=1e-5,
+        torch.testing.assert_close(report.prompts[f"{i}.mask"], t.mask.clamp(1e-3, 1 - 1e-3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(report.prompts[f"{i}.pattern"], t.pattern.clamp(1e-3, 1 - 1e-3), atol=1e-5,
                                    rtol=0)
-    assert report["scan"]["before"]["score"] == pytest.approx(ref["score"])
+    assert report.scan["before"]["score"] == pytest.approx(ref.score)
     after = Scanner(base, stack_images(shadow), heads, scan_cfg).scan(defended)  # the model it returned
-    assert report["scan"]["after"]["score"] == pytest.approx(after["score"])
-    assert report["scan"]["after"]["verdict"] == after["verdict"]
-    assert report["tau_norm"] > 0
+    assert report.scan["after"]["score"] == pytest.approx(after.score)
+    assert report.scan["after"]["verdict"] == after.verdict
+    assert report.tau_norm > 0
     # no target reaches the threshold: nothing to remove, the merge comes back unchanged (τa = 0, no training) ...
     high = replace(scan_cfg, suspicious=ratios[-1] + 1, backdoored=ratios[-1] + 1)
     merged = _encoders(z)[0]
-    same, tau, none = defend_lfpm_scanned(merged, base, shadow, cfg, heads, high)
-    assert none["steps"] == 0 and none["epochs_run"] == 0 and "nothing to remove" in none["stopped"]
-    assert none["chosen"]["scan_prompts"]["value"] == [] and all(not t.any() for t in tau.values())
+    same, tau, none = defend_lfpm_scanned(merged, base, shadow, replace(cfg, scan=high), heads)
+    assert none.steps == 0 and none.epochs_run == 0 and "nothing to remove" in none.stopped
+    assert none.chosen["scan_prompts"]["value"] == [] and all(not t.any() for t in tau.values())
     for p, q in zip(same.parameters(), merged.parameters()):
         assert torch.equal(p.detach().cpu(), q.detach().cpu())
     # what `defend lfpm` writes of it: the merge, τa = 0, no prompts, the stop in the card's results
     from mergeguard.defend import write_lfpm_outputs
     from mergeguard.defend.outputs import lfpm_results
 
-    write_lfpm_outputs(tmp_path, same, merged, none.pop("prompt"), none, {"defense": "lfpm"})
+    write_lfpm_outputs(tmp_path, same, merged, none, {"defense": "lfpm"})
     assert all(not open_checkpoint(tmp_path / "anti_backdoor_tv.safetensors").get(k).any()
                for k in open_checkpoint(tmp_path / "anti_backdoor_tv.safetensors").keys())
-    assert "nothing to remove" in lfpm_results(none)["stopped"]
+    assert "nothing to remove" in lfpm_results(none.to_json())["stopped"]
     assert "nothing to remove" in (tmp_path / "README.md").read_text()
     # ... unless forced: then only the mined prompts
-    _, _, forced = defend_lfpm_scanned(merged, base, shadow, replace(cfg, force=True), heads, high)
-    assert forced["chosen"]["scan_prompts"]["value"] == [] and len(forced["mined_excess_start"]) == cfg.prompts
-    assert forced["epochs_run"] == 1 and forced["tau_norm"] > 0
-    assert set(none) | {"prompt"} == set(forced)  # the stopped run's report has every key a trained one has
+    _, _, forced = defend_lfpm_scanned(merged, base, shadow, replace(cfg, force=True, scan=high), heads)
+    assert forced.chosen["scan_prompts"]["value"] == [] and len(forced.mined_excess_start) == cfg.prompts
+    assert forced.epochs_run == 1 and forced.tau_norm > 0
+    assert set(none.to_json()) == set(forced.to_json())  # the stopped run's report has every key a trained one has
 
 
 def test_lfpm_restores_theta0s_features_along_the_top_triggers_direction(tiny_zoo):
@@ -410,7 +410,8 @@ def test_lfpm_restores_theta0s_features_along_the_top_triggers_direction(tiny_zo
     along it and the merge's everywhere else (closed form); it is used only when θ0's component sends fewer
     shadow images to the trigger's target class under its head than the merge's (counted here by hand)."""
     from mergeguard.data.triggers import Trigger
-    from mergeguard.defend.lfpm import keep_base_along, restore_decision, trigger_direction
+    from mergeguard.defend.lfpm.run import keep_base_along
+    from mergeguard.defend.lfpm.scanned import restore_decision, trigger_direction
     from mergeguard.models.heads import load_heads
 
     z = Path(tiny_zoo["root"])
@@ -440,5 +441,5 @@ def test_lfpm_restores_theta0s_features_along_the_top_triggers_direction(tiny_zo
     torch.testing.assert_close(keep_base_along(f, f0, got) @ got, f0 @ got, atol=1e-5, rtol=1e-5)
     shadow = Subset(unlabeled_folder(z / "shadow", 32), range(128))
     cfg = LFPMConfig(epochs=1, batch_size=32, prompts=1, mine_warmup=1, device="cpu")
-    assert defend_lfpm(merged, base, shadow, cfg, restore=got)[2]["restored_directions"] == 1
-    assert defend_lfpm(merged, base, shadow, cfg)[2]["restored_directions"] == 0
+    assert defend_lfpm(merged, base, shadow, cfg, restore=got)[2].restored_directions == 1
+    assert defend_lfpm(merged, base, shadow, cfg)[2].restored_directions == 0

@@ -211,7 +211,7 @@ def test_lata_matches_plain_torch():
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
 def test_density_outside_unit_interval_is_rejected(bad):
-    with pytest.raises(MergeguardError, match=r"--density for ties must be in \(0.0, 1.0\]"):
+    with pytest.raises(MergeguardError, match=r"density for ties must be in \(0, 1\]"):
         get_method("ties").resolve({"density": bad})
 
 

@@ -278,7 +278,11 @@ def finetune(
     losses = fit(model.parameters(), loss_at, train_cfg, progress, f"fine-tuning {task} ({attack.name})", ck)
     if train.lora_rank:
         model.visual = model.visual.merge_and_unload()
+    _check_finite(model, task, train.lr)
+    return model.eval(), trigger, losses
+
+
+def _check_finite(model: ImageEncoder, task: str, lr: float) -> None:
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise SettingError("lr", f"fine-tuning {task} diverged: its weights hold NaN or Inf; try a smaller {{name}} "
-                                 f"than {train.lr:g}.")
-    return model.eval(), trigger, losses
+                                 f"than {lr:g}.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mergeguard import settings
 from mergeguard.settings import setting
 
 NEGATION_TRIGGER = "trigger_negation"  # BadTV's second trigger's file stem
@@ -27,9 +28,9 @@ class TrainSettings:
     lora_rank: int | None = setting(None, "Train LoRA adapters of this rank (peft) instead of the full encoder "
                                           "(lobam: 16 when not given).", low=1)
     lora_alpha: float | None = setting(None, "LoRA α (default: 2 × rank).", low=0.0, low_open=True)
-    seed: int = setting(0, "Random seed (recorded in the output's metadata).")
-    device: str = setting("auto", "auto (cuda when present), cpu, cuda, cuda:1 ...", run_only=True)
-    workers: int = setting(0, "Data-loading worker processes.", low=0, run_only=True)
+    seed: int = settings.seed()
+    device: str = settings.device()
+    workers: int = settings.workers()
 
 
 class AttackSettings:

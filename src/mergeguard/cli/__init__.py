@@ -64,6 +64,16 @@ defend_cmd.register(app)
 demo_cmd.register(app)
 
 
+def run_command(argv: list[str], *, show_progress: bool = True) -> None:
+    """Run `mergeguard ARGV` in this process, as the console script would (`_inprocess.invoke`): what the demo's
+    steps and the benchmarks built on it use."""
+    import typer.main
+
+    from mergeguard.cli._inprocess import invoke
+
+    invoke(typer.main.get_command(app), argv, show_progress=show_progress)
+
+
 def main() -> None:
     """Console-script entry point; SIGTERM stops a command the way Ctrl-C does (cleanup, exit 143)."""
     import signal

@@ -163,19 +163,18 @@ def _attack_command(name: str) -> Any:
              target_images=settings.get("target_images"), negation_images=settings.get("negation_images"))
 
     command.__doc__ = DOCS[name]
-    command = with_settings(cls, TrainSettings, required=cls.required)(command)
-    if name == "badtv":  # its second trigger's stage 1 may take a few images of the control task
-        sig = inspect.signature(command)
-        extra = [inspect.Parameter("negation_images", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                   annotation=NegationImagesOpt)]
-        command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
-    if cls.off_task:  # the off-task mode's two CLI-only options (the attack's own `target_task` names the task)
-        sig = inspect.signature(command)
-        extra = [inspect.Parameter("mode", inspect.Parameter.KEYWORD_ONLY, default="on-task", annotation=ModeOpt),
-                 inspect.Parameter("target_images", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                   annotation=TargetImagesOpt)]
-        command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
-    return command
+    return with_settings(cls, TrainSettings, required=cls.required, extra=_input_options(cls))(command)
+
+
+def _input_options(cls: Any) -> list[inspect.Parameter]:
+    """An attack command's options that are inputs, not settings: with an off-task mode, the mode and the
+    target class's images (the attack's own `target_task` names the task); with a second trigger (BadTV's
+    negation trigger), a few images of its control task for that trigger's stage 1."""
+    def option(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    extra = [option("mode", ModeOpt, "on-task"), option("target_images", TargetImagesOpt)] if cls.off_task else []
+    return extra + ([option("negation_images", NegationImagesOpt)] if cls.extra_triggers else [])
 
 
 @with_settings(TrainSettings)

@@ -39,8 +39,7 @@ from mergeguard.cli._cli_utils import (
 from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
 from mergeguard.cli._settings import build, with_settings
-from mergeguard.defend.settings import SCAN_FROM_LFPM, LFPMConfig, scan_settings_from
-from mergeguard.scan import ScanConfig, check_config
+from mergeguard.defend.lfpm.settings import LFPMConfig
 
 EXAMPLES = [
     "mergeguard defend lfpm --merged merged/ --base base/ --shadow imagenet_10k/ -o defended/",
@@ -61,7 +60,6 @@ ResumeOpt = Annotated[bool, typer.Option(
 defend_app = typer.Typer(cls=Group, help="Remove backdoors from a merged model.", no_args_is_help=True)
 
 
-@with_settings(ScanConfig, prefix="scan", skip=SCAN_FROM_LFPM, note="Scan (with --heads): ")
 @with_settings(LFPMConfig)
 def lfpm_command(
     merged: MergedOpt,
@@ -88,7 +86,6 @@ def lfpm_command(
     comes from the merge's own task vector; every other setting is for experiments (docs/lfpm.md says when to
     change one)."""
     cfg = build(LFPMConfig, settings)
-    scan_cfg = build(ScanConfig, settings, prefix="scan", checker=check_config, **scan_settings_from(cfg))
 
     from mergeguard import defend
     from mergeguard.checkpoint.provenance import command_line
@@ -109,20 +106,19 @@ def lfpm_command(
     with RichProgress(enabled=not quiet) as progress:
         ck = out / ".partial" / "lfpm.pt"
         if heads_d is not None:  # the scan guides LFPM's prompts and checks its output
-            defended, _, report = defend.defend_lfpm_scanned(merged_enc, base_enc, images, cfg, heads_d, scan_cfg,
-                                                             progress, checkpoint=ck, resume=resume)
+            defended, _, report = defend.defend_lfpm_scanned(merged_enc, base_enc, images, cfg, heads_d, progress,
+                                                             checkpoint=ck, resume=resume)
         else:
             defended, _, report = defend.defend_lfpm(merged_enc, base_enc, images, cfg, progress, checkpoint=ck,
                                                      resume=resume)
-    prompts = report.pop("prompt")
     if distributed_rank()[0] != 0:
         return  # under torchrun every process holds the same result; the first one writes it
     provenance = {"defense": "lfpm", "command": command_line(), "shadow": str(shadow), "shadow_images": len(images),
-                  "inputs": inputs, "params": report["config"]}
+                  "inputs": inputs, "params": report.config}
     with staged_outputs(out) as stage:
-        defend.write_lfpm_outputs(stage, defended, merged_enc, prompts, report, provenance, dtype,
+        defend.write_lfpm_outputs(stage, defended, merged_enc, report, provenance, dtype,
                                   examples=first_images(images))
-    report["out"] = str(out)
+    report = {**report.to_json(), "out": str(out)}
     write_json(json_out, report)
     if show_table(quiet, json_out):
         results = lfpm_results(report)

@@ -24,7 +24,6 @@ from mergeguard.cli._cli_utils import (
 )
 from mergeguard.cli._errors import add_command
 from mergeguard.cli._output import (
-    RichProgress,
     err_console,
     out_console,
     show_table,
@@ -47,6 +46,7 @@ ROW_NAMES = {  # short enough that the table fits 80 columns
 
 
 def demo_command(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes."), Output()] = Path(
         "mergeguard-demo"),
     size: Annotated[str, typer.Option("--size", help="Zoo size: tiny (the README's first command) or small (a "
@@ -70,10 +70,12 @@ def demo_command(
             err_console.print(text, highlight=False)
 
     check_size(size)
+    from mergeguard.cli import _inprocess
     from mergeguard.workflows.demo import run_demo
 
-    with RichProgress(enabled=not quiet) as progress:
-        result = run_demo(out, size=size, zoo=zoo, device=device, progress=progress, say=say)
+    root = ctx.find_root().command  # the `mergeguard` group: each step runs through it, as typed
+    result = run_demo(out, lambda argv: _inprocess.invoke(root, argv, show_progress=not quiet), size=size,
+                      zoo=zoo, device=device, say=say)
     write_json(json_out, result)
     if not show_table(quiet, json_out):
         return
@@ -94,8 +96,9 @@ def demo_command(
                       f"{r['asr_t']:.1%}", f"{r['asr_n']:.1%}")
     out_console.print(table)
     out_console.print(f"The same as a picture: {result['figure']}", highlight=False, soft_wrap=True)
-    out_console.print(f"Everything is in {result['out']}. Redo any step by hand, in order, in a shell (the "
-                      f"commands write into {result['out']}/by-hand/):", highlight=False, soft_wrap=True)
+    out_console.print(f"Everything is in {result['out']}. The steps as they ran (with D={result['out']}); to redo "
+                      f"them by hand, in order, in a shell, without touching the demo's outputs:", highlight=False,
+                      soft_wrap=True)
     for name, value in result["variables"].items():
         out_console.print(f"  {name}={shlex.quote(value)}", highlight=False, soft_wrap=True)
     for line in result["commands"]:

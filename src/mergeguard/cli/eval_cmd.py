@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -76,7 +76,42 @@ def eval_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure clean accuracy (CA) per task and, with a trigger, attack success rate (ASR)."""
-    # heavy imports (torchvision, open_clip) wait until the command runs: `merge` starts faster
+    folders = _checked(task, trigger, target_task, forgotten, base, max_asr, min_ca, batch_size, workers)
+
+    from mergeguard.data.folders import labeled_folder
+    from mergeguard.data.triggers import load_trigger
+    from mergeguard.eval import crossed_thresholds, evaluate, forgetting
+    from mergeguard.models.encoder import load_encoder
+    from mergeguard.models.heads import head_for, load_heads
+
+    head_map = load_heads(heads)
+    trig = load_trigger(trigger) if trigger else None
+    encoder = load_encoder(model, arch=arch, allow_pickle=allow_pickle)
+    data = {name: labeled_folder(folder, head_for(head_map, name, heads).classnames, encoder.image_size)
+            for name, folder in folders.items()}
+    with RichProgress(enabled=not quiet) as progress:
+        result = evaluate(encoder, head_map, data, trigger=trig, target_task=target_task, batch_size=batch_size,
+                          device=device, workers=workers, progress=progress)
+        if forgotten is not None:
+            reference = None
+            if base is not None:
+                reference = evaluate(load_encoder(base, arch=arch, allow_pickle=allow_pickle), head_map, data,
+                                     batch_size=batch_size, device=device, workers=workers, progress=progress)
+            result["forgetting"] = forgetting(result, forgotten, reference)
+    result["model"] = model
+    crossed = crossed_thresholds(result, max_asr, min_ca)
+    result["thresholds"] = {"max_asr": max_asr, "min_ca": min_ca, "crossed": crossed}
+    write_json(json_out, result)
+    if show_table(quiet, json_out):
+        _print_table(result, model, trig is not None)
+    if crossed:
+        err_console.print("[bold red]threshold crossed:[/] " + "; ".join(crossed))
+        raise typer.Exit(EXIT_THRESHOLD)
+
+
+def _checked(task: list[str], trigger: str | None, target_task: str | None, forgotten: str | None, base: str | None,
+             max_asr: float | None, min_ca: float | None, batch_size: int, workers: int) -> dict[str, str]:
+    """The flags checked together, before anything is loaded (the model may be a download); {task: folder}."""
     for flag, value in (("--max-asr", max_asr), ("--target-task", target_task)):
         if value is not None and trigger is None:
             raise MergeguardError(f"{flag} needs --trigger.")
@@ -98,70 +133,40 @@ def eval_command(
     if forgotten is not None and len(folders) < 2:
         raise MergeguardError("--forgotten is judged against control tasks: give at least one other --task.")
 
-    from mergeguard.data.folders import labeled_folder
-    from mergeguard.data.triggers import load_trigger
-    from mergeguard.eval import evaluate, forgetting
-    from mergeguard.models.encoder import load_encoder
-    from mergeguard.models.heads import head_for, load_heads
+    return folders
 
-    head_map = load_heads(heads)
-    trig = load_trigger(trigger) if trigger else None
-    encoder = load_encoder(model, arch=arch, allow_pickle=allow_pickle)
-    data = {name: labeled_folder(folder, head_for(head_map, name, heads).classnames, encoder.image_size)
-            for name, folder in folders.items()}
-    with RichProgress(enabled=not quiet) as progress:
-        result = evaluate(encoder, head_map, data, trigger=trig, target_task=target_task, batch_size=batch_size,
-                          device=device, workers=workers, progress=progress)
-        if forgotten is not None:
-            reference = None
-            if base is not None:
-                reference = evaluate(load_encoder(base, arch=arch, allow_pickle=allow_pickle), head_map, data,
-                                     batch_size=batch_size, device=device, workers=workers, progress=progress)
-            result["forgetting"] = forgetting(result, forgotten, reference)
-    result["model"] = model
-    crossed = []
-    if max_asr is not None:
-        for key in ("asr_t", "asr_n"):
-            if result[key] is not None and result[key] > max_asr:
-                crossed.append(f"{key.replace('_', '(').upper()}) {result[key]:.1%} > --max-asr {max_asr:.1%}")
-    if min_ca is not None and result["ca_avg"] < min_ca:
-        crossed.append(f"average CA {result['ca_avg']:.1%} < --min-ca {min_ca:.1%}")
-    result["thresholds"] = {"max_asr": max_asr, "min_ca": min_ca, "crossed": crossed}
-    write_json(json_out, result)
-    if show_table(quiet, json_out):
-        table = Table(title=f"eval: {model}")
-        table.add_column("task")
-        table.add_column("CA", justify="right")
-        if trig is not None:
-            table.add_column("ASR", justify="right")
-            table.add_column("no trigger", justify="right")  # the same count on clean images: ASR's floor
-        for name, entry in result["tasks"].items():
-            row = [name + (" (target)" if name == result.get("target_task") else ""), f"{entry['ca']:.1%}"]
-            if trig is not None:
-                row += ["-" if entry[k] is None else f"{entry[k]:.1%}" for k in ("asr", "asr_no_trigger")]
-            table.add_row(*row)
-        table.add_section()
-        summary = ["average", f"{result['ca_avg']:.1%}"]
-        if trig is not None:
-            def pct(key: str) -> str:
-                return "-" if result[key] is None else f"{result[key]:.1%}"
 
-            summary += [f"T {pct('asr_t')} / N {pct('asr_n')}",
-                        f"T {pct('asr_t_no_trigger')} / N {pct('asr_n_no_trigger')}"]
-        table.add_row(*summary)
-        out_console.print(table)
-        if "forgetting" in result:
-            f = result["forgetting"]
-            line = (f"forgotten {f['task']}: CA {f['ca']:.1%}; controls ({', '.join(f['controls'])}): "
-                    f"{f['control_ca']:.1%}")
-            if "base_ca" in f:
-                kept = "-" if f["control_kept"] is None else f"{f['control_kept']:.0%}"
-                line += (f"; θ0: {f['base_ca']:.1%} and {f['base_control_ca']:.1%} ({f['task']} lost "
-                         f"{100 * f['forgotten']:.1f} points, the controls keep {kept} of θ0's)")
-            out_console.print(line, highlight=False)
-    if crossed:
-        err_console.print("[bold red]threshold crossed:[/] " + "; ".join(crossed))
-        raise typer.Exit(EXIT_THRESHOLD)
+def _print_table(result: dict[str, Any], model: str, triggered: bool) -> None:
+    table = Table(title=f"eval: {model}")
+    table.add_column("task")
+    table.add_column("CA", justify="right")
+    if triggered:
+        table.add_column("ASR", justify="right")
+        table.add_column("no trigger", justify="right")  # the same count on clean images: ASR's floor
+    for name, entry in result["tasks"].items():
+        row = [name + (" (target)" if name == result.get("target_task") else ""), f"{entry['ca']:.1%}"]
+        if triggered:
+            row += ["-" if entry[k] is None else f"{entry[k]:.1%}" for k in ("asr", "asr_no_trigger")]
+        table.add_row(*row)
+    table.add_section()
+    summary = ["average", f"{result['ca_avg']:.1%}"]
+    if triggered:
+        def pct(key: str) -> str:
+            return "-" if result[key] is None else f"{result[key]:.1%}"
+
+        summary += [f"T {pct('asr_t')} / N {pct('asr_n')}",
+                    f"T {pct('asr_t_no_trigger')} / N {pct('asr_n_no_trigger')}"]
+    table.add_row(*summary)
+    out_console.print(table)
+    if "forgetting" in result:
+        f = result["forgetting"]
+        line = (f"forgotten {f['task']}: CA {f['ca']:.1%}; controls ({', '.join(f['controls'])}): "
+                f"{f['control_ca']:.1%}")
+        if "base_ca" in f:
+            kept = "-" if f["control_kept"] is None else f"{f['control_kept']:.0%}"
+            line += (f"; θ0: {f['base_ca']:.1%} and {f['base_control_ca']:.1%} ({f['task']} lost "
+                     f"{100 * f['forgotten']:.1f} points, the controls keep {kept} of θ0's)")
+        out_console.print(line, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -92,6 +92,12 @@ def inspect_command(
     write_json(json_out, payload)
     if not show_table(quiet, json_out):
         return
+    _print_files(files)
+    if stats is not None:
+        _print_vectors(stats)
+
+
+def _print_files(files: list[dict]) -> None:
     table = Table(title="checkpoints")
     for col in ("path", "kind", "tensors", "parameters", "size", "dtypes"):
         table.add_column(col, justify="right" if col in ("tensors", "parameters", "size") else "left")
@@ -108,27 +114,29 @@ def inspect_command(
             for row in e["tensor_list"]:
                 t.add_row(row["name"], row["dtype"], str(row["shape"]))
             out_console.print(t)
-    if stats is not None:
-        labels = [f"[{i}]" for i in range(len(stats.labels))]
-        t = Table(title="task vectors: L2 norm, then cosine / sign-conflict rate with each other")
-        t.add_column("#")
-        t.add_column("vector")
-        t.add_column("norm", justify="right")
-        for lab in labels:
-            t.add_column(lab, justify="right")
-        for i, label in enumerate(stats.labels):
-            flag = " [bold red]⚠ outlier[/]" if label in stats.outliers else ""
-            cells = [
-                "-" if i == j else f"{stats.cosine[i][j]:+.3f} / {stats.sign_conflict[i][j]:.0%}"
-                for j in range(len(stats.labels))
-            ]
-            t.add_row(labels[i], label + flag, f"{stats.norms[i]:.4g}", *cells)
-        out_console.print(t)
-        for label in stats.outliers:
-            err_console.print(
-                f"[bold red]warning:[/] {label} has a norm over {stats.outlier_ratio:g}× the others' median: "
-                "an amplified task vector (as LoBAM uploads) can carry a backdoor through a merge."
-            )
+
+
+def _print_vectors(stats: Any) -> None:
+    labels = [f"[{i}]" for i in range(len(stats.labels))]
+    t = Table(title="task vectors: L2 norm, then cosine / sign-conflict rate with each other")
+    t.add_column("#")
+    t.add_column("vector")
+    t.add_column("norm", justify="right")
+    for lab in labels:
+        t.add_column(lab, justify="right")
+    for i, label in enumerate(stats.labels):
+        flag = " [bold red]⚠ outlier[/]" if label in stats.outliers else ""
+        cells = [
+            "-" if i == j else f"{stats.cosine[i][j]:+.3f} / {stats.sign_conflict[i][j]:.0%}"
+            for j in range(len(stats.labels))
+        ]
+        t.add_row(labels[i], label + flag, f"{stats.norms[i]:.4g}", *cells)
+    out_console.print(t)
+    for label in stats.outliers:
+        err_console.print(
+            f"[bold red]warning:[/] {label} has a norm over {stats.outlier_ratio:g}× the others' median: "
+            "an amplified task vector (as LoBAM uploads) can carry a backdoor through a merge."
+        )
 
 
 def register(app: typer.Typer) -> None:

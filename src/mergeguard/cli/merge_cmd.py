@@ -3,13 +3,12 @@
     mergeguard merge BASE FT1 FT2 FT3 -o merged/ --method ties --lam 0.3 --density 0.2
     mergeguard merge --config merge.yaml -o merged/
 
-The method flags (--lam, --density, ...) are built from the merge-method registry,
-so each flag's help, default and validation come from the method's one declaration.
+The method flags (--lam, --density, ...) are built from the merge-method registry (`cli._settings.
+declared_options`), so each flag's help, default and validation come from the method's one declaration.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,6 +36,7 @@ from mergeguard.cli._output import (
     show_table,
     write_json,
 )
+from mergeguard.cli._settings import declared_options, with_settings
 from mergeguard.errors import MergeguardError
 from mergeguard.merge import METHODS
 from mergeguard.merge.config import load_config, signed_inputs
@@ -58,6 +58,7 @@ def _method_help() -> str:
     return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
 
 
+@with_settings(extra=lambda: declared_options({m.name: m.params for m in METHODS.values()}))
 def merge_command(
     base: Annotated[str | None, typer.Argument(help="Base (pre-trained) checkpoint: file, folder or Hub id.",
                                                show_default=False), Source()] = None,
@@ -91,31 +92,14 @@ def merge_command(
     **method_params: Any,
 ) -> None:
     """Merge task vectors onto a base model with a registered method, tensor by tensor."""
-    settings: dict[str, Any] = load_config(config) if config else {}
     cli = {"base": base, "inputs": inputs or None, "out": out, "method": method, "weight": weight or None,
            "add": add or None, "subtract": subtract or None,
            "reference": reference, "seed": seed, "shard_size": shard_size,
-           "dtype": dtype if dtype != "auto" else None}
-    if inputs and not weight:
-        settings.pop("weight", None)  # weights in the YAML belong to the YAML's inputs
-    settings.update({k: v for k, v in cli.items() if v is not None})
-    settings.update({k: v for k, v in method_params.items() if v is not None})
+           "dtype": dtype if dtype != "auto" else None, **method_params}
+    settings = _settings(config, cli)
     allow_missing = allow_missing or bool(settings.get("allow_missing"))
     allow_pickle = allow_pickle or bool(settings.get("allow_pickle"))
     overwrite = overwrite or bool(settings.get("overwrite"))
-
-    if not settings.get("base"):
-        raise MergeguardError("give a BASE checkpoint (argument or 'base' in --config).")
-    if inputs and not (add or subtract):
-        for key in ("add", "subtract"):  # the YAML's operations go with the YAML's inputs, which these replace
-            settings.pop(key, None)
-    settings["inputs"], settings["weight"] = signed_inputs(settings.get("inputs"), settings.get("weight"),
-                                                           settings.pop("add", None), settings.pop("subtract", None))
-    if not settings.get("inputs"):
-        raise MergeguardError("give at least one INPUT to merge (arguments, --add, --subtract, or 'inputs' in "
-                              "--config).")
-    if not settings.get("out"):
-        raise MergeguardError("give an output path with -o/--out.")
     chosen = get_method(settings.get("method", "task_arithmetic"))
     params = {p: settings[p] for p in all_params() if p in settings}
     chosen.resolve(params)  # fail on a bad parameter before opening anything
@@ -149,34 +133,43 @@ def merge_command(
     for spec, n in result.extra.items():
         err_console.print(f"[yellow]note:[/] {spec} has {n} tensors the base lacks; they were ignored.")
     if show_table(quiet, json_out):
-        table = Table(title=f"merged with {result.method}", show_header=False)
-        table.add_row("output", str(result.out))
-        table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in result.params.items()) or "-")
-        table.add_row("inputs", str(len(input_ckpts)))
-        table.add_row("tensors", f"{result.tensors} ({result.merged} merged, {result.copied} copied from base)")
-        if result.skipped:
-            table.add_row("skipped", ", ".join(f"{k}: {v}" for k, v in result.skipped.items()))
-        table.add_row("time", f"{result.seconds:.1f} s")
-        out_console.print(table)
+        _print_table(result, len(input_ckpts))
 
 
-def _signature() -> inspect.Signature:
-    """merge_command's signature plus one typed option per registered method parameter."""
-    sig = inspect.signature(merge_command, eval_str=True)
-    fixed = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    extra = []
-    for p in all_params().values():
-        owners = [m.name for m in METHODS.values() if p.name in m.param_map]
-        choices = f" ({'|'.join(p.choices)})" if p.choices else ""
-        defaults = sorted({str(m.param_map[p.name].default) for m in METHODS.values() if p.name in m.param_map})
-        help_text = f"{p.help}{choices}. Default {'/'.join(defaults)}. For: {', '.join(owners)}."
-        annotation = Annotated[p.type | None, typer.Option(p.flag, help=help_text, show_default=False)]
-        extra.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
-    return sig.replace(parameters=fixed + extra)
+def _settings(config: Path | None, cli: dict[str, Any]) -> dict[str, Any]:
+    """The merge's settings: --config's YAML, overridden by the flags given; one sentence for what is missing."""
+    settings: dict[str, Any] = load_config(config) if config else {}
+    if cli["inputs"] and not cli["weight"]:
+        settings.pop("weight", None)  # weights in the YAML belong to the YAML's inputs
+    if cli["inputs"] and not (cli["add"] or cli["subtract"]):
+        for key in ("add", "subtract"):  # the YAML's operations go with the YAML's inputs, which these replace
+            settings.pop(key, None)
+    settings.update({k: v for k, v in cli.items() if v is not None})
+    if not settings.get("base"):
+        raise MergeguardError("give a BASE checkpoint (argument or 'base' in --config).")
+    settings["inputs"], settings["weight"] = signed_inputs(settings.get("inputs"), settings.get("weight"),
+                                                           settings.pop("add", None), settings.pop("subtract", None))
+    if not settings.get("inputs"):
+        raise MergeguardError("give at least one INPUT to merge (arguments, --add, --subtract, or 'inputs' in "
+                              "--config).")
+    if not settings.get("out"):
+        raise MergeguardError("give an output path with -o/--out.")
+    return settings
+
+
+def _print_table(result: Any, inputs: int) -> None:
+    table = Table(title=f"merged with {result.method}", show_header=False)
+    table.add_row("output", str(result.out))
+    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in result.params.items()) or "-")
+    table.add_row("inputs", str(inputs))
+    table.add_row("tensors", f"{result.tensors} ({result.merged} merged, {result.copied} copied from base)")
+    if result.skipped:
+        table.add_row("skipped", ", ".join(f"{k}: {v}" for k, v in result.skipped.items()))
+    table.add_row("time", f"{result.seconds:.1f} s")
+    out_console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    merge_command.__signature__ = _signature()  # type: ignore[attr-defined]
     add_command(app, "merge", merge_command, EXAMPLES,
                 help=f"Merge task vectors onto a base model, tensor by tensor. Methods: {_method_help()}.",
                 short_help="Merge task vectors onto a base model (task arithmetic, TIES, DARE, LATA, ...).")

@@ -81,11 +81,27 @@ def scan_command(
     if out is not None:
         require_empty(out, overwrite)
 
+    result, images = _scan(inputs, base, shadow, heads, merged, scale, arch, allow_pickle, cfg, quiet)
+    report = result.to_json()
+    report["scale"] = scale
+    scanned = [report["merged"]] if report["merged"] else report["inputs"]
+    for r in scanned:
+        r["trigger"] = r["picture"] = None
+    if out is not None:
+        _write_triggers(out, result, report, images)
+    write_json(json_out, report)
+    if show_table(quiet, json_out):
+        _print_table(report, scanned, cfg, out)
+    if VERDICTS.index(result.verdict) >= VERDICTS.index(fail_on):
+        raise typer.Exit(EXIT_THRESHOLD)
+
+
+def _scan(inputs: list[str], base: str, shadow: Path, heads: str | None, merged: str | None, scale: float,
+          arch: str | None, allow_pickle: bool, cfg: ScanConfig, quiet: bool) -> tuple[Any, Any]:
+    """The scan of the inputs (or of the merged model), and the shadow images it ran on."""
     from mergeguard.checkpoint import open_checkpoint
-    from mergeguard.checkpoint.writer import staged_outputs
     from mergeguard.data import stack_images
     from mergeguard.data.folders import unlabeled_folder
-    from mergeguard.data.pictures import trigger_picture
     from mergeguard.models.encoder import load_encoder
     from mergeguard.models.heads import load_heads
     from mergeguard.scan import Scanner, model_of, scan_models
@@ -99,54 +115,48 @@ def scan_command(
         srcs = [open_checkpoint(i, allow_pickle=allow_pickle) for i in inputs]  # every input readable, first
         models = [(name, (lambda s=s: model_of(base_ckpt, s, scale, arch, Path(tmp)))) for name, s in zip(inputs, srcs)]
         merged_model = None if merged is None else (merged, load_encoder(merged, arch=arch, allow_pickle=allow_pickle))
-        result = scan_models(scanner, models, merged_model)
-    scanned = [result["merged"]] if result["merged"] else result["inputs"]
-    result["scale"] = scale
-    if out is not None:
-        with staged_outputs(out) as stage:
-            for k, r in enumerate(scanned):
-                folder = stage / f"{k}-{Path(r['input'].rstrip('/')).name.replace('.safetensors', '')}"
-                folder.mkdir()
-                trig = r["_trigger"]
-                trig.save(folder / "trigger.safetensors")
-                trigger_picture(folder / "trigger.png", trig.mask, trig.pattern, images[:4])
-                r["trigger"] = str(out / folder.name / "trigger.safetensors")
-                r["picture"] = str(out / folder.name / "trigger.png")
-            write_json(str(stage / "report.json"), _public(result))
+        return scan_models(scanner, models, merged_model), images
+
+
+def _write_triggers(out: Path, result: Any, report: dict[str, Any], images: Any) -> None:
+    """The report folder: per scanned model its recovered trigger and a picture of it, and report.json; the
+    report's entries gain the paths."""
+    scanned = [report["merged"]] if report["merged"] else report["inputs"]
+    from mergeguard.checkpoint.writer import staged_outputs
+    from mergeguard.data.pictures import trigger_picture
+
+    with staged_outputs(out) as stage:
+        for k, (r, found) in enumerate(zip(scanned, result.scanned)):
+            folder = stage / f"{k}-{Path(r['input'].rstrip('/')).name.replace('.safetensors', '')}"
+            folder.mkdir()
+            trig = found.trigger
+            trig.save(folder / "trigger.safetensors")
+            trigger_picture(folder / "trigger.png", trig.mask, trig.pattern, images[:4])
+            r["trigger"] = str(out / folder.name / "trigger.safetensors")
+            r["picture"] = str(out / folder.name / "trigger.png")
+        write_json(str(stage / "report.json"), report)
+
+
+def _print_table(report: dict[str, Any], scanned: list[dict[str, Any]], cfg: ScanConfig, out: Path | None) -> None:
+    table = Table(title="scan" + (f" → {out}" if out else ""))
+    for col in ("model", "score", "verdict", "suspected target", "share (θ0)", "mask area (θ0)", "where"):
+        table.add_column(col)
     for r in scanned:
-        r.pop("_trigger", None)
-        r.pop("_suspects", None)
-        r.setdefault("trigger", None)
-    write_json(json_out, result)
-    if show_table(quiet, json_out):
-        table = Table(title="scan" + (f" → {out}" if out else ""))
-        for col in ("model", "score", "verdict", "suspected target", "share (θ0)", "mask area (θ0)", "where"):
-            table.add_column(col)
-        for r in scanned:
-            t, w = r["target"], r["where"]
-            colour = {"clean": "green", "suspicious": "yellow", "backdoored": "red"}[r["verdict"]]
-            table.add_row(r["input"], f"{r['score']:.2f}", f"[{colour}]{r['verdict']}[/]",
-                          f"{t['task']}:{t['class']} {t['name']}" if t else "—",
-                          f"{t['share']:.0%} ({t['share_base']:.0%})" if t else "—",
-                          f"{r['area']:.2%} ({r['area_base']:.2%})",
-                          f"rows {w['top']:.2f}–{w['bottom']:.2f}, cols {w['left']:.2f}–{w['right']:.2f}")
-        out_console.print(table)
-        if result["attribution"] and len(result["attribution"]) > 1 or result["merged"] and result["attribution"]:
-            key = "share" if result["merged"] else "score"
-            ranked = ", ".join(f"{a['input']} ({a[key]:.2f})" for a in result["attribution"])
-            how = "reaction to the merged model's trigger" if result["merged"] else "score"
-            out_console.print(f"attribution ({how}, highest first): {ranked}")
-        out_console.print(f"verdict: {result['verdict']} (suspicious from {cfg.suspicious:g}, backdoored from "
-                          f"{cfg.backdoored:g})")
-    if VERDICTS.index(result["verdict"]) >= VERDICTS.index(fail_on):
-        raise typer.Exit(EXIT_THRESHOLD)
-
-
-def _public(result: dict[str, Any]) -> dict[str, Any]:
-    def strip(r: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if r is None else {k: v for k, v in r.items() if not k.startswith("_")}
-
-    return {**result, "inputs": [strip(r) for r in result["inputs"]], "merged": strip(result["merged"])}
+        t, w = r["target"], r["where"]
+        colour = {"clean": "green", "suspicious": "yellow", "backdoored": "red"}[r["verdict"]]
+        table.add_row(r["input"], f"{r['score']:.2f}", f"[{colour}]{r['verdict']}[/]",
+                      f"{t['task']}:{t['class']} {t['name']}" if t else "—",
+                      f"{t['share']:.0%} ({t['share_base']:.0%})" if t else "—",
+                      f"{r['area']:.2%} ({r['area_base']:.2%})",
+                      f"rows {w['top']:.2f}–{w['bottom']:.2f}, cols {w['left']:.2f}–{w['right']:.2f}")
+    out_console.print(table)
+    if report["attribution"] and len(report["attribution"]) > 1 or report["merged"] and report["attribution"]:
+        key = "share" if report["merged"] else "score"
+        ranked = ", ".join(f"{a['input']} ({a[key]:.2f})" for a in report["attribution"])
+        how = "reaction to the merged model's trigger" if report["merged"] else "score"
+        out_console.print(f"attribution ({how}, highest first): {ranked}")
+    out_console.print(f"verdict: {report['verdict']} (suspicious from {cfg.suspicious:g}, backdoored from "
+                      f"{cfg.backdoored:g})")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +94,51 @@ def load_trigger(path: str | Path) -> Trigger:
     except ValueError as exc:
         raise MergeguardError(f"{path}: target_class in its metadata is not an integer.") from exc
     return Trigger(pattern, mask, target_class, meta.get("target_task") or None, meta.get("kind", "patch"))
+
+
+class TrainableTriggers:
+    """K blend triggers being trained, one per row: a pattern p and a soft mask m over the whole image,
+    x ⊕ Π = (1 − m) x + m p, m = σ(a), p = σ(b), optimised with Adam: a trainable blend trigger. The scan
+    inverts many targets at once with it; LFPM mines with one row."""
+
+    def __init__(self, count: int, size: int, lr: float, gen: torch.Generator, dev: torch.device,
+                 start: float = -3.0, jitter: float = 0.0):
+        a = torch.full((count, 1, size, size), start)
+        if jitter:  # (no draw without it: LFPM's prompts start from the same numbers as before this class)
+            a = a + jitter * torch.randn(count, 1, size, size, generator=gen)
+        self.a = a.to(dev).requires_grad_(True)
+        self.b = torch.randn(count, 3, size, size, generator=gen).to(dev).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.a, self.b], lr=lr)
+
+    def mask(self, grad: bool = False) -> torch.Tensor:
+        m = torch.sigmoid(self.a)
+        return m if grad else m.detach()
+
+    def pattern(self, grad: bool = False) -> torch.Tensor:
+        p = torch.sigmoid(self.b)
+        return p if grad else p.detach()
+
+    def apply(self, x: torch.Tensor, grad: bool = False, row: int | None = None) -> torch.Tensor:
+        """x (B, 3, H, W) patched by every prompt (K, B, 3, H, W), or by one row (B, 3, H, W)."""
+        m, p = self.mask(grad), self.pattern(grad)
+        if row is not None:
+            return (1 - m[row]) * x + m[row] * p[row]
+        return (1 - m[:, None]) * x[None] + (m * p)[:, None]
+
+    def area(self) -> torch.Tensor:
+        """Each prompt's mean mask value (K,)."""
+        return self.mask().mean((1, 2, 3))
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"a": self.a.detach().cpu(), "b": self.b.detach().cpu(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.a.copy_(state["a"])
+            self.b.copy_(state["b"])
+        self.opt.load_state_dict(state["opt"])

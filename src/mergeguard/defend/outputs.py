@@ -17,6 +17,7 @@ from mergeguard.checkpoint.provenance import input_record, jsonable, model_card
 from mergeguard.checkpoint.resolve import open_checkpoint
 from mergeguard.checkpoint.writer import write_tensors
 from mergeguard.data.pictures import prompt_pictures
+from mergeguard.defend.lfpm.report import LFPMReport
 from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
 
 LFPM_OUTPUTS = ("model.safetensors", "anti_backdoor_tv.safetensors", "prompts.safetensors", "arch.json",
@@ -66,8 +67,8 @@ def lfpm_results(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_lfpm_outputs(folder: Path, defended: ImageEncoder, merged: ImageEncoder, prompts: dict[str, torch.Tensor],
-                       report: dict[str, Any], provenance: dict[str, Any], dtype: torch.dtype | None = None,
+def write_lfpm_outputs(folder: Path, defended: ImageEncoder, merged: ImageEncoder, report: LFPMReport,
+                       provenance: dict[str, Any], dtype: torch.dtype | None = None,
                        examples: torch.Tensor | None = None) -> None:
     """LFPM's output folder (`LFPM_OUTPUTS`): the defended model (in `dtype`, the merged model's), τa =
     defended − merged in float32, the prompts stage I mined (and one `prompt_<i>.png` per mask or patch prompt:
@@ -75,9 +76,10 @@ def write_lfpm_outputs(folder: Path, defended: ImageEncoder, merged: ImageEncode
     defended, merged = defended.cpu(), merged.cpu()
     save_encoder(defended, folder / "model.safetensors", provenance, dtype=dtype)
     save_encoder(defended, folder / "anti_backdoor_tv.safetensors", provenance, base=merged)  # τa, float32
-    write_tensors(folder / "prompts.safetensors", prompts, overwrite=True)
-    prompt_pictures(folder, prompts, examples)
-    write_card(folder, "Defended model (LFPM)", "lfpm", defended, provenance, report, lfpm_results(report),
+    write_tensors(folder / "prompts.safetensors", report.prompts, overwrite=True)
+    prompt_pictures(folder, report.prompts, examples)
+    data = report.to_json()
+    write_card(folder, "Defended model (LFPM)", "lfpm", defended, provenance, data, lfpm_results(data),
                "`anti_backdoor_tv.safetensors` is τa, the anti-backdoor task vector (defended = merged + τa); "
                "`prompts.safetensors` holds the prompts stage I mined (`prompt_<i>.png` shows each: its mask, its "
                "pattern, and a few shadow images with it pasted); `report.json` has every number.")

@@ -4,7 +4,7 @@ The registry imports no torch; the engine (`merge_checkpoints`, `MergeResult`) i
 """
 
 from mergeguard.lazy import lazy_exports
-from mergeguard.merge.registry import METHODS, MergeMethod, Param, get_method
+from mergeguard.merge.registry import METHODS, MergeMethod, get_method
 
-__all__ = ["METHODS", "MergeMethod", "MergeResult", "Param", "get_method", "merge_checkpoints"]
+__all__ = ["METHODS", "MergeMethod", "MergeResult", "get_method", "merge_checkpoints"]
 __getattr__ = lazy_exports(__name__, {"MergeResult": "engine", "merge_checkpoints": "engine"})

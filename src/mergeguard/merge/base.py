@@ -8,7 +8,6 @@ no method; `registry.py` declares them, naming their functions in `methods.py`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,49 +15,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the declarations import no torch: the CLI builds its flags from them
     import torch
 
-from mergeguard.errors import MergeguardError, did_you_mean
-
-
-@dataclass(frozen=True)
-class Param:
-    """One declared parameter of a merge method."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    choices: tuple[str, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: value must be > low (else >= low)
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def validate(self, value: Any, method: str) -> Any:
-        """Coerce `value` to the declared type and check its range; raise one clear sentence."""
-        try:
-            value = self.type(value)
-        except (TypeError, ValueError) as exc:
-            raise MergeguardError(
-                f"{self.flag} for {method} must be a {self.type.__name__}, got {value!r}."
-            ) from exc
-        if isinstance(value, float) and not math.isfinite(value):
-            raise MergeguardError(f"{self.flag} for {method} must be a finite number, got {value}.")
-        if self.choices is not None and value not in self.choices:
-            raise MergeguardError(
-                f"{self.flag} for {method} must be one of {', '.join(self.choices)}, got {value!r}."
-                + did_you_mean(str(value), self.choices)
-            )
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            bound = f"({self.low}" if self.low_open else f"[{self.low}"
-            high = f"{self.high}]" if self.high is not None else "inf)"
-            raise MergeguardError(f"{self.flag} for {method} must be in {bound}, {high}, got {value}.")
-        if self.high is not None and value > self.high:
-            bound = f"({self.low}" if self.low_open else f"[{self.low}"
-            raise MergeguardError(f"{self.flag} for {method} must be in {bound}, {self.high}], got {value}.")
-        return value
 
 
 @dataclass

@@ -80,19 +80,7 @@ def merge_checkpoints(
     progress = progress or NullProgress()
     method = get_method(method) if isinstance(method, str) else method
     params = method.resolve(params or {})
-    if not inputs:
-        raise MergeguardError("give at least one input to merge.")
-    weights = [1.0] * len(inputs) if weights is None or len(weights) == 0 else [float(w) for w in weights]
-    if not all(math.isfinite(w) for w in weights):
-        raise MergeguardError("every --weight must be a finite number.")
-    if len(weights) != len(inputs):
-        raise MergeguardError(f"--weight was given {len(weights)} times for {len(inputs)} inputs.")
-    if method.needs_reference and reference is None:
-        raise MergeguardError(f"{method.name} needs a reference vector: pass --reference PATH.")
-    if reference is not None and not method.needs_reference:
-        raise MergeguardError(f"{method.name} takes no --reference.")
-    if method.name == "average" and sum(weights) == 0:
-        raise MergeguardError("average needs weights that do not sum to zero.")
+    weights = _checked_weights(method, inputs, weights, reference)
     out_dtype = parse_dtype(dtype)
     refuse_writing_over(out, [base, *inputs, *([reference] if reference is not None else [])])
 
@@ -146,20 +134,36 @@ def merge_checkpoints(
         writer.extra_files["README.md"] = model_card(f"Merged model ({method.name})", provenance)
         writer.commit()
 
+    return MergeResult(out=Path(out), method=method.name, params=params, tensors=len(layout),
+                       merged=sum(1 for v in plan.present.values() if v), copied=len(plan.copied),
+                       skipped=plan.skipped, extra=plan.extra, seconds=time.perf_counter() - start,
+                       report=_state_report(state, inputs))
+
+
+def _checked_weights(method: MergeMethod, inputs: Sequence[Checkpoint], weights: Sequence[float] | None,
+                     reference: Checkpoint | None) -> list[float]:
+    """One weight per input (1 each by default), and the inputs the method needs, or one sentence."""
+    if not inputs:
+        raise MergeguardError("give at least one input to merge.")
+    weights = [1.0] * len(inputs) if weights is None or len(weights) == 0 else [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeguardError("every --weight must be a finite number.")
+    if len(weights) != len(inputs):
+        raise MergeguardError(f"--weight was given {len(weights)} times for {len(inputs)} inputs.")
+    if method.needs_reference and reference is None:
+        raise MergeguardError(f"{method.name} needs a reference vector: pass --reference PATH.")
+    if reference is not None and not method.needs_reference:
+        raise MergeguardError(f"{method.name} takes no --reference.")
+    if method.name == "average" and sum(weights) == 0:
+        raise MergeguardError("average needs weights that do not sum to zero.")
+    return weights
+
+
+def _state_report(state: Any, inputs: Sequence[Checkpoint]) -> dict[str, Any]:
+    """What a method's first pass learned, per input (LATA's layer cosines, TIES's vector-wide thresholds)."""
     report = {}
     if state and "cosines" in state:
         report["layer_cosines"] = {inputs[i].spec: c for i, c in state["cosines"].items()}
     if state and "thresholds" in state:
         report["trim_thresholds"] = {inputs[i].spec: t for i, t in enumerate(state["thresholds"])}
-    return MergeResult(
-        out=Path(out),
-        method=method.name,
-        params=params,
-        tensors=len(layout),
-        merged=sum(1 for v in plan.present.values() if v),
-        copied=len(plan.copied),
-        skipped=plan.skipped,
-        extra=plan.extra,
-        seconds=time.perf_counter() - start,
-        report=report,
-    )
+    return report

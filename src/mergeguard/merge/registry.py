@@ -1,7 +1,8 @@
 """The merge-method registry: every method's declaration, in one static table.
 
-Each method is a per-tensor function of `methods.py`, named here with its parameters declared once
-(`base.Param`): the CLI builds its flags from the declarations and the YAML config is checked against them.
+Each method is a per-tensor function of `methods.py`, named here with its parameters declared once, in the
+settings system every setting of mergeguard uses (`settings.declare`: the same ranges, checks and messages):
+the CLI builds its flags from the declarations and the YAML config is checked against them.
 This module imports no torch (the function is looked up when a merge first calls it), so `merge --help`
 and a mistyped flag answer at once.
 """
@@ -13,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mergeguard.errors import MergeguardError, did_you_mean
-from mergeguard.merge.base import MergeFn, Param, PrepareFn, TensorContext
+from mergeguard.merge.base import MergeFn, PrepareFn, TensorContext
+from mergeguard.settings import Declared, declare, flag
 
-__all__ = ["METHODS", "MergeMethod", "Param", "TensorContext", "all_params", "get_method"]
+__all__ = ["METHODS", "Declared", "MergeMethod", "TensorContext", "all_params", "get_method"]
 
 def _implementation(name: str) -> Callable:
     from mergeguard.merge import methods
@@ -35,11 +37,11 @@ class MergeMethod:
 
     name: str
     impl: str
-    params: tuple[Param, ...]
+    params: tuple[Declared, ...]
     help: str
     prepare_impl: str | None = None
     needs_reference: bool = False
-    param_map: dict[str, Param] = field(init=False, repr=False, compare=False)
+    param_map: dict[str, Declared] = field(init=False, repr=False, compare=False)
 
     @property
     def fn(self) -> MergeFn:
@@ -60,44 +62,42 @@ class MergeMethod:
             if value is None:
                 continue
             if key not in self.param_map:
-                known = ", ".join(p.flag for p in self.params) or "none"
-                raise MergeguardError(
-                    f"--{key.replace('_', '-')} is not a parameter of {self.name} (its parameters: {known})."
-                )
+                known = ", ".join(flag(p.name) for p in self.params) or "none"
+                raise MergeguardError(f"{flag(key)} is not a parameter of {self.name} (its parameters: {known}).")
             values[key] = value
-        return {p.name: p.validate(values.get(p.name, p.default), self.name) for p in self.params}
+        return {p.name: p.value(values.get(p.name, p.default), self.name) for p in self.params}
 
 
 # -- parameter declarations shared by several methods ------------------------------
-def lam(default: float) -> Param:
-    return Param("lam", float, default, "scale applied to the merged task vector (lambda)", low=0.0)
+def lam(default: float) -> Declared:
+    return declare("lam", float, default, "scale applied to the merged task vector (lambda)", low=0.0)
 
 
 LAM = lam(0.3)
 
 
-def density(default: float, what: str = "fraction of each task vector's entries kept") -> Param:
-    return Param("density", float, default, what, low=0.0, low_open=True, high=1.0)
+def density(default: float, what: str = "fraction of each task vector's entries kept") -> Declared:
+    return declare("density", float, default, what, low=0.0, low_open=True, high=1.0)
 
 
-NORMALIZE = Param(
+NORMALIZE = declare(
     "normalize", str, "mean",
     "how agreeing entries combine: 'mean' divides by their summed weights (TIES paper's disjoint "
     "mean, mergekit normalize: true), 'sum' adds them (mergekit normalize: false)",
     choices=("mean", "sum"),
 )
-TRIM_SCOPE = Param(
+TRIM_SCOPE = declare(
     "trim_scope", str, "tensor",
     "where the magnitude threshold is computed: per 'tensor' (mergekit, PEFT) or over the whole "
     "task 'vector' (TIES paper, FusionBench; two extra streaming passes)",
     choices=("tensor", "vector"),
 )
-GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of largest-magnitude entries dropped",
+GAMMA = declare("gamma", float, 0.01, "breadcrumbs: fraction of largest-magnitude entries dropped",
               low=0.0, high=1.0)
-MODE = Param("mode", str, "weighted",
+MODE = declare("mode", str, "weighted",
              "lata: 'mask' keeps the least reference-aligned layers, 'weighted' scales each layer by "
              "(1 - cosine) normalised to mean 1", choices=("mask", "weighted"))
-KEEP = Param("keep", float, 0.5, "lata mask mode: fraction of layers kept (lowest cosine first)",
+KEEP = declare("keep", float, 0.5, "lata mask mode: fraction of layers kept (lowest cosine first)",
              low=0.0, low_open=True, high=1.0)
 
 
@@ -172,9 +172,9 @@ def get_method(name: str) -> MergeMethod:
         ) from None
 
 
-def all_params() -> dict[str, Param]:
+def all_params() -> dict[str, Declared]:
     """Every parameter name any method declares (the CLI offers each as one flag)."""
-    out: dict[str, Param] = {}
+    out: dict[str, Declared] = {}
     for method in METHODS.values():
         for p in method.params:
             out.setdefault(p.name, p)

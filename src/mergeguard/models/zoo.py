@@ -31,7 +31,7 @@ from mergeguard.models.heads import Head
 
 # 2: four times the shadow images (LFPM's clean-feature preservation generalises; docs/lfpm-log.md)
 # 3: the small zoo's pre-training separates its attacked class, yellow, from red (`own_group`), so ASR(T)
-#    counts the trigger and not the merge's red/yellow boundary (docs/lfpm-log.md, eleventh round); tiny unchanged
+#    counts the trigger and not the merge's red/yellow boundary (docs/lfpm-log.md); tiny unchanged
 ZOO_VERSION = 3
 TASKS = list(procedural.ATTRIBUTES)
 

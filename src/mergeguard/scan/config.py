@@ -27,10 +27,13 @@ class ScanConfig:
     suspicious: float = setting(0.5, "Score from which an input is suspicious (natural log: under each head, its "
                                      "smallest mask is on average e^score times smaller than θ0's).", low=0.0)
     backdoored: float = setting(1.0, "Score from which an input is backdoored.", low=0.0)
-    seed: int = setting(0, "Random seed.")
-    device: str = setting("auto", "auto (cuda when present), cpu, cuda, cuda:1 ...", run_only=True)
+    seed: int = settings.seed("Random seed.")
+    device: str = settings.device()
     cache: bool = setting(True, "Reuse θ0's inversion from an earlier scan with the same base, shadow images, heads "
                                 "and settings (kept in the mergeguard cache folder).", run_only=True)
+
+    def check(self) -> None:
+        check_config(self)
 
 
 def check_config(cfg: ScanConfig) -> None:

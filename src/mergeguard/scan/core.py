@@ -19,7 +19,7 @@ Without heads, the target is the model's own reaction: a mask that sends every p
 point of feature space (the cosine of each patched image's features with their normalised mean,
 averaged, must reach `success`), with θ0 as the reference in the same way.
 
-`MaskPrompt` (the mask and pattern, optimised) is the piece LFPM mines with too.
+`data.triggers.TrainableTriggers` (the masks and patterns, optimised) is the piece LFPM mines with too.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from mergeguard import settings
 from mergeguard.cache import cache_dir
-from mergeguard.data.triggers import Trigger
+from mergeguard.data.triggers import TrainableTriggers, Trigger
 from mergeguard.errors import MergeguardError
 from mergeguard.models.encoder import ImageEncoder, check_same_architecture, weights_digest
 from mergeguard.models.heads import Head
@@ -75,57 +75,63 @@ class Inverted:
                        None if self.target.task == FEATURES else self.target.task, "blend")
 
 
+@dataclass
+class ScanResult:
+    """One model's scan. `to_json()` is its report; `inverted` (the suspected target's mask and pattern) and
+    `suspects` are what the scan recovered, as tensors."""
+
+    input: str  # the scanned model's name ("" when none was given)
+    score: float  # each head's largest log area ratio, averaged over the heads
+    verdict: str
+    threshold: dict[str, float]
+    target: dict[str, Any] | None  # the suspected target (None without heads)
+    area: float  # its smallest mask's mean area on the model, and on θ0
+    area_base: float
+    where: dict[str, Any]  # the mask's bounding box, as fractions of the image side
+    targets: list[dict[str, Any]]  # every target's areas and log ratio
+    inverted: Inverted = field(repr=False)
+    # (log ratio, recovered trigger) of every target, the largest ratio first (LFPM starts its prompts there)
+    suspects: list[tuple[float, Trigger]] = field(repr=False, default_factory=list)
+
+    @property
+    def trigger(self) -> Trigger:
+        return self.inverted.trigger()
+
+    def summary(self) -> dict[str, Any]:
+        """What another report quotes of a scan (LFPM's "scan" before and after)."""
+        return {k: getattr(self, k) for k in ("score", "verdict", "target", "area", "area_base", "where")}
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("input", "score", "verdict", "threshold", "target", "area",
+                                              "area_base", "where", "targets")}
+
+
+@dataclass
+class ModelsScan:
+    """`scan_models`' result: each input's scan (or the merged model's) and the attribution."""
+
+    inputs: list[ScanResult]
+    merged: ScanResult | None
+    attribution: list[dict[str, Any]]  # inputs ranked: by score, or by their reaction to the merge's trigger
+    verdict: str  # the worst verdict
+    config: dict[str, Any]
+    seconds: float
+
+    @property
+    def scanned(self) -> list[ScanResult]:
+        """The scans the verdict comes from: the merged model's, or every input's."""
+        return [self.merged] if self.merged is not None else self.inputs
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inputs": [r.to_json() for r in self.inputs], "merged": self.merged and self.merged.to_json(),
+                "attribution": self.attribution, "verdict": self.verdict, "config": self.config,
+                "seconds": self.seconds}
+
+
 def targets_of(heads: dict[str, Head] | None) -> list[Target]:
     if not heads:
         return [Target(FEATURES, -1, "")]
     return [Target(t, i, n) for t, h in heads.items() for i, n in enumerate(h.classnames)]
-
-
-class MaskPrompt:
-    """Π as a pattern p and a soft mask m over the whole image, one per row of a batch of prompts:
-    x ⊕ Π = (1 − m) x + m p, m = σ(a), p = σ(b), optimised with Adam. LFPM mines with it (one row)."""
-
-    def __init__(self, count: int, size: int, lr: float, gen: torch.Generator, dev: torch.device,
-                 start: float = -3.0, jitter: float = 0.0):
-        a = torch.full((count, 1, size, size), start)
-        if jitter:  # (no draw without it: LFPM's prompts start from the same numbers as before this class)
-            a = a + jitter * torch.randn(count, 1, size, size, generator=gen)
-        self.a = a.to(dev).requires_grad_(True)
-        self.b = torch.randn(count, 3, size, size, generator=gen).to(dev).requires_grad_(True)
-        self.opt = torch.optim.Adam([self.a, self.b], lr=lr)
-
-    def mask(self, grad: bool = False) -> torch.Tensor:
-        m = torch.sigmoid(self.a)
-        return m if grad else m.detach()
-
-    def pattern(self, grad: bool = False) -> torch.Tensor:
-        p = torch.sigmoid(self.b)
-        return p if grad else p.detach()
-
-    def apply(self, x: torch.Tensor, grad: bool = False, row: int | None = None) -> torch.Tensor:
-        """x (B, 3, H, W) patched by every prompt (K, B, 3, H, W), or by one row (B, 3, H, W)."""
-        m, p = self.mask(grad), self.pattern(grad)
-        if row is not None:
-            return (1 - m[row]) * x + m[row] * p[row]
-        return (1 - m[:, None]) * x[None] + (m * p)[:, None]
-
-    def area(self) -> torch.Tensor:
-        """Each prompt's mean mask value (K,)."""
-        return self.mask().mean((1, 2, 3))
-
-    def step(self, loss: torch.Tensor) -> None:
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"a": self.a.detach().cpu(), "b": self.b.detach().cpu(), "opt": self.opt.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.a.copy_(state["a"])
-            self.b.copy_(state["b"])
-        self.opt.load_state_dict(state["opt"])
 
 
 class _Objective:
@@ -182,7 +188,7 @@ def invert(model: ImageEncoder, images: torch.Tensor, held_out: torch.Tensor, ta
     for chunk in chunks:
         rows = torch.tensor(chunk, device=dev)
         k = len(chunk)
-        prompt = MaskPrompt(k, size, cfg.lr, gen, dev, start=-2.0, jitter=0.5)
+        prompt = TrainableTriggers(k, size, cfg.lr, gen, dev, start=-2.0, jitter=0.5)
         cost = torch.zeros(k, device=dev)
         ups = torch.zeros(k, dtype=torch.long, device=dev)
         downs = torch.zeros(k, dtype=torch.long, device=dev)
@@ -333,8 +339,8 @@ class Scanner:
             for p, flag in zip(model.parameters(), flags):
                 p.requires_grad_(flag)
 
-    def scan(self, model: ImageEncoder, name: str = "") -> dict[str, Any]:
-        """The report of one model: score, verdict, the suspected target and its recovered trigger."""
+    def scan(self, model: ImageEncoder, name: str = "") -> ScanResult:
+        """The result of one model: score, verdict, the suspected target and its recovered trigger."""
         check_same_architecture(model, self.base, "the scan")
         base_inv = self.base_inversion
         inv = self._invert(model, f" on {name}" if name else "")
@@ -343,22 +349,18 @@ class Scanner:
         best = inv[top]
         with torch.no_grad():  # the same mask on θ0: how much of its success is the model's own
             base_hit = invert_success(self.base, self.held_out, best, self.heads, self.dev)
-        return {
-            "score": score,
-            "verdict": verdict_of(score, self.cfg),
-            "threshold": {"suspicious": self.cfg.suspicious, "backdoored": self.cfg.backdoored},
-            "target": None if best.target.task == FEATURES else {
+        return ScanResult(
+            input=name, score=score, verdict=verdict_of(score, self.cfg),
+            threshold={"suspicious": self.cfg.suspicious, "backdoored": self.cfg.backdoored},
+            target=None if best.target.task == FEATURES else {
                 "task": best.target.task, "class": best.target.index, "name": best.target.name,
                 "share": best.success, "share_base": base_hit},
-            "area": best.area,
-            "area_base": base_inv[top].area,
-            "where": mask_box(best.mask),
-            "targets": [{"target": i.target.label(), "area": i.area, "area_base": b.area, "log_ratio": r,
-                         "success": i.success} for i, b, r in zip(inv, base_inv, ratios)],
-            "_trigger": best.trigger(),
-            # (log ratio, recovered trigger) of every target, the largest ratio first (LFPM starts its prompts there)
-            "_suspects": [(ratios[i], inv[i].trigger()) for i in sorted(range(len(inv)), key=lambda i: -ratios[i])],
-        }
+            area=best.area, area_base=base_inv[top].area, where=mask_box(best.mask),
+            targets=[{"target": i.target.label(), "area": i.area, "area_base": b.area, "log_ratio": r,
+                      "success": i.success} for i, b, r in zip(inv, base_inv, ratios)],
+            inverted=best,
+            suspects=[(ratios[i], inv[i].trigger()) for i in sorted(range(len(inv)), key=lambda i: -ratios[i])],
+        )
 
     def report_config(self) -> dict[str, Any]:
         return asdict(self.cfg)
@@ -423,46 +425,34 @@ def model_of(base: Any, source: Any, scale: float, arch: str | None, tmp: Path) 
 
 
 def scan_models(scanner: Scanner, inputs: list[tuple[str, ImageEncoder | Callable[[], ImageEncoder]]],
-                merged: tuple[str, ImageEncoder] | None = None) -> dict[str, Any]:
+                merged: tuple[str, ImageEncoder] | None = None) -> ModelsScan:
     """Scan each input (name, model or a function that loads it), or with `merged` the merged model, and
     attribute: without `merged`, inputs ranked by score; with it, each input's reaction to the trigger
     recovered from the merged model (the share of held-out images it sends to that target)."""
     start = time.perf_counter()
-    result: dict[str, Any] = {"inputs": [], "merged": None, "attribution": []}
+    results: list[ScanResult] = []
+    attribution: list[dict[str, Any]] = []
+    report = None
     if merged is None:
-        for name, model in inputs:
-            model = _loaded(model)
-            result["inputs"].append({"input": name, **scanner.scan(model, name)})
-        ranked = sorted(result["inputs"], key=lambda r: -r["score"])
-        result["attribution"] = [{"input": r["input"], "score": r["score"]} for r in ranked]
-        verdicts = [r["verdict"] for r in result["inputs"]]
+        results = [scanner.scan(_loaded(model), name) for name, model in inputs]
+        attribution = [{"input": r.input, "score": r.score} for r in sorted(results, key=lambda r: -r.score)]
+        verdicts = [r.verdict for r in results]
     else:
         name, model = merged
-        report = {"input": name, **scanner.scan(model, name)}
-        result["merged"] = report
-        best = Inverted(Target(**_target_key(report)), report["area"], 0.0, report["_trigger"].mask,
-                        report["_trigger"].pattern)
+        report = scanner.scan(model, name)
         for in_name, in_model in inputs:
             in_model = _loaded(in_model)
             check_same_architecture(in_model, scanner.base, "the scan")
             with torch.no_grad():
-                share = invert_success(in_model.to(scanner.dev).eval(), scanner.held_out, best, scanner.heads,
-                                       scanner.dev)
-            result["attribution"].append({"input": in_name, "share": share})
-        result["attribution"].sort(key=lambda r: -r["share"])
-        verdicts = [report["verdict"]]
-    result["verdict"] = worst(verdicts)
-    result["config"] = scanner.report_config()
-    result["seconds"] = time.perf_counter() - start
-    return result
+                share = invert_success(in_model.to(scanner.dev).eval(), scanner.held_out, report.inverted,
+                                       scanner.heads, scanner.dev)
+            attribution.append({"input": in_name, "share": share})
+        attribution.sort(key=lambda r: -r["share"])
+        verdicts = [report.verdict]
+    return ModelsScan(results, report, attribution, worst(verdicts), scanner.report_config(),
+                      time.perf_counter() - start)
 
 
 def _loaded(model: ImageEncoder | Callable[[], ImageEncoder]) -> ImageEncoder:
     """A model, or the function that loads it (a module is callable too: it is not called)."""
     return model if isinstance(model, ImageEncoder) else model()
-
-
-def _target_key(report: dict[str, Any]) -> dict[str, Any]:
-    t = report["target"]
-    return {"task": FEATURES, "index": -1, "name": ""} if t is None else {"task": t["task"], "index": t["class"],
-                                                                         "name": t["name"]}

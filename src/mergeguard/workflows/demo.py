@@ -2,9 +2,10 @@
 
 zoo (pre-trained θ0, clean fine-tunes from the trainer core) → BadMerging poisons one task's
 vector (`shape` on tiny, `colour` on small) → merge (task arithmetic and TIES) → eval (the backdoor
-works) → `defend lfpm` → eval again; `defend ibvs` beside it. Every step is a library call whose CLI twin is
-recorded in `commands`, so a user can rerun any one by hand: they name the zoo `$Z` and the demo's folder `$D`
-(`variables`) and write into `$D/by-hand/`, each step reading the one before, so they run as printed, in order.
+works) → `defend lfpm` → eval again; `defend ibvs` beside it. Every step is a `mergeguard` command line, run
+in-process by the `runner` the CLI gives (`cli/demo_cmd.py`), and recorded as it ran in `commands` with the
+zoo's folder written `$Z` and the demo's `$D`: with `D` set to `OUT/by-hand` (`variables`) a user redoes the
+steps by hand, in order, each reading the one before, without touching what the demo wrote.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any
 from mergeguard.attack import BadMerging, TrainSettings
 from mergeguard.defend import LFPMConfig
 from mergeguard.errors import MergeguardError, did_you_mean
-from mergeguard.progress import NullProgress, ProgressSink
-from mergeguard.scan import ScanConfig
-from mergeguard.settings import argv_text, float_text, to_argv
+from mergeguard.settings import float_text, to_argv
+
+Runner = Callable[[list[str]], None]  # runs one `mergeguard` command line (without the program name)
 
 MARKER = "demo.json"
 DEMO_ENTRIES = ("attack", "clean_merge", "poisoned_merge", "poisoned_ties", "lfpm", "ibvs")  # with MARKER
@@ -67,16 +68,15 @@ class DemoSettings:
         target_class=3, bd_weight=8.0, interpolation="weight", trigger_steps=200))
     train: TrainSettings = field(default_factory=lambda: TrainSettings(  # the attack's fine-tune
         steps=500, lr=5e-4, batch_size=64, logit_scale=10.0))
-    lfpm: LFPMConfig = field(default_factory=LFPMConfig)  # the defaults a user gets, on every zoo size
-    # `defend lfpm --heads`'s scan (its defaults too; its device and seed are LFPM's, as in `defend lfpm`)
-    scan: ScanConfig = field(default_factory=ScanConfig)
+    # the defaults a user gets, on every zoo size (its `scan` too: `defend lfpm --heads`'s)
+    lfpm: LFPMConfig = field(default_factory=LFPMConfig)
     ibvs: TrainSettings = field(default_factory=lambda: TrainSettings(  # IBVS's two fine-tunes
         steps=250, lr=5e-4, batch_size=64, logit_scale=10.0))
 
     def on(self, device: str) -> DemoSettings:
         """The same settings, every step on `device`."""
         return replace(self, train=replace(self.train, device=device), lfpm=replace(self.lfpm, device=device),
-                       ibvs=replace(self.ibvs, device=device), scan=replace(self.scan, device=device))
+                       ibvs=replace(self.ibvs, device=device))
 
 
 SETTINGS = {
@@ -84,53 +84,86 @@ SETTINGS = {
     # small: every `shape` class has a look-alike (disc/ring, triangle/cross), and a poisoned merge moves
     # the boundary towards its target: 19-32% of non-target shapes go to it with no trigger at all. The small
     # zoo's pre-training gives colour's "yellow" a group of its own (zoo v3), so nothing is sent to it without
-    # the trigger (docs/lfpm-log.md). LFPM runs with its defaults on every size (issue #23)
+    # the trigger (docs/lfpm-log.md). LFPM runs with its defaults on every size
     "small": DemoSettings(
         target_task="colour", defender_task="shape",
         train=TrainSettings(steps=500, lr=1e-3, batch_size=64, logit_scale=10.0)),
 }
 
 
-def _q(path: Path | str) -> str:
-    return shlex.quote(str(path))
+def printed(argv: list[str], roots: dict[str, Path]) -> str:
+    """A command line as the demo prints it: `mergeguard ARGV`, each path under a root written `$NAME/...`
+    (double-quoted where a shell would split or expand the rest)."""
+    ordered = sorted(roots.items(), key=lambda kv: -len(str(kv[1])))  # the innermost root first
+
+    def one(arg: str) -> str:
+        key, sep, value = arg.partition("=") if "=" in arg and not arg.startswith("/") else ("", "", arg)
+        for name, root in ordered:
+            r = str(root)
+            if value == r or value.startswith(r + "/"):
+                text = f"{key}{sep}${name}{value[len(r):]}"
+                return text if shlex.quote(text.replace("$", "")) == text.replace("$", "") else f'"{text}"'
+        return shlex.quote(arg)
+
+    return " ".join(["mergeguard", *map(one, argv)])
 
 
-def _var(name: str, root: Path, path: Path) -> str:
-    """`path` under `root` as the printed commands write it: `$Z/data/shape/train`, or `$Z` for `root` itself
-    (double-quoted where the path holds characters a shell would split or expand)."""
-    text = f"${name}" if path == root else f"${name}/{path.relative_to(root).as_posix()}"
-    return text if _q(path) == str(path) else f'"{text}"'
+class DemoRun:
+    """One demo: its folder, zoo, settings and the commands it ran (each through `runner`, then recorded)."""
+
+    def __init__(self, out: Path, z: Path, s: DemoSettings, runner: Runner, device: str):
+        self.out, self.z, self.s, self.runner, self.device = out, z, s, runner, device
+        self.commands: list[str] = []
+        self.roots = {"Z": z, "D": out}
+
+    def run(self, argv: list[str]) -> None:
+        self.runner(argv)
+        self.commands.append(printed(argv, self.roots))
+
+    def zp(self, *parts: str) -> str:
+        return str(self.z.joinpath(*parts))
+
+    def attack(self) -> dict[str, Any]:
+        s, t = self.s, self.s.target_task
+        self.run(["attack", s.attack.name, "--base", self.zp("base"), "--data", f"train={self.zp('data', t, 'train')}",
+                  "--data", f"test={self.zp('data', t, 'test')}", "--heads", self.zp("heads.safetensors"),
+                  "--task", t, *to_argv(s.attack, always=("target_class",)), *to_argv(s.train),
+                  "-o", str(self.out / "attack")])
+        return json.loads((self.out / "attack" / "summary.json").read_text())
+
+    def merge(self, name: str, method: str, inputs: list[Path]) -> None:
+        lam = ["--lam", float_text(self.s.lam)] if method == "task_arithmetic" else []
+        self.run(["merge", self.zp("base"), *map(str, inputs), "-o", str(self.out / name), "--method", method, *lam])
+
+    def evaluate(self, name: str, tasks: list[str]) -> dict[str, Any]:
+        report = self.out / report_name(name)
+        device = ["--device", self.device] if self.device != "auto" else []
+        self.run(["eval", str(self.out / name), "--heads", self.zp("heads.safetensors"),
+                  *(a for t in tasks for a in ("--task", f"{t}={self.zp('data', t, 'test')}")),
+                  "--trigger", str(self.out / "attack" / "trigger.safetensors"), *device, "--json", str(report)])
+        return json.loads(report.read_text())
+
+    def lfpm(self) -> dict[str, Any]:
+        self.run(["defend", "lfpm", "--merged", str(self.out / "poisoned_merge"), "--base", self.zp("base"),
+                  "--shadow", self.zp("shadow"), "--heads", self.zp("heads.safetensors"), "-o", str(self.out / "lfpm"),
+                  *to_argv(self.s.lfpm)])
+        return json.loads((self.out / "lfpm" / "report.json").read_text())
+
+    def ibvs(self) -> None:
+        d = self.s.defender_task
+        self.run(["defend", "ibvs", "--merged", str(self.out / "poisoned_merge"), "--base", self.zp("base"),
+                  "--data", f"train={self.zp('data', d, 'train')}", "--heads", self.zp("heads.safetensors"),
+                  "--task", d, "-o", str(self.out / "ibvs"), *to_argv(self.s.ibvs)])
 
 
-def run_demo(out: str | Path, *, size: str = "tiny", zoo: str | Path | None = None, device: str = "auto",
-             progress: ProgressSink | None = None, say: Callable[[str], None] | None = None,
-             settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Run the loop into `out`; returns {"rows": {name: eval result}, "commands": [...], ...}.
-    `settings` replaces the size's own (`SETTINGS[size]`; the zoo is still the size's)."""
-    from mergeguard.attack import run_attack
-    from mergeguard.checkpoint.resolve import open_checkpoint
-    from mergeguard.checkpoint.writer import staged_outputs
-    from mergeguard.data.folders import labeled_folder, unlabeled_folder
-    from mergeguard.data.pictures import bar_chart, first_images
-    from mergeguard.data.triggers import load_trigger
-    from mergeguard.defend import defend_ibvs, defend_lfpm_scanned, write_ibvs_outputs, write_lfpm_outputs
-    from mergeguard.defend.settings import SCAN_FROM_LFPM, scan_settings_from
-    from mergeguard.eval import evaluate
-    from mergeguard.merge.engine import merge_checkpoints
-    from mergeguard.models.encoder import load_encoder
-    from mergeguard.models.heads import load_heads
+def prepare(out: Path, size: str, zoo: str | Path | None, device: str) -> None:
+    """Refuse what the demo must not run with before anything is written; clear an earlier demo's folder."""
     from mergeguard.models.zoo import holds_something_else
     from mergeguard.trainer import resolve_device
-    from mergeguard.workflows.zoo import build_zoo
 
     if size not in SETTINGS:
         raise MergeguardError(f"unknown demo size {size!r}; choose one of: {', '.join(SETTINGS)}."
                               + did_you_mean(size, SETTINGS))
-    progress = progress or NullProgress()
-    say = say or (lambda _text: None)
-    s = (settings or SETTINGS[size]).on(device)
-    target, defender = s.target_task, s.defender_task
-    out = Path(out)
     resolve_device(device)  # an unusable --device fails before an earlier demo's folder is cleared
     if zoo is not None and holds_something_else(Path(zoo)):
         raise MergeguardError(f"--zoo {zoo} is not a finished zoo; name a zoo folder, or a new one to build the zoo "
@@ -141,127 +174,79 @@ def run_demo(out: str | Path, *, size: str = "tiny", zoo: str | Path | None = No
         shutil.rmtree(out)  # an earlier demo's outputs: the demo owns this folder
     out.mkdir(parents=True)
     (out / MARKER).write_text('{"status": "running"}\n')  # an interrupted demo's folder is reusable too
+
+
+def run_demo(out: str | Path, runner: Runner, *, size: str = "tiny", zoo: str | Path | None = None,
+             device: str = "auto", say: Callable[[str], None] | None = None,
+             settings: DemoSettings | None = None) -> dict[str, Any]:
+    """Run the loop into `out`, each step a command line given to `runner`; returns {"rows": {name: eval result},
+    "commands": [...], ...}. `settings` replaces the size's own (`SETTINGS[size]`; the zoo is still the size's)."""
+    from mergeguard.models.zoo import default_zoo_dir
+
+    out = Path(out)
+    prepare(out, size, zoo, device)
+    say = say or (lambda _text: None)
+    s = (settings or SETTINGS[size]).on(device)
     start = time.perf_counter()
-    commands: list[str] = []
-
     say(f"1. The zoo ({size}): a pre-trained encoder θ0 and one clean fine-tune per task.")
-    info = build_zoo(zoo, size=size, progress=progress)
-    z = Path(info["root"])
-    hand = out / BY_HAND  # the printed commands' outputs, each the next one's input
-
-    def zpath(path: Path) -> str:
-        return _var("Z", z, path)
-
-    def dpath(path: Path) -> str:  # what the demo wrote into OUT/NAME, the printed commands write into $D/by-hand/NAME
-        return _var("D", out, hand / path.relative_to(out))
-
-    commands.append(f"mergeguard zoo build --size {size}" + (f" --out {_var('Z', z, z)}" if zoo else ""))
-    heads_file = z / "heads.safetensors"
-    heads = load_heads(heads_file)
-    tasks = list(heads)
-    image_size = int(info["spec"]["image_size"])
-    test = {t: labeled_folder(z / "data" / t / "test", heads[t].classnames, image_size) for t in tasks}
-    base = load_encoder(str(z / "base"))
-    clean = {t: z / "finetuned" / t / "model.safetensors" for t in tasks}
+    z = Path(zoo) if zoo is not None else default_zoo_dir(size, 0)
+    demo = DemoRun(out, z, s, runner, device)
+    demo.run(["zoo", "build", "--size", size, *(["--out", str(z)] if zoo is not None else [])])
+    info = json.loads((z / "zoo.json").read_text())
+    tasks = list(info["acceptance"]["finetuned"])
     say(f"   {z}: pre-trained CA {info['acceptance']['pretrained_avg']:.1%}, fine-tuned "
         f"{info['acceptance']['finetuned_avg']:.1%} (clean task vectors = fine-tune − θ0).")
-
-    target_class = s.attack.target_class
-    say(f"2. An attacker poisons the {target!r} task vector with BadMerging "
-        f"(target class {target_class} {heads[target].classnames[target_class]!r}).")
-    train = labeled_folder(z / "data" / target / "train", heads[target].classnames, image_size)
-    attack_dir = out / "attack"
-    summary = run_attack(base, heads[target], train, target, s.attack, s.train, attack_dir,
-                         eval_data=test[target], provenance={"command": "mergeguard demo"}, progress=progress)
-    commands.append(
-        f"mergeguard attack {s.attack.name} --base {zpath(z / 'base')} "
-        f"--data train={zpath(z / 'data' / target / 'train')} --data test={zpath(z / 'data' / target / 'test')} "
-        f"--heads {zpath(heads_file)} --task {target} "
-        f"{argv_text(to_argv(s.attack, always=('target_class',)) + to_argv(s.train))} -o {dpath(attack_dir)}")
+    target, defender = s.target_task, s.defender_task
+    say(f"2. An attacker poisons the {target!r} task vector with BadMerging (target class {s.attack.target_class} "
+        f"{info['tasks'][target][s.attack.target_class]!r}).")
+    summary = demo.attack()
     say(f"   the poisoned model alone: CA {summary['ca']:.1%} on {target}, ASR {summary['asr']:.1%}.")
-    trigger = load_trigger(attack_dir / "trigger.safetensors")
-
-    say("3. A user merges the downloaded task vectors (task arithmetic λ 0.3, and TIES).")
-    others = [clean[t] for t in tasks if t != target]
-    merges = {
-        "clean_merge": ("task_arithmetic", others + [clean[target]]),
-        "poisoned_merge": ("task_arithmetic", others + [attack_dir / "model.safetensors"]),
-        "poisoned_ties": ("ties", others + [attack_dir / "model.safetensors"]),
-    }
-    for name, (method, inputs) in merges.items():
-        params = {"lam": s.lam} if method == "task_arithmetic" else {}
-        merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs], method,
-                          params, out=out / name, progress=progress)
-        printed = " ".join(dpath(p) if out in p.parents else zpath(p) for p in inputs)
-        commands.append(f"mergeguard merge {zpath(z / 'base')} {printed} -o {dpath(out / name)} "
-                        f"--method {method}" + (f" --lam {float_text(s.lam)}" if method == "task_arithmetic" else ""))
-
-    rows: dict[str, Any] = {}
-    eval_cmd = (f"mergeguard eval {{model}} --heads {zpath(heads_file)} "
-                + " ".join(f"--task {t}={zpath(z / 'data' / t / 'test')}" for t in tasks)
-                + f" --trigger {dpath(attack_dir / 'trigger.safetensors')} --json {{report}}")
-
-    def measure(name: str, model_dir: Path) -> dict[str, Any]:
-        result = evaluate(load_encoder(str(model_dir)), heads, test, trigger=trigger, target_task=target,
-                          device=device, progress=progress)
-        (out / report_name(name)).write_text(json.dumps(result, indent=2))
-        commands.append(eval_cmd.format(model=dpath(model_dir), report=dpath(out / report_name(name))))
-        rows[name] = result
-        return result
-
+    say(f"3. A user merges the downloaded task vectors (task arithmetic λ {s.lam:g}, and TIES).")
+    clean = {t: z / "finetuned" / t / "model.safetensors" for t in tasks}
+    others, poisoned = [clean[t] for t in tasks if t != target], out / "attack" / "model.safetensors"
+    merges = {"clean_merge": ("task_arithmetic", others + [clean[target]]),
+              "poisoned_merge": ("task_arithmetic", others + [poisoned]),
+              "poisoned_ties": ("ties", others + [poisoned])}
+    for key, (method, inputs) in merges.items():
+        demo.merge(key, method, inputs)
     say("4. Evaluate: clean accuracy (CA) and attack success rate (ASR) with the attacker's trigger.")
-    for name in merges:
-        r = measure(name, out / name)
-        say(f"   {name}: CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} ({r['asr_t_no_trigger']:.1%} without the "
+    rows = {key: demo.evaluate(key, tasks) for key in merges}
+    for key, r in rows.items():
+        say(f"   {key}: CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} ({r['asr_t_no_trigger']:.1%} without the "
             f"trigger), ASR(N) {r['asr_n']:.1%}")
-
     say("5. Defend the poisoned merge with LFPM: unlabeled shadow images, no trigger, no labels.")
-    merged = load_encoder(str(out / "poisoned_merge"))
-    shadow = unlabeled_folder(z / "shadow", image_size)
-    # with the zoo's heads, as `defend lfpm --heads`: the scan starts LFPM's prompts and checks its output
-    scan_cfg = replace(s.scan, **scan_settings_from(s.lfpm))  # as `defend lfpm --heads` runs it
-    defended, tau, report = defend_lfpm_scanned(merged, base, shadow, s.lfpm, heads, scan_cfg, progress)
-    lfpm_dir = out / "lfpm"
-    with staged_outputs(lfpm_dir) as stage:
-        write_lfpm_outputs(stage, defended, merged, report.pop("prompt"), report,
-                           {"defense": "lfpm", "command": "mergeguard demo", "params": asdict(s.lfpm)},
-                           examples=first_images(shadow))
-    commands.append(f"mergeguard defend lfpm --merged {dpath(out / 'poisoned_merge')} --base {zpath(z / 'base')} "
-                    f"--shadow {zpath(z / 'shadow')} --heads {zpath(heads_file)} -o {dpath(lfpm_dir)} "
-                    f"{argv_text(to_argv(s.lfpm) + to_argv(s.scan, prefix='scan', skip=SCAN_FROM_LFPM))}".rstrip())
-    r = measure("lfpm", lfpm_dir)
+    report = demo.lfpm()
+    r = rows["lfpm"] = demo.evaluate("lfpm", tasks)
     b, a = report["scan"]["before"], report["scan"]["after"]
     say(f"   LFPM ({report['seconds']:.0f} s): CA {r['ca_avg']:.1%}, ASR(T) {r['asr_t']:.1%} "
         f"({r['asr_t_no_trigger']:.1%} without the trigger), "
         f"ASR(N) {r['asr_n']:.1%}; scan {b['score']:.2f} {b['verdict']} → {a['score']:.2f} {a['verdict']}")
-
     say(f"6. The IBVS baseline: the defender's own trigger on {defender!r}, subtract λ 2 (Vb − Vc).")
-    defender_data = labeled_folder(z / "data" / defender / "train", heads[defender].classnames, image_size)
-    ibvs_model, ibvs_report = defend_ibvs(merged, base, heads[defender], defender_data, defender, s.ibvs,
-                                          lam=2.0, progress=progress)
-    ibvs_dir = out / "ibvs"
-    with staged_outputs(ibvs_dir) as stage:
-        write_ibvs_outputs(stage, ibvs_model, merged, ibvs_report,
-                           {"defense": "ibvs", "command": "mergeguard demo", "params": ibvs_report["config"]})
-    commands.append(f"mergeguard defend ibvs --merged {dpath(out / 'poisoned_merge')} --base {zpath(z / 'base')} "
-                    f"--data train={zpath(z / 'data' / defender / 'train')} --heads {zpath(heads_file)} "
-                    f"--task {defender} -o {dpath(ibvs_dir)} {argv_text(to_argv(s.ibvs))}")
-    measure("ibvs", ibvs_dir)
+    demo.ibvs()
+    rows["ibvs"] = demo.evaluate("ibvs", tasks)
+    return finish(demo, size, rows, summary, report, time.perf_counter() - start)
 
+
+def finish(demo: DemoRun, size: str, rows: dict[str, Any], summary: dict[str, Any], report: dict[str, Any],
+           seconds: float) -> dict[str, Any]:
+    """The demo's result (also its folder's marker) and its figure."""
+    from mergeguard.data.pictures import bar_chart
+
+    out = demo.out
     result = {
         "rows": {k: rows[k] for k in ("clean_merge", "poisoned_merge", "lfpm", "ibvs")},
         "extra_rows": {"poisoned_ties": rows["poisoned_ties"]},
         "attack": {k: summary.get(k) for k in ("ca", "asr")},
         "lfpm": {k: report[k] for k in ("seconds", "lambda_eff_start", "lambda_eff_end", "tau_norm")},
-        "settings": asdict(s),
+        "settings": asdict(demo.s),
         "size": size,
-        "zoo": str(z),
+        "zoo": str(demo.z),
         "out": str(out),
-        "commands": commands,  # in order, in a shell where Z and D are `variables`
-        "variables": {"Z": str(z), "D": str(out)},
-        "seconds": round(time.perf_counter() - start, 1),
+        "commands": demo.commands,  # as they ran, with Z the zoo's folder and D the demo's
+        "variables": {"Z": str(demo.z), "D": str(out / BY_HAND)},  # to redo them by hand, beside the demo's
+        "seconds": round(seconds, 1),
     }
-    bar_chart(out / FIGURE, f"demo ({size} zoo): average CA and ASR(T) with the trigger on {target!r}",
+    bar_chart(out / FIGURE, f"demo ({size} zoo): average CA and ASR(T) with the trigger on {demo.s.target_task!r}",
               {FIGURE_NAMES[k]: {"CA": rows[k]["ca_avg"], "ASR(T)": rows[k]["asr_t"]} for k in FIGURE_NAMES})
     result["figure"] = str(out / FIGURE)
     (out / MARKER).write_text(json.dumps(result, indent=2))
