@@ -169,21 +169,19 @@ def main() -> None:
         "within 2 pts", clean_alone - alone <= 0.02)
     if not args.no_lfpm:
         from mergeguard.defend import LFPMConfig, defend_lfpm_scanned
-        from mergeguard.scan import ScanConfig
 
         shadow = unlabeled_folder(z / "shadow", size)
         for name, model_dir, trigger, task in (("add_ta", "add_ta", t_plus, TASK),
                                                ("neg_badtv", "neg_badtv", t_minus, NEGATION_TASK)):
             m = load_encoder(str(work / "merges" / model_dir))
-            defended, _, rep = defend_lfpm_scanned(m, base, shadow, LFPMConfig(device="cpu"), heads,
-                                                   ScanConfig(device="cpu"))
+            defended, _, rep = defend_lfpm_scanned(m, base, shadow, LFPMConfig(device="cpu"), heads)
             after = measure(defended, trigger, task)
             before = add_ta if name == "add_ta" else neg
-            sb, sa = rep["scan"]["before"], rep["scan"]["after"]
+            sb, sa = rep.scan["before"], rep.scan["after"]
             row(f"defend lfpm --heads (defaults) on {name}: ASR", after, after["asr_t"], "(report)",
                 after["asr_t"] <= 0.05, f"before {before['asr_t']:.1%}, CA {before['ca_avg']:.1%} → "
                 f"{after['ca_avg']:.1%}; scan {sb['score']:.2f} {sb['verdict']} → {sa['score']:.2f} "
-                f"{sa['verdict']}; {rep['stopped']}")
+                f"{sa['verdict']}; {rep.stopped}")
 
     print(f"\nBadTV on the {args.size} zoo, seed {args.seed}, attack seed {args.attack_seed} ({TASK} target {target}, "
           f"negation {NEGATION_TASK} class {NEGATION_CLASS}); work {work}; {time.perf_counter() - start:.0f} s\n")

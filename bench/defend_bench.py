@@ -69,7 +69,7 @@ def main() -> int:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     _, _, report = defend_lfpm(merged, base, shadow, cfg)
-    peak = report["peak_gpu_memory_bytes"]
+    peak = report.peak_gpu_memory_bytes
     memory = f"{peak / 2**30:.2f} GiB GPU" if peak else \
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
     table = Table(title=f"defend lfpm, {args.scale}, {n} images, {args.epochs} epochs, K={args.path_points}, "
@@ -77,7 +77,7 @@ def main() -> int:
     for col in ("device", "steps", "seconds", "images/s", "peak memory"):
         table.add_column(col, justify="right")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    table.add_row(device, str(report["steps"]), f"{report['seconds']:.1f}", f"{report['images_per_second']:.3g}",
+    table.add_row(device, str(report.steps), f"{report.seconds:.1f}", f"{report.images_per_second:.3g}",
                   memory)
     Console().print(table)
     return 0

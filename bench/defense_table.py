@@ -1,6 +1,6 @@
 """The defense table on the built-in zoo (CPU, offline): LFPM on every merge, beside the free baseline.
 
-    python examples/zoo_defense_table.py [--size tiny|small] [--work DIR] [--beta B] [--epochs E]
+    python bench/defense_table.py [--size tiny|small] [--work DIR] [--beta B] [--epochs E]
         [--fresh-prompt-every F] [--set FIELD=VALUE ...]
 
 Runs `mergeguard demo` (zoo → BadMerging on the size's target task, `shape` on tiny and `colour` on small →
@@ -29,13 +29,15 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import harness
+from harness import parse_set, with_sets
+
 from mergeguard.attack import LoBAM, TrainSettings, run_attack
-from mergeguard.checkpoint.resolve import open_checkpoint
+from mergeguard.cli import run_command
 from mergeguard.data.folders import labeled_folder, unlabeled_folder
 from mergeguard.data.triggers import load_trigger
 from mergeguard.defend import defend_lfpm_scanned
 from mergeguard.eval import evaluate
-from mergeguard.merge.engine import merge_checkpoints
 from mergeguard.models.encoder import load_encoder, save_encoder
 from mergeguard.models.heads import load_heads
 from mergeguard.workflows.demo import MARKER, SETTINGS, run_demo
@@ -59,15 +61,13 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="mergeguard-table-"))
     own = SETTINGS[args.size]
     sets = dict(parse_set(own, item) for item in args.set)
-    s = own
-    for path, value in sets.items():
-        s = with_value(s, path.split("."), value)
+    s = with_sets(own, args.set)
     tag = "".join(f"_{k}{v}" for k, v in sets.items())  # each attack's rows in their own folders
     demo_dir = work / f"demo{tag}"
     if (demo_dir / MARKER).exists() and json.loads((demo_dir / MARKER).read_text()).get("rows"):
         demo = json.loads((demo_dir / MARKER).read_text())
     else:
-        demo = run_demo(demo_dir, size=args.size, device="cpu", say=print, settings=s)
+        demo = run_demo(demo_dir, run_command, size=args.size, device="cpu", say=print, settings=s)
     target = s.target_task
     z = Path(demo["zoo"])
     heads = load_heads(z / "heads.safetensors")
@@ -89,18 +89,13 @@ def main() -> None:
     suffix = "".join(f"_{k}{v:g}" for k, v in changed.items())  # each setting's LFPM outputs in their own folders
 
     def merged(out: Path, inputs: list[Path], method: str, params: dict) -> Path:
-        """The merge of `inputs` into `out`, unless an earlier run left it there."""
-        if not out.exists():
-            merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs], method,
-                              params, out=out)
-        return out
+        return harness.merged(z / "base", out, inputs, method, params)
 
     def lfpm(model_dir: Path, out: Path) -> Path:
         """LFPM (the demo's settings, with the zoo's heads as the demo) on the model in `model_dir`, into `out`,
         unless already there."""
         if not (out / "model.safetensors").exists():
-            defended, _, _ = defend_lfpm_scanned(load_encoder(str(model_dir)), base, shadow, lfpm_cfg, heads,
-                                                 replace(s.scan, device="cpu"))
+            defended, _, _ = defend_lfpm_scanned(load_encoder(str(model_dir)), base, shadow, lfpm_cfg, heads)
             save_encoder(defended.cpu(), out / "model.safetensors", {"defense": "lfpm"})
         return out
 
@@ -130,7 +125,7 @@ def main() -> None:
                                   logit_scale=s.train.logit_scale, lora_rank=8, device="cpu")
             run_attack(base, heads[target], labeled_folder(z / "data" / target / "train", heads[target].classnames,
                                                            size),
-                       target, attack, train, lobam_dir, provenance={"command": "zoo_defense_table.py"})
+                       target, attack, train, lobam_dir, provenance={"command": "bench/defense_table.py"})
         lobam_trigger = load_trigger(lobam_dir / "trigger.safetensors")
         lobam_merge = merged(work / "lobam_merge", inputs[:-1] + [lobam_dir / "model.safetensors"],
                              "task_arithmetic", {"lam": s.lam})
@@ -157,31 +152,6 @@ def main() -> None:
         print(f"- {line}")
     (work / "checks.txt").write_text("\n".join(checks) + "\n")
     print(f"work dir: {work}")
-
-
-def parse_set(settings, item: str) -> tuple[str, object]:
-    """`FIELD=VALUE` (a DemoSettings field, or one of its nested settings' as `attack.interpolation`,
-    `train.steps`, `lfpm.beta`) as (field, value of the field's type); an unknown field or a bad value ends the
-    script."""
-    field, _, value = item.partition("=")
-    obj = settings
-    for name in field.split("."):
-        if not hasattr(obj, "__dataclass_fields__") or name not in obj.__dataclass_fields__ or not value:
-            raise SystemExit(f"--set {item!r}: name a DemoSettings field and a value (FIELD=VALUE, nested ones as "
-                             f"attack.bd_weight); the fields: {', '.join(vars(settings))}.")
-        obj = getattr(obj, name)
-    kind = type(obj)
-    try:
-        return field, (value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
-    except ValueError:
-        raise SystemExit(f"--set {item!r}: {field} takes a {kind.__name__}.") from None
-
-
-def with_value(obj, path: list[str], value):
-    """`obj` with the (nested) field at `path` set to `value`."""
-    if len(path) == 1:
-        return replace(obj, **{path[0]: value})
-    return replace(obj, **{path[0]: with_value(getattr(obj, path[0]), path[1:], value)})
 
 
 def pct(v) -> str:

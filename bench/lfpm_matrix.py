@@ -9,7 +9,7 @@ interpolation, LoBAM, off-task, BadTV), built into WORK/population when missing 
 Each is merged with the zoo's clean fine-tunes of the other tasks (task arithmetic λ 0.3, TIES) and kept
 when the attack works (ASR(T) ≥ 80%) and the clean merge rarely predicts the target without the trigger
 (≤ 5%). Then LFPM as `mergeguard defend lfpm --merged M --base B --shadow DIR --heads H -o OUT` runs it:
-`defend_lfpm_scanned(merged, θ0, shadow, LFPMConfig(), heads, ScanConfig())`, the CLI's defaults (the scan
+`defend_lfpm_scanned(merged, θ0, shadow, LFPMConfig(), heads)`, the CLI's defaults (the scan
 starts the prompts and checks the output; `--no-heads`: `defend_lfpm` alone). `--set` changes a field for an
 experiment, and a run with any `--set` is not the issue's check. Each case is printed met / NOT met against
 the issue's bars, beside ASR(T) without the trigger (the merge's own confusion into the target, which no
@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 MERGES = ("task_arithmetic", "ties")
 ATTACKS = ("badmerging", "badmerging_weight", "lobam", "offtask", "badtv")
@@ -56,17 +55,13 @@ def shrink_ca(line: list[tuple[float, float]], asr: float) -> float | None:
 
 
 def main() -> None:
-    import scan_bench
+    import scan_bench  # beside this script, as harness
 
-    from mergeguard.checkpoint.resolve import open_checkpoint
     from mergeguard.data.folders import labeled_folder, unlabeled_folder
     from mergeguard.data.triggers import load_trigger
     from mergeguard.defend import LFPMConfig, defend_lfpm, defend_lfpm_scanned
-    from mergeguard.eval import evaluate
-    from mergeguard.merge.engine import merge_checkpoints
     from mergeguard.models.encoder import load_encoder, save_encoder
     from mergeguard.models.heads import load_heads
-    from mergeguard.scan import ScanConfig
     from mergeguard.workflows.zoo import build_zoo
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -85,14 +80,7 @@ def main() -> None:
                     help="LFPM without the zoo's heads (no scan to start its prompts from or check it with)")
     args = ap.parse_args()
 
-    cfg = LFPMConfig(device="cpu")
-    types = {f.name: f.type for f in fields(LFPMConfig)}
-    for item in args.set:
-        k, v = item.split("=", 1)
-        if k not in types:
-            sys.exit(f"no LFPM setting {k!r}")
-        cast = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}
-        cfg = replace(cfg, **{k: cast.get(str(types[k]).split(" ")[0], float)(v)})
+    cfg = harness.with_sets(LFPMConfig(device="cpu"), args.set)
     tag = args.tag or ("defaults" if not args.set else "_".join(s.replace("=", "") for s in args.set))
     tag += "_headless" if args.no_heads and not args.tag else ""
     out_dir = args.work / tag
@@ -112,25 +100,14 @@ def main() -> None:
         """The defense as a user runs it: `defend lfpm ... --heads H` (or without --heads)."""
         if args.no_heads:
             return defend_lfpm(load_encoder(str(model_dir)), base, shadow, cfg)
-        return defend_lfpm_scanned(load_encoder(str(model_dir)), base, shadow, cfg, heads, ScanConfig(device="cpu"))
+        return defend_lfpm_scanned(load_encoder(str(model_dir)), base, shadow, cfg, heads)
     (work / "merges").mkdir(exist_ok=True)
 
     def merged(name: str, inputs: list[Path], method: str, lam: float) -> Path:
-        out = work / "merges" / name
-        if not (out / "model.safetensors").exists() and not any(out.glob("*.safetensors")):
-            merge_checkpoints(open_checkpoint(str(z / "base")), [open_checkpoint(str(p)) for p in inputs], method,
-                              {"lam": lam}, out=out)
-        return out
+        return harness.merged(z / "base", work / "merges" / name, inputs, method, {"lam": lam})
 
     def measure(key: str, model_dir: Path, trigger, target_task: str) -> dict:
-        f = evals / f"{key}.json"
-        if f.exists():
-            return json.loads(f.read_text())
-        r = evaluate(load_encoder(str(model_dir)), heads, test, trigger=trigger, target_task=target_task,
-                     device="cpu")
-        keep = {k: r.get(k) for k in ("ca_avg", "asr_t", "asr_t_no_trigger", "asr_n", "asr_n_no_trigger")}
-        f.write_text(json.dumps(keep))
-        return keep
+        return harness.measured(evals / f"{key}.json", model_dir, heads, test, trigger, target_task)
 
     cases = [c for c in scan_bench.population(z, work, args.size, args.seed) if c["poisoned"]
              and c["kind"] in args.attacks.split(",") and (args.tasks is None or c["task"] in args.tasks.split(","))
@@ -173,7 +150,7 @@ def main() -> None:
                 after = measure(f"{tag}_{name}", d, trigger, t_task)
                 f.write_text(json.dumps({"case": c, "merge": m, "before": before, "after": after, "control": control,
                                          "shrink_line": line, "seconds": secs,
-                                         "report": {k: v for k, v in report.items() if k != "prompt"}}))
+                                         "report": report.to_json()}))
             r = json.loads(f.read_text())
             a, b, ctl = r["after"], r["before"], r["control"]
             line_ca = shrink_ca(r["shrink_line"], a["asr_t"])
@@ -204,10 +181,10 @@ def main() -> None:
                 d = out_dir / "models" / f"clean_{m}"
                 save_encoder(defended.cpu(), d / "model.safetensors", {"defense": "lfpm"})
                 before = measure(f"clean_{m}", path, None, None)
-                after = evaluate(defended, heads, test, device="cpu")
+                after = harness.measured(None, defended, heads, test, None, None)
                 f.write_text(json.dumps({"before": before, "after": {"ca_avg": after["ca_avg"]},
                                          "seconds": time.perf_counter() - start,
-                                         "report": {k: v for k, v in report.items() if k != "prompt"}}))
+                                         "report": report.to_json()}))
             r = json.loads(f.read_text())
             ok = r["after"]["ca_avg"] >= r["before"]["ca_avg"] - 0.01
             rows.append(f"| clean {m} | | {pct(r['before']['ca_avg'])} → {pct(r['after']['ca_avg'])} | | | | | | "

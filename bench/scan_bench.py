@@ -1,7 +1,8 @@
 """`scan` on a population of clean and poisoned task vectors of the built-in zoo: does it tell them apart,
 name the poisoned input of a merge, and find the trigger where it is?
 
-    python bench/scan_bench.py [--size tiny] [--work DIR] [--zoo DIR] [--train-only] [--calibrate-seeds 1,2]
+    python bench/scan_bench.py [--size tiny] [--work DIR] [--zoo DIR] [--seed S] [--only KIND,...] [--train-only]
+        [--metrics-only]
 
 CPU, offline. The population (issue #22), trained once into --work and reused:
 - clean: every task fine-tuned from seeds 1..5 with the attacks' recipe (examples/zoo_badmerging.sh's:
@@ -12,8 +13,8 @@ CPU, offline. The population (issue #22), trained once into --work and reused:
   BadMerging (a class of the next task), LoBAM and BadTV (negation class drawn from the next task).
 
 Each vector is scanned as θ0 + τ with every head of the zoo (its heads file). Thresholds are not set on the
-cases they are reported on: `--calibrate-seeds` (clean seeds, and the first target class of each task) set
-the printed threshold; the report is on the others (clean seeds 3..5, the second target class).
+cases they are reported on: the calibration split (clean seeds 1 and 2, and the first target class of each
+task) sets the printed threshold; the report is on the others (clean seeds 3..5, the second target class).
 It prints AUROC, TPR at ≤ 5% FPR, attribution in merges of 4 inputs (each poisoned vector with a clean
 vector of each other task, one seed, ranked by score), and IoU of the recovered mask with the trigger.
 """
@@ -189,9 +190,8 @@ def scan_all(cases: list[dict], z: Path, work: Path, size: str, wait: float) -> 
             continue
         c = ready[0]
         start = time.perf_counter()
-        r = scanner.scan(load_encoder(str(Path(c["path"]) / "model.safetensors")), c["name"])
-        trig = r.pop("_trigger")
-        r.pop("_suspects")
+        found = scanner.scan(load_encoder(str(Path(c["path"]) / "model.safetensors")), c["name"])
+        trig, r = found.trigger, found.to_json()
         r["seconds"] = time.perf_counter() - start
         r["iou"] = None
         true = Path(c["path"]) / "trigger.safetensors"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 def main() -> None:
+    from mergeguard.cli import run_command
     from mergeguard.data import stack_images
     from mergeguard.data.folders import unlabeled_folder
     from mergeguard.models.encoder import load_encoder
@@ -36,7 +37,7 @@ def main() -> None:
     marker = demo / MARKER
     if not (marker.exists() and json.loads(marker.read_text()).get("rows")):
         print(f"running the {args.size} demo into {demo} ...", flush=True)
-        run_demo(demo, size=args.size, device="cpu", say=print)
+        run_demo(demo, run_command, size=args.size, device="cpu", say=print)
     result = json.loads(marker.read_text())
     z = Path(result["zoo"])
     heads = load_heads(z / "heads.safetensors")
@@ -57,10 +58,10 @@ def main() -> None:
         r = scanner.scan(load_encoder(str(demo / name)), name)
         asr = rows[name]["asr_t"]
         expected = "backdoored" if asr >= 0.8 else "clean" if asr <= 0.05 else "-"
-        t = r["target"]
-        print(f"| {name} | {rows[name]['ca_avg']:.1%} | {asr:.1%} | {r['score']:.2f} | {r['verdict']} | "
+        t = r.target
+        print(f"| {name} | {rows[name]['ca_avg']:.1%} | {asr:.1%} | {r.score:.2f} | {r.verdict} | "
               f"{t['task']}:{t['class']} | {t['share']:.0%} | {expected} "
-              f"{'met' if expected == '-' or expected == r['verdict'] else 'NOT met'} | "
+              f"{'met' if expected == '-' or expected == r.verdict else 'NOT met'} | "
               f"{time.perf_counter() - start:.0f} |", flush=True)
     tasks = list(heads)
     inputs = [(f"clean {t}", load_encoder(str(z / "finetuned" / t / "model.safetensors"))) for t in tasks
@@ -68,9 +69,9 @@ def main() -> None:
     att = scan_models(scanner, inputs, merged=("poisoned_merge", load_encoder(str(demo / "poisoned_merge"))))
     print("\nattribution of the poisoned merge (share of held-out shadow images each input sends to the "
           "suspected target with the trigger recovered from the merge):")
-    for a in att["attribution"]:
+    for a in att.attribution:
         print(f"  {a['input']}: {a['share']:.0%}")
-    print(f"poisoned input ranked first: {att['attribution'][0]['input'] == f'poisoned {target}'}")
+    print(f"poisoned input ranked first: {att.attribution[0]['input'] == f'poisoned {target}'}")
 
 
 if __name__ == "__main__":
