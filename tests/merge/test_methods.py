@@ -294,6 +294,43 @@ def test_tsv_m_matches_the_papers_construction():
     torch.testing.assert_close(run("tsv_m", c, lam=2.0), 2.0 * (c[0] + c[1] + c[2]) / 3, rtol=1e-6, atol=1e-6)
 
 
+def test_iso_cts_matches_the_papers_construction():
+    """Iso-CTS per the paper (Algorithm 1), in plain torch: the rank r split into a common subspace of
+    k = r − T·s directions of the summed matrix (k ≈ 0.8 r, r − k a multiple of T) and s = (r − k)/T directions
+    per task taken from its matrix with the common subspace projected out; the bases stacked task-specific
+    first (the paper's order; the product does not depend on it), orthonormalised, one singular value."""
+    d = _deltas(3, (24, 20), seed=5)
+    r, t = 20, 3
+    k = int(r * 0.8)
+    s_task = round((r - k) / t)
+    k = r - t * s_task  # 20 - 3·1 = 17
+    u, sv, vh = torch.linalg.svd(d[0] + d[1] + d[2], full_matrices=False)
+    uc, sc, vc = u[:, :k], sv[:k], vh[:k]
+    parts_u, parts_s, parts_v = [], [], []
+    for x in d:
+        residual = (torch.eye(24) - uc @ uc.T) @ x
+        ut, st, vt = torch.linalg.svd(residual, full_matrices=False)
+        parts_u.append(ut[:, :s_task])
+        parts_s.append(st[:s_task])
+        parts_v.append(vt[:s_task])
+    big_u = torch.cat([*parts_u, uc], dim=1)
+    big_v = torch.cat([*parts_v, vc], dim=0)
+    sigma = torch.cat([*parts_s, sc]).mean()
+    pu, _, qu = torch.linalg.svd(big_u, full_matrices=False)
+    pv, _, qv = torch.linalg.svd(big_v, full_matrices=False)
+    expected = 1.3 * sigma * (pu @ qu) @ (pv @ qv)
+    got = run("iso_cts", d, lam=1.3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # isotropic: every singular value of the merged matrix is that one value
+    svals = torch.linalg.svdvals(got)
+    torch.testing.assert_close(svals, torch.full_like(svals, 1.3 * float(sigma)), rtol=1e-4, atol=1e-5)
+    # the whole rank in the common subspace is Iso-C
+    torch.testing.assert_close(run("iso_cts", d, common=1.0), run("iso_c", d), rtol=1e-4, atol=1e-5)
+    # a bias is the task vectors' mean
+    b = _deltas(3, (9,))
+    torch.testing.assert_close(run("iso_cts", b), (b[0] + b[1] + b[2]) / 3, rtol=1e-6, atol=1e-6)
+
+
 def test_spectral_merges_through_the_engine(family, tmp_path):
     """The CLI's merge with --method iso_c / tsv_m: matrices get the SVD treatment, the rest the mean, integer
     buffers are copied, and the default scale is 1."""
@@ -303,7 +340,7 @@ def test_spectral_merges_through_the_engine(family, tmp_path):
     from mergeguard.merge import merge_checkpoints
 
     b = family["base"]
-    for name in ("iso_c", "tsv_m"):
+    for name in ("iso_c", "iso_cts", "tsv_m"):
         merge_checkpoints(open_checkpoint(family["base_path"]), [open_checkpoint(p) for p in family["paths"]],
                           name, out=tmp_path / f"{name}.safetensors")
         out = load_file(tmp_path / f"{name}.safetensors")

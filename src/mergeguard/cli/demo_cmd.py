@@ -1,6 +1,6 @@
 """`mergeguard demo`: the whole loop on the built-in zoo, offline, on whatever device there is.
 
-    mergeguard demo                        # size small, outputs in ./mergeguard-demo
+    mergeguard demo                        # the tiny zoo, outputs in ./mergeguard-demo
     mergeguard demo --size tiny --json demo.json
 """
 

@@ -301,6 +301,28 @@ def _orthogonal(basis: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
+def iso_cts(deltas, weights, ctx, *, lam, common):
+    """Iso-CTS (Marczak et al., ICML 2025): of the rank r, the top k = r − T·s directions of the summed task
+    matrix (the common subspace, k ≈ `common`·r with r − k split evenly, s per task) and, per task, the top s
+    singular directions of what its matrix holds outside that subspace (Δ_t − U_k U_kᵀ Δ_t); the stacked bases
+    are made orthonormal and given one singular value, the mean of those kept, σ̄ U⊥ V⊥ᵀ; other tensors are
+    the task vectors' mean; all scaled by λ."""
+    if not _spectral(deltas):
+        return _weighted_mean(deltas, weights).mul_(lam)
+    tasks = [d * w for d, w in zip(deltas, weights.tolist())]
+    rank = min(tasks[0].shape)
+    per_task = min(round((rank - int(rank * common)) / len(tasks)), rank // len(tasks))
+    k = rank - len(tasks) * per_task
+    u, s, vh = torch.linalg.svd(torch.stack(tasks).sum(0), full_matrices=False)
+    us, ss, vhs = [u[:, :k]], [s[:k]], [vh[:k]]
+    for t in tasks if per_task else []:
+        ut, st, vht = torch.linalg.svd(t - us[0] @ (us[0].T @ t), full_matrices=False)
+        us.append(ut[:, :per_task])
+        ss.append(st[:per_task])
+        vhs.append(vht[:per_task])
+    return (_orthogonal(torch.cat(us, dim=1)) * torch.cat(ss).mean()) @ _orthogonal(torch.cat(vhs, dim=0)) * lam
+
+
 def tsv_m(deltas, weights, ctx, *, lam):
     """TSV-Merge (Gargiulo et al., CVPR 2025): per task the top 1/T of its matrix's singular triplets; the
     stacked left and right bases are made orthonormal (whitened) and the sum rebuilt with the kept singular

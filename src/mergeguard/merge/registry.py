@@ -147,6 +147,16 @@ ISO_C = MergeMethod(
     "replaced by their mean); other tensors averaged; data-free, an SVD per matrix (Marczak et al.)",
 )
 
+ISO_CTS = MergeMethod(
+    "iso_cts", "iso_cts",
+    (lam(1.0), declare("common", float, 0.8, "iso_cts: share of each weight matrix's rank given to the common "
+                                             "subspace; the rest is split evenly between the tasks",
+                       low=0.0, high=1.0)),
+    "Iso-CTS: Iso-C's isotropic spectrum over the summed matrix's top directions (the common subspace) and "
+    "each task's own top directions outside it; other tensors averaged; data-free, T+3 SVDs per matrix "
+    "(Marczak et al.)",
+)
+
 TSV_M = MergeMethod(
     "tsv_m", "tsv_m", (lam(1.0),),
     "TSV-M: per weight matrix, each task's top 1/T singular vectors, the stacked bases orthogonalised, "
@@ -157,7 +167,7 @@ TSV_M = MergeMethod(
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (TASK_ARITHMETIC, AVERAGE, TIES, MAGNITUDE_PRUNE, DARE_LINEAR, DARE_TIES, BREADCRUMBS, LATA, ISO_C,
-              TSV_M)
+              ISO_CTS, TSV_M)
 }
 
 
