@@ -90,7 +90,7 @@ def main() -> None:
     rows += [(m, float(v)) for m, _, v in (item.partition("=") for item in args.lam)]
     tag = f"{args.size}-seed{args.seed}" + ("-attacked" if trigger is not None else "")
     lines = ["| method | " + " | ".join(heads) + " | avg CA | " + ("ASR(T) | ASR(N) | " if trigger else "")
-             + "merge time | peak RSS |", "|---" * (len(heads) + (5 if trigger else 3)) + "|"]
+             + "merge time | peak RSS |", "|---" * (len(heads) + (6 if trigger else 4)) + "|"]
     for method, lam in rows:
         name = method + ("" if lam is None else f"_lam{lam:g}")
         out = work / tag / name
