@@ -101,8 +101,8 @@ def printed(argv: list[str], roots: dict[str, Path]) -> str:
         for name, root in ordered:
             r = str(root)
             if value == r or value.startswith(r + "/"):
-                text = f"{key}{sep}${name}{value[len(r):]}"
-                return text if shlex.quote(text.replace("$", "")) == text.replace("$", "") else f'"{text}"'
+                text = f"{key}{sep}${name}{value[len(r):]}"  # quoted as a whole where the path needs it
+                return text if shlex.quote(arg) == arg else f'"{text}"'
         return shlex.quote(arg)
 
     return " ".join(["mergeguard", *map(one, argv)])
