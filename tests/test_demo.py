@@ -117,5 +117,5 @@ def test_demo_runs_the_settings_it_is_given(tiny_zoo, tmp_path):
     from mergeguard.errors import MergeguardError
 
     bad = replace(SETTINGS["tiny"], attack=replace(SETTINGS["tiny"].attack, interpolation="sideways"))
-    with pytest.raises(MergeguardError, match="--interpolation sideways` failed"):
+    with pytest.raises(MergeguardError, match=r"--interpolation sideways .*` failed \(exit 2\)"):
         run_demo(tmp_path / "demo", run_command, size="tiny", zoo=tiny_zoo["root"], device="cpu", settings=bad)
