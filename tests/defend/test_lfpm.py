@@ -36,10 +36,10 @@ def test_defend_lfpm_writes_model_vector_and_report(tiny_zoo, tmp_path, shadow_s
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     n = len(list(shadow.glob("*.png")))
-    assert report.held_out_images == min(512, n // 8) and report.steps == (n - n // 8) // 64
-    assert 0 < report.drift < 1 and report.chosen["lr"] == {"value": 1e-3, "why": "set by the user"}
-    assert report.lambda_eff_start is not None and report.lambda_eff_end is not None
-    assert report.tau_norm > 0 and len(report.loss_per_epoch) == 1
+    assert report["held_out_images"] == min(512, n // 8) and report["steps"] == (n - n // 8) // 64
+    assert 0 < report["drift"] < 1 and report["chosen"]["lr"] == {"value": 1e-3, "why": "set by the user"}
+    assert report["lambda_eff_start"] is not None and report["lambda_eff_end"] is not None
+    assert report["tau_norm"] > 0 and len(report["loss_per_epoch"]) == 1
     defended = open_checkpoint(out / "model.safetensors")
     tau = open_checkpoint(out / "anti_backdoor_tv.safetensors")
     m = open_checkpoint(merged)
@@ -273,8 +273,8 @@ def test_lfpm_token_prompts(tiny_zoo, tmp_path, shadow_subset):
                                       "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report.tau_norm > 0 and all(e > 1e-4 for e in report.mined_excess_start)
-    assert report.prompt_area == [None, None]
+    assert report["tau_norm"] > 0 and all(e > 1e-4 for e in report["mined_excess_start"])
+    assert report["prompt_area"] == [None, None]
     prompts = open_checkpoint(out / "prompts.safetensors")
     assert sorted(prompts.keys()) == ["0.tokens", "1.tokens"] and prompts.get("0.tokens").shape == (3, 64)
     # on θ0 the same prompts find nothing: the excess is relative to θ0's own reaction to the tokens

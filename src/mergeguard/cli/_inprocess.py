@@ -17,12 +17,14 @@ from mergeguard.settings import argv_text
 
 @contextmanager
 def _silenced(console: Any) -> Iterator[None]:
-    saved = console.file
+    # rich keeps None for "whatever sys.stdout / sys.stderr is when printing": restore that, not the stream
+    # `console.file` resolves to now (a test runner's capture would stay the console's file for good)
+    saved = console._file
     console.file = io.StringIO()
     try:
         yield
     finally:
-        console.file = saved
+        console._file = saved
 
 
 def invoke(command: Any, argv: list[str], *, show_progress: bool = True) -> None:
