@@ -24,10 +24,10 @@ def merged(base: Path, out: Path, inputs: list[Path], method: str, params: dict[
 KEPT = ("ca_avg", "asr_t", "asr_t_no_trigger", "asr_n", "asr_n_no_trigger")
 
 
-def measured(cache: Path | None, model: Any, heads: dict, test: dict, trigger: Any, target_task: str | None
-             ) -> dict[str, Any]:
-    """`eval`'s numbers (`KEPT`) of `model` (an encoder or its folder), read from `cache` (a JSON file) when an
-    earlier run wrote it there."""
+def measured(cache: Path | None, model: Any, heads: dict, test: dict, trigger: Any, target_task: str | None,
+             keep: tuple[str, ...] | None = KEPT) -> dict[str, Any]:
+    """`eval`'s numbers (those in `keep`; None: its whole result) of `model` (an encoder or its folder), read
+    from `cache` (a JSON file) when an earlier run wrote it there."""
     from mergeguard.eval import evaluate
     from mergeguard.models.encoder import load_encoder
 
@@ -35,11 +35,11 @@ def measured(cache: Path | None, model: Any, heads: dict, test: dict, trigger: A
         return json.loads(cache.read_text())
     encoder = load_encoder(str(model)) if isinstance(model, str | Path) else model
     r = evaluate(encoder, heads, test, trigger=trigger, target_task=target_task, device="cpu")
-    keep = {k: r.get(k) for k in KEPT}
+    kept = r if keep is None else {k: r.get(k) for k in keep}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(keep))
-    return keep
+        cache.write_text(json.dumps(kept))
+    return kept
 
 
 def parse_set(settings: Any, item: str) -> tuple[str, Any]:

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
+
 DATA_FREE = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "iso_c", "iso_cts", "tsv_m")
 
 
@@ -44,17 +46,6 @@ def timed_merge(z: Path, inputs: list[Path], out: Path, method: str, lam: float 
     result = {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
     record.write_text(json.dumps(result))
     return result
-
-
-def evaluated(cache: Path, model: Path, heads: dict, test: dict, trigger, target: str | None) -> dict:
-    """`mergeguard eval`'s whole result for the model in `model` (kept in `cache` and reused)."""
-    from mergeguard.eval import evaluate
-    from mergeguard.models.encoder import load_encoder
-
-    if not cache.exists():
-        r = evaluate(load_encoder(str(model)), heads, test, trigger=trigger, target_task=target, device="cpu")
-        cache.write_text(json.dumps(r))
-    return json.loads(cache.read_text())
 
 
 def main() -> None:
@@ -95,7 +86,7 @@ def main() -> None:
         name = method + ("" if lam is None else f"_lam{lam:g}")
         out = work / tag / name
         cost = timed_merge(z, list(inputs.values()), out, method, lam)
-        r = evaluated(work / tag / f"{name}.eval.json", out, heads, test, trigger, target)
+        r = harness.measured(work / tag / f"{name}.eval.json", out, heads, test, trigger, target, keep=None)
         per_task = {t: e["ca"] for t, e in r["tasks"].items()}
         label = method + (" (λ default)" if lam is None else f" (λ {lam:g})")
         cells = [f"{100 * per_task[t]:.1f}" for t in heads] + [f"{100 * r['ca_avg']:.1f}"]
