@@ -88,7 +88,7 @@ def scan_command(
     for r in scanned:
         r["trigger"] = r["picture"] = None
     if out is not None:
-        _write_triggers(out, result, report, images)
+        _write_triggers(out, result, scanned, report, images)
     write_json(json_out, report)
     if show_table(quiet, json_out):
         _print_table(report, scanned, cfg, out)
@@ -118,10 +118,10 @@ def _scan(inputs: list[str], base: str, shadow: Path, heads: str | None, merged:
         return scan_models(scanner, models, merged_model), images
 
 
-def _write_triggers(out: Path, result: Any, report: dict[str, Any], images: Any) -> None:
-    """The report folder: per scanned model its recovered trigger and a picture of it, and report.json; the
-    report's entries gain the paths."""
-    scanned = [report["merged"]] if report["merged"] else report["inputs"]
+def _write_triggers(out: Path, result: Any, scanned: list[dict[str, Any]], report: dict[str, Any],
+                    images: Any) -> None:
+    """The report folder: per scanned model (`scanned`: their entries in `report`, as `result.scanned`) its
+    recovered trigger and a picture of it, and report.json; the entries gain the paths."""
     from mergeguard.checkpoint.writer import staged_outputs
     from mergeguard.data.pictures import trigger_picture
 
