@@ -122,6 +122,8 @@ def test_every_command_marks_what_it_reads_and_writes():
         "defend lfpm": {"merged": Source, "base": Source, "shadow": Input, "heads": Input, "arch": Input},
         "scan": {"inputs": Source, "base": Source, "shadow": Input, "heads": Input, "merged": Source, "arch": Input},
         "defend ibvs": {"merged": Source, "base": Source, "data": Spec, "heads": Input, "arch": Input},
+        "lock": {"inputs": Source, "base": Source},
+        "gate": {"policy": Input},
     }
     resumable = {"finetune", "attack badmerging", "attack badnets", "attack lobam", "attack badtv", "defend lfpm"}
     seen = {}

@@ -30,8 +30,9 @@ def _digest_cache_path() -> Path:
     return cache_dir() / "sha256.json"
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered by (real path, size, mtime) in the cache folder."""
+def file_sha256(path: Path, *, fresh: bool = False) -> str:
+    """sha256 of a file, remembered by (real path, size, mtime) in the cache folder; `fresh`: hashed anew
+    whatever the cache says (a pin's check: a file rewritten with its old size and mtime is still caught)."""
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
@@ -41,7 +42,7 @@ def file_sha256(path: Path) -> str:
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cache = {}
-    if key in cache:
+    if key in cache and not fresh:
         return cache[key]
     h = hashlib.sha256()
     buf = bytearray(_CHUNK)

@@ -17,6 +17,7 @@ from mergeguard.cli import (
     demo_cmd,
     eval_cmd,
     extract_tv_cmd,
+    gate_cmd,
     heads_cmd,
     inspect_cmd,
     merge_cmd,
@@ -62,6 +63,7 @@ zoo_cmd.register(app)
 attack_cmd.register(app)
 defend_cmd.register(app)
 demo_cmd.register(app)
+gate_cmd.register(app)
 
 
 def run_command(argv: list[str], *, show_progress: bool = True) -> None:

@@ -27,10 +27,11 @@ def _silenced(console: Any) -> Iterator[None]:
         console._file = saved
 
 
-def invoke(command: Any, argv: list[str], *, show_progress: bool = True) -> None:
+def invoke(command: Any, argv: list[str], *, show_progress: bool = True, ok: tuple[int, ...] = (0,)) -> int:
     """`mergeguard ARGV` in this process (`command`: the `mergeguard` group, as click holds it): its progress
-    and messages on stderr (none with `show_progress` False), its table not shown; a step that fails raises
-    one `MergeguardError` naming it (its own message was printed above), Ctrl-C raises KeyboardInterrupt."""
+    and messages on stderr (none with `show_progress` False), its table not shown; its exit code when it is one
+    of `ok` (the gate takes 1, a threshold crossed, as an answer), else one `MergeguardError` naming the step
+    (its own message was printed above); Ctrl-C raises KeyboardInterrupt."""
     saved_argv = sys.argv
     sys.argv = ["mergeguard", *argv]  # what the outputs' provenance records as the command
     with ExitStack() as stack:
@@ -45,5 +46,7 @@ def invoke(command: Any, argv: list[str], *, show_progress: bool = True) -> None
             sys.argv = saved_argv
     if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
         raise KeyboardInterrupt
-    if code:
+    code = code or 0
+    if code not in ok:
         raise MergeguardError(f"`mergeguard {argv_text(argv)}` failed (exit {code}); its message is above.")
+    return code

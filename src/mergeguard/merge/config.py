@@ -39,6 +39,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise MergeguardError(f"cannot read the config {path}: {exc.strerror or exc}.") from exc
+    except UnicodeDecodeError as exc:
+        raise MergeguardError(f"the config {path} is not text (a YAML file is).") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

@@ -1,0 +1,283 @@
+"""`mergeguard lock` and `mergeguard gate`: pins checked against hashlib's own sha256, a release written only when
+every gate passes (its model checked against task arithmetic in plain torch), a changed byte refused, one sentence
+for every mistake in a policy, a rerun that redoes no step, and a poisoned input stopped at the scan gate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mergeguard.cli import app
+from mergeguard.models.encoder import ImageEncoder, save_encoder
+from mergeguard.models.heads import Head, save_heads
+
+runner = CliRunner()
+ARCH = {"family": "open_clip", "name": "t", "embed_dim": 16, "quick_gelu": False, "mean": [0.5] * 3,
+        "std": [0.25] * 3, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                          "head_width": 16}}
+CLASSES = {"a": ["w", "x", "y", "z"], "b": ["p", "q", "r"]}
+FAST_SCAN = {"steps": 20, "batch_size": 8, "images": 48}
+
+
+def _png(path: Path, x: torch.Tensor) -> None:
+    Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """θ0 and two fine-tunes of a 16-px encoder (as folders), heads for two tasks, shadow and test images."""
+    root = tmp_path_factory.mktemp("gate")
+    torch.manual_seed(0)
+    base = ImageEncoder(ARCH).eval()
+    save_encoder(base, root / "base")
+    for i in range(2):
+        ft = ImageEncoder(ARCH)
+        g = torch.Generator().manual_seed(10 + i)
+        ft.load_state_dict({k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        save_encoder(ft, root / f"ft{i}")
+    w = F.normalize(torch.randn(7, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    save_heads({"a": Head("a", w[:4], CLASSES["a"], 50.0), "b": Head("b", w[4:], CLASSES["b"], 50.0)},
+               root / "heads.safetensors")
+    g = torch.Generator().manual_seed(2)
+    (root / "shadow").mkdir()
+    for i in range(48):
+        _png(root / "shadow" / f"{i}.png", torch.rand(3, 16, 16, generator=g))
+    for task, names in CLASSES.items():
+        for name in names:
+            folder = root / "test" / task / name
+            folder.mkdir(parents=True)
+            for i in range(4):
+                _png(folder / f"{i}.png", torch.rand(3, 16, 16, generator=g))
+    return root
+
+
+@pytest.fixture
+def project(world, tmp_path) -> Path:
+    """A copy of the world as a user's project folder, with a lock file written by `mergeguard lock`."""
+    root = tmp_path / "project"
+    shutil.copytree(world, root)
+    res = runner.invoke(app, ["lock", "--base", str(root / "base"), str(root / "ft0"), str(root / "ft1"), "-o",
+                              str(root / "mergeguard.lock.yaml"), "-q"])
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def _policy(root: Path, **changes) -> Path:
+    policy = {"lock": "mergeguard.lock.yaml", "shadow": "shadow", "heads": "heads.safetensors", "device": "cpu",
+              "merge": {"method": "task_arithmetic", "lam": 0.4},
+              "scan_inputs": {"fail_on": "backdoored", **FAST_SCAN},
+              "scan_result": {"fail_on": "backdoored", **FAST_SCAN},
+              "eval": {"tasks": {"a": "test/a", "b": "test/b"}, "min_ca": 0.0, "max_asr": 1.0},
+              "release": "release"}
+    policy.update(changes)
+    path = root / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lock_pins_every_file_read_with_its_sha256(project):
+    lock = yaml.safe_load((project / "mergeguard.lock.yaml").read_text())
+    assert lock["mergeguard_lock"] == 1
+    pins = [lock["base"], *lock["inputs"]]
+    assert [p["spec"] for p in pins] == ["base", "ft0", "ft1"]  # relative to the lock file's folder
+    for p in pins:
+        folder = project / p["spec"]
+        read = {f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".json")}
+        assert set(p["files"]) == read and "model.safetensors" in read
+        assert p["files"] == {name: _sha256(folder / name) for name in read}
+        assert "hub" not in p
+
+
+def test_a_passing_gate_writes_the_release_and_a_rerun_redoes_no_step(project):
+    policy = _policy(project)
+    res = runner.invoke(app, ["gate", str(policy), "--json", str(project / "gate.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((project / "gate.json").read_text())
+    assert report["passed"] and report["failed_step"] is None
+    assert [s["step"] for s in report["steps"]] == ["scan_inputs", "merge", "scan_result", "eval"]
+    assert not any(s["reused"] for s in report["steps"])
+    release = project / "release"
+    assert {"model.safetensors", "README.md", "report.json", "report.md"} <= {p.name for p in release.iterdir()}
+    # the released model is task arithmetic of the pinned inputs, computed here in plain torch
+    theta0 = load_file(project / "base" / "model.safetensors")
+    fts = [load_file(project / f"ft{i}" / "model.safetensors") for i in range(2)]
+    got = load_file(release / "model.safetensors")
+    for k, v in theta0.items():
+        if v.is_floating_point():
+            want = v + 0.4 * sum(ft[k] - v for ft in fts)
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+    card = (release / "README.md").read_text()
+    lock = yaml.safe_load((project / "mergeguard.lock.yaml").read_text())
+    for p in [lock["base"], *lock["inputs"]]:
+        assert p["spec"] in card and p["files"]["model.safetensors"][:16] in card
+    for c in report["checks"]:
+        assert c["passed"] and c["what"] in card
+    assert {c["step"] for c in report["checks"]} == {"scan_inputs", "scan_result", "eval"}
+    assert len([c for c in report["checks"] if c["step"] == "scan_inputs"]) == 2  # one per input
+
+    # the same policy and inputs again: every step reused, none run (the progress log says which)
+    res = runner.invoke(app, ["gate", str(policy), "--overwrite", "--json", str(project / "again.json")])
+    assert res.exit_code == 0, res.output
+    again = json.loads((project / "again.json").read_text())
+    assert all(s["reused"] for s in again["steps"])
+    steps_said = [line for line in res.output.splitlines() if line.startswith("gate [")]
+    assert len(steps_said) == 4 and all(": reused" in line for line in steps_said), res.output
+    assert "inverting triggers" not in res.output and "merging" not in res.output
+    assert again["checks"] == report["checks"]
+
+    # a changed setting reruns the steps from the first one it changes: the scans of the inputs are kept
+    _policy(project, merge={"method": "task_arithmetic", "lam": 0.3})
+    res = runner.invoke(app, ["gate", str(policy), "--overwrite", "--json", str(project / "third.json")])
+    assert res.exit_code == 0, res.output
+    third = json.loads((project / "third.json").read_text())
+    assert [s["reused"] for s in third["steps"]] == [True, False, False, False]
+
+
+def test_the_defend_step_runs_lfpm_on_the_merge_and_its_output_is_released(project):
+    policy = _policy(project, defend={"epochs": 1, "batch_size": 16, "force": True, "scan": FAST_SCAN})
+    res = runner.invoke(app, ["gate", str(policy), "--json", str(project / "gate.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((project / "gate.json").read_text())
+    assert [s["step"] for s in report["steps"]] == ["scan_inputs", "merge", "defend", "scan_result", "eval"]
+    defend = next(s for s in report["steps"] if s["step"] == "defend")["commands"][0]
+    assert "--epochs 1" in defend and "--force" in defend and "--scan-steps 20" in defend and "--heads" in defend
+    defended = project / ".mergeguard-gate" / "defend" / "model"
+    lfpm = json.loads((defended / "report.json").read_text())
+    assert lfpm["steps"] > 0  # it trained (--force), so the released model is LFPM's, not the merge
+    got, want = load_file(project / "release" / "model.safetensors"), load_file(defended / "model.safetensors")
+    merged = load_file(project / ".mergeguard-gate" / "merge" / "model" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert any(not torch.equal(got[k], merged[k]) for k in got)
+
+
+def test_a_failed_gate_exits_1_and_writes_no_release(project):
+    policy = _policy(project, eval={"tasks": {"a": "test/a", "b": "test/b"}, "min_ca": {"average": 0.0, "a": 1.0}})
+    res = runner.invoke(app, ["gate", str(policy), "--json", str(project / "gate.json")])
+    assert res.exit_code == 1, res.output
+    report = json.loads((project / "gate.json").read_text())
+    assert not report["passed"] and report["failed_step"] == "eval" and report["release"] is None
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert [c["what"] for c in failed] == ["CA a"] and failed[0]["value"] < 1.0 and failed[0]["limit"] == 1.0
+    assert "gate failed: eval: CA a" in res.output
+    assert not (project / "release").exists()
+    summary = (project / ".mergeguard-gate" / "report.md").read_text()
+    assert "FAILED at eval" in summary and "**FAIL**" in summary
+
+
+def test_a_changed_byte_in_a_pinned_file_is_refused(project):
+    target = project / "ft1" / "model.safetensors"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0x01  # one bit of a weight; same size, and the old time put back
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    res = runner.invoke(app, ["gate", str(_policy(project))])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip() and not line.startswith("gate:")]
+    assert len(lines) == 1 and "does not match its pin" in lines[0] and "model.safetensors" in lines[0], res.output
+    assert "ft1" in lines[0]
+    assert not (project / "release").exists()
+    assert not (project / ".mergeguard-gate" / "scan_inputs").exists()  # nothing ran
+
+    (project / "ft0" / "extra.json").write_text("{}")  # a file the loaders may read, added after the lock
+    target.write_bytes(bytes(data))
+    res = runner.invoke(app, ["gate", str(_policy(project))])
+    assert res.exit_code == 2 and "not pinned" in res.output, res.output
+
+
+BAD_POLICIES = {
+    "unknown key": ({"merg": {}}, "unknown key 'merg'", "Did you mean 'merge'?"),
+    "missing path": ({"shadow": "nope"}, "shadow: nope does not exist", ""),
+    "a file for a folder": ({"shadow": "heads.safetensors"}, "shadow: heads.safetensors is a file", ""),
+    "threshold": ({"eval": {"tasks": {"a": "test/a"}, "max_asr": 5}}, "eval.max_asr must be a fraction", ""),
+    "method": ({"merge": {"method": "ties_merging"}}, "unknown merge method 'ties_merging'", "Did you mean 'ties'?"),
+    "merge parameter": ({"merge": {"method": "ties", "density": 0.0}}, "merge.density for ties must be in (0, 1]",
+                        ""),
+    "merge key": ({"merge": {"method": "ties", "densty": 0.2}}, "unknown key 'merge.densty'", "'density'"),
+    "defend setting": ({"defend": {"epochs": 0}}, "defend.epochs must be at least 1", ""),
+    "nested setting": ({"defend": {"scan": {"steps": 0}}}, "defend.scan.steps must be at least 1", ""),
+    "scan key": ({"scan_inputs": {"stepz": 3}}, "unknown key 'scan_inputs.stepz'", "'steps'"),
+    "fail_on": ({"scan_result": {"fail_on": "maybe"}}, "scan_result.fail_on must be suspicious or backdoored", ""),
+    "min_ca task": ({"eval": {"tasks": {"a": "test/a"}, "min_ca": {"c": 0.5}}}, "eval.min_ca.c names no task", ""),
+    "no tasks": ({"eval": {"min_ca": 0.5}}, "eval.tasks must name at least one task", ""),
+    "wrong kind": ({"defend": {"epochs": "ten"}}, "defend.epochs must be a whole number (got 'ten')", ""),
+    "wrong kind, nested": ({"defend": {"scan": {"lr": "fast"}}}, "defend.scan.lr must be a number (got 'fast')", ""),
+    "missing lock": ({"lock": None}, "'lock' is missing", ""),
+    "not a lock": ({"lock": "heads.safetensors"}, "is not a mergeguard lock file", ""),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_POLICIES))
+def test_each_mistake_in_a_policy_is_one_sentence_and_exit_2(project, name):
+    change, words, hint = BAD_POLICIES[name]
+    policy = _policy(project)
+    data = yaml.safe_load(policy.read_text())
+    data.update(change)
+    data = {k: v for k, v in data.items() if v is not None}
+    policy.write_text(yaml.safe_dump(data))
+    res = runner.invoke(app, ["gate", str(policy)])
+    assert res.exit_code == 2, (name, res.output)
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0] and hint in lines[0], (name, res.output)
+    assert str(policy) in lines[0] or name in ("not a lock",)
+    assert not (project / "release").exists() and not (project / ".mergeguard-gate").exists()
+
+
+def test_policy_that_is_not_yaml_and_lock_refusals(project, tmp_path):
+    bad = project / "bad.yaml"
+    bad.write_text("merge: [unclosed\n")
+    res = runner.invoke(app, ["gate", str(bad)])
+    assert res.exit_code == 2 and "is not valid YAML" in res.output
+    res = runner.invoke(app, ["lock", "--base", str(project / "base"), str(project / "ft0"), "-o",
+                              str(project / "mergeguard.lock.yaml")])
+    assert res.exit_code == 2 and "pass --overwrite" in res.output  # a lock is replaced only on purpose
+    res = runner.invoke(app, ["lock", "--base", str(project / "base"), str(project / "nope"), "-o",
+                              str(tmp_path / "deep" / "l.yaml")])
+    assert res.exit_code == 2 and "does not exist" in res.output and not (tmp_path / "deep").exists()
+    res = runner.invoke(app, ["lock", "--base", str(project / "base"), str(project / "ft0"), "-o",
+                              str(tmp_path / "deep" / "l.yaml"), "-q"])
+    assert res.exit_code == 0 and (tmp_path / "deep" / "l.yaml").exists()  # missing folders are made
+
+
+def test_a_poisoned_input_stops_the_release_at_the_scan_gate(tiny_zoo, tmp_path):
+    """A BadNets fine-tune of the tiny zoo's shape task, scanned with the shipped settings: the gate fails at the
+    inputs' scan, names it, runs nothing after, and writes no release."""
+    z = Path(tiny_zoo["root"])
+    res = runner.invoke(app, [
+        "attack", "badnets", "--base", str(z / "base"), "--data", f"train={z}/data/shape/train", "--heads",
+        str(z / "heads.safetensors"), "--task", "shape", "-o", str(tmp_path / "badnets"), "--target-class", "3",
+        "--steps", "150", "--batch-size", "64", "--lr", "1e-3", "--warmup", "10", "--logit-scale", "10",
+        "--poison-fraction", "0.2", "--trigger-area", "0.01", "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["lock", "--base", str(z / "base"), str(z / "finetuned" / "colour"),
+                              str(tmp_path / "badnets"), "-o", str(tmp_path / "mergeguard.lock.yaml"), "-q"])
+    assert res.exit_code == 0, res.output
+    policy = {"lock": "mergeguard.lock.yaml", "shadow": str(z / "shadow"), "heads": str(z / "heads.safetensors"),
+              "device": "cpu", "merge": {"method": "task_arithmetic", "lam": 0.3},
+              "scan_inputs": {"fail_on": "backdoored"}, "scan_result": {"fail_on": "backdoored"},
+              "eval": {"tasks": {"shape": str(z / "data" / "shape" / "test")}, "min_ca": 0.0}}
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    res = runner.invoke(app, ["gate", str(tmp_path / "policy.yaml"), "--json", str(tmp_path / "gate.json")])
+    assert res.exit_code == 1, res.output
+    report = json.loads((tmp_path / "gate.json").read_text())
+    assert report["failed_step"] == "scan_inputs" and [s["step"] for s in report["steps"]] == ["scan_inputs"]
+    verdicts = {c["what"].split(":")[0]: c["passed"] for c in report["checks"]}
+    assert verdicts == {"badnets": False, str(z / "finetuned" / "colour"): True}, report["checks"]
+    assert "gate failed: scan_inputs: badnets" in res.output
+    assert not (tmp_path / "release").exists()
