@@ -15,7 +15,7 @@ import typer
 from mergeguard.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", REPO / "docs" / "lfpm.md", REPO / "docs" / "cli.md"]
+DOCS = [REPO / "README.md", REPO / "docs" / "lfpm.md", REPO / "docs" / "cli.md", REPO / "docs" / "gate.md"]
 
 
 def _gen_cli():

@@ -281,3 +281,119 @@ def test_a_poisoned_input_stops_the_release_at_the_scan_gate(tiny_zoo, tmp_path)
     assert verdicts == {"badnets": False, str(z / "finetuned" / "colour"): True}, report["checks"]
     assert "gate failed: scan_inputs: badnets" in res.output
     assert not (tmp_path / "release").exists()
+
+
+def test_a_hub_input_is_pinned_to_its_commit_and_checked_there(tmp_path, monkeypatch):
+    """A Hub repo (a fake Hugging Face cache, offline) is pinned to the commit its branch named; when the branch
+    moves on, the gate still reads the pinned commit, and a byte changed in that commit's file is refused."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from mergeguard.checkpoint import resolve
+    from mergeguard.errors import MergeguardError
+    from mergeguard.workflows.lock import make_lock, verify
+
+    old, new = "0" * 39 + "1", "f" * 39 + "2"
+    repo = tmp_path / "hub" / "models--acme--tiny-vit"
+    for commit, value in ((old, 0.0), (new, 5.0)):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        save_file({"w": torch.arange(4.0) + value}, repo / "snapshots" / commit / "model.safetensors")
+        (repo / "snapshots" / commit / "config.json").write_text(json.dumps({"v": value}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(resolve, "hub_reachable", lambda timeout=3.0: False)
+    save_file({"w": torch.ones(4)}, tmp_path / "ft.safetensors")
+
+    lock = make_lock("acme/tiny-vit", [str(tmp_path / "ft.safetensors")], tmp_path / "mergeguard.lock.yaml")
+    snap = repo / "snapshots" / old
+    assert (lock.base.hub, lock.base.revision, lock.base.commit) == ("acme/tiny-vit", "main", old)
+    assert lock.base.files == {n: _sha256(snap / n) for n in ("model.safetensors", "config.json")}
+    assert lock.inputs[0].spec == "ft.safetensors" and lock.inputs[0].hub is None
+    (repo / "refs" / "main").write_text(new)  # the branch moves on: the pin still reads the old commit
+    assert verify(lock.base, tmp_path, "the lock") == f"acme/tiny-vit@{old}"
+    data = bytearray((snap / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (snap / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(MergeguardError, match="model.safetensors does not match its pin in the lock"):
+        verify(lock.base, tmp_path, "the lock")
+
+
+def test_an_interrupted_gate_writes_nothing_and_the_rerun_redoes_only_the_unfinished_step(project, monkeypatch):
+    import mergeguard.merge
+
+    def interrupted(*args, **kwargs):  # Ctrl-C inside the merge step's command
+        raise KeyboardInterrupt
+
+    policy = _policy(project)
+    monkeypatch.setattr(mergeguard.merge, "merge_checkpoints", interrupted)
+    res = runner.invoke(app, ["gate", str(policy)])
+    assert res.exit_code == 130 and "interrupted" in res.output, res.output
+    assert not (project / "release").exists()
+    monkeypatch.undo()
+    res = runner.invoke(app, ["gate", str(policy), "--json", str(project / "gate.json")])
+    assert res.exit_code == 0, res.output
+    steps = json.loads((project / "gate.json").read_text())["steps"]
+    assert [(s["step"], s["reused"]) for s in steps] == [("scan_inputs", True), ("merge", False),
+                                                         ("scan_result", False), ("eval", False)]
+
+
+def test_the_example_policy_and_the_guides_policy_are_valid(family, tmp_path):
+    """examples/gate-policy.yaml and docs/gate.md's policy, in a folder holding what they name, load as policies;
+    the guide's policy names every key a policy may have."""
+    import re
+
+    from mergeguard.workflows.gate import TOP_KEYS, load_policy
+    from mergeguard.workflows.lock import make_lock
+
+    repo = Path(__file__).resolve().parents[1]
+    guide = re.search(r"## The policy.*?```yaml\n(.*?)```", (repo / "docs" / "gate.md").read_text(), re.S).group(1)
+    for name, text in (("example", (repo / "examples" / "gate-policy.yaml").read_text()), ("guide", guide)):
+        root = tmp_path / name
+        root.mkdir()
+        raw = yaml.safe_load(text)
+        lock = make_lock(str(family["base_path"]), [str(p) for p in family["paths"]], root / raw["lock"])
+        (root / raw["lock"]).write_text(lock.to_yaml())
+        for key in ("shadow",):
+            (root / raw[key]).mkdir(parents=True)
+        for folder in raw["eval"]["tasks"].values():
+            (root / folder).mkdir(parents=True)
+        for file in [raw["heads"], *raw["eval"]["triggers"]]:
+            (root / file).parent.mkdir(parents=True, exist_ok=True)
+            (root / file).write_bytes(b"")
+        (root / "policy.yaml").write_text(text)
+        policy = load_policy(root / "policy.yaml")
+        assert policy.merge[:2] == ["--method", raw["merge"]["method"]] and policy.defend is not None, name
+        if name == "guide":
+            assert set(raw) == set(TOP_KEYS)
+
+
+def test_listed_triggers_are_gated_and_recovered_ones_reported_unless_asked(project):
+    from mergeguard.data.triggers import patch_trigger
+
+    patch_trigger(16, area=0.06, target_class=1, target_task="a").save(project / "red.safetensors")
+    suspicious_all = {**FAST_SCAN, "fail_on": "backdoored", "suspicious": 0.0, "backdoored": 50.0}
+    tasks = {"a": "test/a", "b": "test/b"}
+    policy = _policy(project, scan_inputs=suspicious_all,
+                     eval={"tasks": tasks, "triggers": ["red.safetensors"], "max_asr": 1.0})
+    res = runner.invoke(app, ["gate", str(policy), "--json", str(project / "gate.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((project / "gate.json").read_text())
+    asr = [c for c in report["checks"] if c["what"].startswith("ASR")]
+    listed = [c for c in asr if "red.safetensors" in c["what"]]
+    recovered = [c for c in asr if "recovered from" in c["what"]]
+    assert len(listed) == 2 and all(c["gated"] and c["limit"] == 1.0 for c in listed)
+    assert {c["what"].split(" recovered from ")[1].split(" ")[0] for c in recovered} == {"ft0", "ft1"}
+    assert all(not c["gated"] and c["limit"] == "reported" and c["passed"] for c in recovered)
+    by_eval = json.loads((project / ".mergeguard-gate" / "eval" / "trigger-0.json").read_text())
+    assert listed[0]["value"] == round(by_eval["asr_t"], 4) and listed[1]["value"] == round(by_eval["asr_n"], 4)
+
+    # the same numbers judged: a limit of 0 on the recovered triggers fails the gate at eval, eval reused
+    policy = _policy(project, scan_inputs=suspicious_all,
+                     eval={"tasks": tasks, "triggers": ["red.safetensors"], "max_asr": 1.0, "max_asr_recovered": 0.0})
+    res = runner.invoke(app, ["gate", str(policy), "--overwrite", "--json", str(project / "again.json")])
+    assert res.exit_code == 1, res.output
+    again = json.loads((project / "again.json").read_text())
+    assert again["failed_step"] == "eval" and all(s["reused"] for s in again["steps"])
+    failed = [c for c in again["checks"] if not c["passed"]]
+    assert failed and all("recovered from" in c["what"] and c["value"] > 0.0 for c in failed)

@@ -348,6 +348,12 @@ def test_invalid_yaml_config_is_one_sentence(tmp_path):
     assert "is not valid YAML (line 2, column 6)" in out and len(out.strip().splitlines()) == 1
 
 
+def test_a_config_that_is_not_text_is_one_sentence(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\xc2\x00\xff")
+    out = _one_error_line(invoke("merge", "--config", tmp_path / "c.yaml"))
+    assert "is not text" in out and len(out.strip().splitlines()) == 1
+
+
 def _commands(cmd, path=()):
     """Every leaf command of the CLI, with its path."""
     if hasattr(cmd, "commands"):

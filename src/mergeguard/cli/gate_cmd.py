@@ -130,7 +130,7 @@ def gate_command(
         for c in run.checks:
             table.add_row(c.step, c.what, f"{c.value:.4g}" if isinstance(c.value, float) else str(c.value),
                           f"{c.limit:.4g}" if isinstance(c.limit, float) else str(c.limit),
-                          "[green]pass[/]" if c.passed else "[bold red]FAIL[/]")
+                          "not gated" if not c.gated else "[green]pass[/]" if c.passed else "[bold red]FAIL[/]")
         out_console.print(table)
         out_console.print(f"release: {p.release}" if passed else "no release written", highlight=False)
     if not passed:

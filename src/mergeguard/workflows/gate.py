@@ -16,7 +16,8 @@ eval:
   tasks: {cars: data/cars/test, dtd: data/dtd/test}
   triggers: [suspect.safetensors]   # plus what the scans recovered from a model they found suspicious or worse
   min_ca: 0.6                       # on average; or {average: 0.6, cars: 0.7}
-  max_asr: 0.05
+  max_asr: 0.05                     # the listed triggers' ASR(T) and ASR(N)
+  max_asr_recovered: 0.5            # the recovered triggers' (unset: reported, not gated)
 release: release/                   # where a passing release goes (-o overrides)
 ```
 
@@ -51,7 +52,7 @@ Say = Callable[[str], None]
 
 TOP_KEYS = ("lock", "shadow", "heads", "arch", "device", "merge", "scan_inputs", "defend", "scan_result", "eval",
             "release", "allow_pickle")
-EVAL_KEYS = ("tasks", "triggers", "min_ca", "max_asr", "batch_size")
+EVAL_KEYS = ("tasks", "triggers", "min_ca", "max_asr", "max_asr_recovered", "batch_size")
 VERDICTS = ("clean", "suspicious", "backdoored")
 STEP_RECORD = "step.json"
 REPORT = "report.json"
@@ -70,7 +71,8 @@ class EvalGate:
     tasks: dict[str, Path]
     triggers: list[Path]
     min_ca: dict[str, float]  # "average" and/or task names
-    max_asr: float | None
+    max_asr: float | None  # the listed triggers'
+    max_asr_recovered: float | None = None  # the scans' recovered triggers' (None: reported, not gated)
     batch_size: int = 128
 
 
@@ -251,12 +253,12 @@ def _eval(value: Any, root: Path, where: str) -> EvalGate | None:
                                    "not 'average'." + did_you_mean(name, [*folders, "average"]))
     else:
         min_ca = {} if min_ca_raw is None else {"average": _fraction(min_ca_raw, where, "eval.min_ca")}
-    max_asr = section.get("max_asr")
-    max_asr = None if max_asr is None else _fraction(max_asr, where, "eval.max_asr")
+    max_asr, recovered = (None if section.get(k) is None else _fraction(section[k], where, f"eval.{k}")
+                          for k in ("max_asr", "max_asr_recovered"))
     batch = section.get("batch_size", 128)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise _fail(where, f"eval.batch_size must be a whole number of at least 1 (got {batch!r}).")
-    return EvalGate(folders, trigger_paths, min_ca, max_asr, batch)
+    return EvalGate(folders, trigger_paths, min_ca, max_asr, recovered, batch)
 
 
 def load_policy(path: Path, release: Path | None = None) -> Policy:
@@ -320,6 +322,7 @@ class Check:
     value: float | str
     limit: float | str
     passed: bool
+    gated: bool = True  # False: a number the report shows, which no gate judges
 
     def line(self) -> str:
         return f"{self.step}: {self.what} {_shown(self.value)} ({'passes' if self.passed else 'fails'}, " \
@@ -453,7 +456,7 @@ class GateRun:
                  "defend (LFPM)")
         return out
 
-    def recovered(self) -> list[Path]:
+    def recovered(self) -> list[tuple[Path, str]]:
         """Triggers the scans recovered from a model they read suspicious or worse (a clean model's recovered
         patch is the smallest adversarial patch it has, not a backdoor's trigger)."""
         found = []
@@ -464,7 +467,8 @@ class GateRun:
             result = json.loads(report.read_text())
             for entry in [result["merged"]] if result.get("merged") else result["inputs"]:
                 if entry["verdict"] != "clean" and entry.get("trigger"):
-                    found.append(Path(entry["trigger"]))
+                    label = "the result" if result.get("merged") else self.names.get(entry["input"], entry["input"])
+                    found.append((Path(entry["trigger"]), f"the trigger recovered from {label}"))
         return found
 
     def evaluate(self, model: Path) -> bool:
@@ -475,23 +479,27 @@ class GateRun:
                                                                   for f in ("--task", f"{name}={d}")),
                 "--batch-size", str(gate.batch_size), "--device", self.p.device]
         base += ["--arch", self.p.arch] if self.p.arch else []
-        triggers = [*gate.triggers, *self.recovered()]
+        listed = [(t, t.name) for t in gate.triggers]
+        triggers = [*listed, *self.recovered()]
         commands = [[*base, "--json", str(folder / "clean.json")]]
         commands += [[*base, "--trigger", str(t), "--json", str(folder / f"trigger-{k}.json")]
-                     for k, t in enumerate(triggers)]
+                     for k, (t, _) in enumerate(triggers)]
         self.run("eval", commands, f"eval ({len(triggers)} trigger{'s' * (len(triggers) != 1)})")
         clean = json.loads((folder / "clean.json").read_text())
         for name, limit in gate.min_ca.items():
             value = clean["ca_avg"] if name == "average" else clean["tasks"][name]["ca"]
             self.checks.append(Check("eval", f"CA {name}", round(value, 4), limit, value >= limit))
-        if gate.max_asr is not None:
-            for k, t in enumerate(triggers):
-                result = json.loads((folder / f"trigger-{k}.json").read_text())
-                for key in ("asr_t", "asr_n"):
-                    value = result[key]
-                    if value is not None:
-                        what = f"{key.replace('_', '(').upper()}) of {t.name} ({t.parent.name})"
-                        self.checks.append(Check("eval", what, round(value, 4), gate.max_asr, value <= gate.max_asr))
+        for k, (_, label) in enumerate(triggers):
+            is_listed = k < len(listed)
+            limit = gate.max_asr if is_listed else gate.max_asr_recovered
+            result = json.loads((folder / f"trigger-{k}.json").read_text())
+            for key in ("asr_t", "asr_n"):
+                value, floor = result[key], result[f"{key}_no_trigger"]
+                if value is None or (limit is None and is_listed):
+                    continue
+                what = f"{key.replace('_', '(').upper()}) of {label} (no trigger: {floor:.1%})"
+                self.checks.append(Check("eval", what, round(value, 4), "reported" if limit is None else limit,
+                                         limit is None or value <= limit, gated=limit is not None))
         return all(c.passed for c in self.checks if c.step == "eval")
 
     def go(self) -> Path | None:
@@ -535,8 +543,9 @@ def summary(report: dict[str, Any]) -> str:
              f"mergeguard {report['mergeguard']}.", "", "## Checks", "", "| step | check | value | limit | |",
              "|---|---|---|---|---|"]
     for c in report["checks"]:
+        judged = "pass" if c["passed"] else "**FAIL**"
         lines.append(f"| {c['step']} | {c['what']} | {_shown(c['value'])} | {_shown(c['limit'])} | "
-                     f"{'pass' if c['passed'] else '**FAIL**'} |")
+                     f"{judged if c['gated'] else 'not gated'} |")
     lines += ["", "## Steps", "", "| step | time | |", "|---|---|---|"]
     for s in report["steps"]:
         lines.append(f"| {s['step']} | {s['seconds']:.1f} s | {'reused' if s['reused'] else 'ran'} |")
