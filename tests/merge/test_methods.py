@@ -87,6 +87,37 @@ def test_ties_with_weights_matches_reference(normalize):
     torch.testing.assert_close(got, 0.3 * _ties_reference(d, w, 0.3, normalize))
 
 
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0, 1.0], [1.0, -0.5, 2.0, -1.5]])
+@pytest.mark.parametrize("density", [1e-4, 0.3, 1.0])  # 1e-4: no entry kept (k = 0)
+def test_ties_sum_in_one_pass_equals_trim_then_elect(weights, density):
+    """TIES with normalize sum fuses trim, election and sum; the same numbers as the two-step path (bit for bit
+    with unit weights) and as the plain-torch reference, with ties at the threshold, negative weights (a forget
+    merge) and the whole vector's thresholds."""
+    from mergeguard.merge.methods import _trimmed, sign_consensus
+
+    d = _deltas(4)
+    d[1][:5] = d[1].flatten().abs().sort().values[int(0.7 * d[1].numel())]  # entries equal to the threshold
+    w = torch.tensor(weights)
+    for state in (None, {"thresholds": [0.5, 1.0, float("inf"), 0.0]}):
+        got = run("ties", d, weights, density=density, normalize="sum", lam=1.0, state=state)
+        ctx = TensorContext(name="x", inputs=[0, 1, 2, 3], seed=0, state=state)
+        two_step = sign_consensus(_trimmed([x.clone() for x in d], ctx, density), w.clone(), "sum")
+        if weights[1] == 1.0:
+            assert torch.equal(got, two_step)
+        torch.testing.assert_close(got, two_step)
+        if state is None:
+            torch.testing.assert_close(got, _ties_reference(d, weights, density, "sum", trim=_at_least_kth))
+
+
+def _at_least_kth(t, density):
+    """Keep every entry at least as large as the k-th largest magnitude (ties at the threshold kept)."""
+    k = int(density * t.numel())
+    if k == 0:
+        return torch.zeros_like(t)
+    kth = t.abs().reshape(-1).topk(k).values.min()
+    return t * (t.abs() >= kth)
+
+
 def test_magnitude_prune_matches_peft():
     d = _deltas()
     w = torch.tensor([1.0, 0.5, 2.0])
