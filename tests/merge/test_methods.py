@@ -87,26 +87,27 @@ def test_ties_with_weights_matches_reference(normalize):
     torch.testing.assert_close(got, 0.3 * _ties_reference(d, w, 0.3, normalize))
 
 
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0, 1.0], [1.0, -0.5, 2.0, -1.5]])
 @pytest.mark.parametrize("density", [1e-4, 0.3, 1.0])  # 1e-4: no entry kept (k = 0)
-def test_ties_sum_in_one_pass_equals_trim_then_elect(weights, density):
-    """TIES with normalize sum fuses trim, election and sum; the same numbers as the two-step path (bit for bit
-    with unit weights) and as the plain-torch reference, with ties at the threshold, negative weights (a forget
-    merge) and the whole vector's thresholds."""
+def test_ties_in_one_pass_equals_trim_then_elect(weights, density, normalize):
+    """TIES fuses trim, election and merge; the same numbers as the two-step path (bit for bit with unit
+    weights) and as the plain-torch reference, with ties at the threshold, negative weights (a forget merge) and
+    the whole vector's thresholds."""
     from mergeguard.merge.methods import _trimmed, sign_consensus
 
     d = _deltas(4)
     d[1][:5] = d[1].flatten().abs().sort().values[int(0.7 * d[1].numel())]  # entries equal to the threshold
     w = torch.tensor(weights)
     for state in (None, {"thresholds": [0.5, 1.0, float("inf"), 0.0]}):
-        got = run("ties", d, weights, density=density, normalize="sum", lam=1.0, state=state)
+        got = run("ties", d, weights, density=density, normalize=normalize, lam=1.0, state=state)
         ctx = TensorContext(name="x", inputs=[0, 1, 2, 3], seed=0, state=state)
-        two_step = sign_consensus(_trimmed([x.clone() for x in d], ctx, density), w.clone(), "sum")
+        two_step = sign_consensus(_trimmed([x.clone() for x in d], ctx, density), w.clone(), normalize)
         if weights[1] == 1.0:
             assert torch.equal(got, two_step)
         torch.testing.assert_close(got, two_step)
         if state is None:
-            torch.testing.assert_close(got, _ties_reference(d, weights, density, "sum", trim=_at_least_kth))
+            torch.testing.assert_close(got, _ties_reference(d, weights, density, normalize, trim=_at_least_kth))
 
 
 def _at_least_kth(t, density):

@@ -181,26 +181,33 @@ def _thresholds(deltas: list[torch.Tensor], ctx: TensorContext, density_: float)
     return list(_pool().map(lambda d: magnitude_threshold(d, density_), deltas))
 
 
-def _ties_sum(deltas: list[torch.Tensor], weights: torch.Tensor, ctx: TensorContext, density_: float
-              ) -> torch.Tensor:
-    """TIES' trim, elect and disjoint sum (`normalize` sum) in one pass per input, without the trimmed copies:
-    an input's kept positive entries are `threshold(δ, below t)`, its kept negative ones the same of −δ, where
-    `below t` is the float32 just under its threshold t (so |δ| >= t is kept, as `magnitude_trim` keeps it).
-    The same numbers as `sign_consensus(_trimmed(...))`, summed in the same order; `deltas` are used up."""
+def _ties_fused(deltas: list[torch.Tensor], weights: torch.Tensor, ctx: TensorContext, density_: float,
+                normalize: str) -> torch.Tensor:
+    """TIES' trim, elect and disjoint merge in one pass per input, without the trimmed copies: an input's kept
+    positive entries are `threshold(δ, below t)`, its kept negative ones the same of −δ, where `below t` is the
+    float32 just under its threshold t (so |δ| >= t is kept, as `magnitude_trim` keeps it). The same numbers as
+    `sign_consensus(_trimmed(...))` (its weighted counts for `mean`), summed in the same order; `deltas` are
+    used up."""
     thresholds = _thresholds(deltas, ctx, density_)
-    pos = torch.zeros_like(deltas[0])
-    neg = torch.zeros_like(deltas[0])
+    pos, neg = torch.zeros_like(deltas[0]), torch.zeros_like(deltas[0])
+    counts = (torch.zeros_like(pos), torch.zeros_like(pos)) if normalize == "mean" else None
     for d, w, t in zip(deltas, weights.tolist(), thresholds):
         below = float(np.nextafter(np.float32(t), np.float32(-np.inf))) if math.isfinite(t) else t
         kept_pos = torch.nn.functional.threshold(d, below, 0.0)
         kept_neg = torch.nn.functional.threshold(d.neg_(), below, 0.0)  # |δ| of the kept negative entries
-        if w >= 0:
-            pos.add_(kept_pos, alpha=w)
-            neg.sub_(kept_neg, alpha=w)
-        else:  # a negative weight turns each kept entry's sign
-            pos.add_(kept_neg, alpha=-w)
-            neg.add_(kept_pos, alpha=w)
-    return torch.where((pos + neg) >= 0, pos, neg)
+        up, down = (kept_pos, kept_neg) if w >= 0 else (kept_neg, kept_pos)  # a negative weight turns signs
+        pos.add_(up, alpha=abs(w))
+        neg.sub_(down, alpha=abs(w))
+        if counts is not None:  # sign_consensus's divisor: Σ w over the inputs whose weighted entry has that sign
+            counts[0].add_(up > 0, alpha=w)
+            counts[1].add_(down > 0, alpha=w)
+    elect_pos = (pos + neg) >= 0
+    merged = torch.where(elect_pos, pos, neg)
+    if counts is not None:
+        divisor = torch.where(elect_pos, *counts)
+        divisor[divisor == 0] = 1
+        merged.div_(divisor)
+    return merged
 
 
 def _trimmed(deltas: list[torch.Tensor], ctx: TensorContext, density_: float) -> list[torch.Tensor]:
@@ -219,9 +226,7 @@ def average(deltas, weights, ctx):
 
 
 def ties(deltas, weights, ctx, *, lam, density, normalize, trim_scope):
-    if normalize == "sum":
-        return _ties_sum(deltas, weights, ctx, density).mul_(lam)
-    return sign_consensus(_trimmed(deltas, ctx, density), weights, normalize).mul_(lam)
+    return _ties_fused(deltas, weights, ctx, density, normalize).mul_(lam)
 
 
 def magnitude_prune(deltas, weights, ctx, *, lam, density, trim_scope):
