@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "mergeguard.attack": 4,
     "mergeguard.scan": 4,
     "mergeguard.eval": 3,
+    "mergeguard.datamerge": 3,
     "mergeguard.models": 2,
     "mergeguard.data": 2,
     "mergeguard.trainer": 2,

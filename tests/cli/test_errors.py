@@ -109,7 +109,7 @@ def test_every_command_marks_what_it_reads_and_writes():
     expected = {
         "extract-tv": {"base": Source, "finetuned": Source},
         "merge": {"base": Source, "inputs": Source, "add": Source, "subtract": Source, "reference": Source,
-                  "config": Input},
+                  "config": Input, "heads": Input, "shadow_per_task": Spec, "inputs_per_task": Spec},
         "inspect": {"paths": Source, "base": Source},
         "heads": {"base": Input, "task": Spec, "arch": Input},
         "eval": {"model": Source, "task": Spec, "heads": Input, "arch": Input, "trigger": Input, "base": Source},

@@ -25,6 +25,7 @@ from mergeguard.cli._cli_utils import (
     OverwriteOpt,
     QuietOpt,
     Source,
+    Spec,
     refuse_report_into_output,
     refuse_report_over,
 )
@@ -51,6 +52,10 @@ EXAMPLES = [
     "mergeguard merge base/ --subtract toxic/ -o forgot/ --lam 0.5              # forgetting: θ0 − 0.5 τ",
     "mergeguard merge base/ --add C/ --add B/ --subtract A/ -o analogy/        # θ0 + λ (τC + τB − τA)",
     "mergeguard merge --config merge.yaml -o merged/",
+    "mergeguard merge base/ ft_cars/ ft_dtd/ -o merged/ --method regmean --inputs-per-task cars=imgs/cars "
+    "--inputs-per-task dtd=imgs/dtd",
+    "mergeguard merge base/ ft_cars/ ft_dtd/ -o merged/ --method adamerging --heads heads.safetensors "
+    "--shadow-per-task cars=imgs/cars --shadow-per-task dtd=imgs/dtd --steps 500",
 ]
 
 
@@ -80,7 +85,17 @@ def merge_command(
         "--reference", help="lata: reference vector (e.g. instruct model or its task vector)."), Source()] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="YAML file with the same names as these flags, plus base and inputs."), Input()] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for random methods (DARE); default 0.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for random methods (DARE, AdaMerging's "
+                                                            "batches); default 0.")] = None,
+    heads: Annotated[str | None, typer.Option(
+        "--heads", help="adamerging: the tasks' heads (each task's predictions are made through its own)."),
+        Input()] = None,
+    shadow_per_task: Annotated[list[str] | None, typer.Option(
+        "--shadow-per-task", help="adamerging: NAME=DIR, unlabeled images of task NAME (a head in --heads); "
+                                  "repeat per task."), Spec()] = None,
+    inputs_per_task: Annotated[list[str] | None, typer.Option(
+        "--inputs-per-task", help="regmean: NAME=DIR, unlabeled images of an input's task; one per input, in "
+                                  "the inputs' order."), Spec()] = None,
     shard_size: Annotated[str | None, typer.Option(
         "--shard-size", help="Shard the output past this many bytes, e.g. 5GB (default: 5GB).")] = None,
     dtype: DtypeOpt = "auto",
@@ -103,6 +118,14 @@ def merge_command(
     chosen = get_method(settings.get("method", "task_arithmetic"))
     params = {p: settings[p] for p in all_params() if p in settings}
     chosen.resolve(params)  # fail on a bad parameter before opening anything
+    folders = _data_folders(chosen.name, chosen.data, heads, shadow_per_task or [], inputs_per_task or [],
+                            len(settings["inputs"]))
+    if chosen.data:
+        from mergeguard.cli._datamerge import data_merge
+
+        data_merge(chosen, chosen.resolve(params), settings, heads, folders, allow_pickle=allow_pickle,
+                   overwrite=overwrite, json_out=json_out, quiet=quiet)
+        return
 
     from mergeguard.checkpoint import open_checkpoint, parse_size
     from mergeguard.merge import merge_checkpoints
@@ -134,6 +157,36 @@ def merge_command(
         err_console.print(f"[yellow]note:[/] {spec} has {n} tensors the base lacks; they were ignored.")
     if show_table(quiet, json_out):
         _print_table(result, len(input_ckpts))
+
+
+def _data_folders(method: str, data: str | None, heads: str | None, shadow: list[str], per_input: list[str],
+                  n_inputs: int) -> dict[str, str]:
+    """A data method's NAME=DIR folders, checked before anything loads: one sentence for what is missing or given
+    to a method that does not take it."""
+    given = {"shadow_per_task": shadow, "inputs_per_task": per_input}
+    for option, values in given.items():
+        if values and data != option:
+            raise MergeguardError(f"--{option.replace('_', '-')} is for "
+                                  f"{'adamerging' if option == 'shadow_per_task' else 'regmean'}, not {method}.")
+    if heads is not None and data != "shadow_per_task":
+        raise MergeguardError(f"--heads is for adamerging, not {method}.")
+    if data is None:
+        return {}
+    flag = f"--{data.replace('_', '-')}"
+    folders: dict[str, str] = {}
+    for item in given[data]:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise MergeguardError(f"{flag} takes NAME=DIR, got {item!r}.")
+        if name in folders:
+            raise MergeguardError(f"{flag} names the task {name} twice; name each task once.")
+        folders[name] = folder
+    if data == "inputs_per_task" and len(folders) != n_inputs:
+        raise MergeguardError(f"regmean needs one {flag} per input, in the inputs' order ({n_inputs} inputs, "
+                              f"{len(folders)} given).")
+    if data == "shadow_per_task" and (not folders or heads is None):
+        raise MergeguardError(f"adamerging needs --heads and one {flag} NAME=DIR per task.")
+    return folders
 
 
 def _settings(config: Path | None, cli: dict[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,10 @@ def merge_checkpoints(
     start = time.perf_counter()
     progress = progress or NullProgress()
     method = get_method(method) if isinstance(method, str) else method
+    if method.data:
+        raise MergeguardError(f"{method.name} needs a model in memory and images, which the streaming engine "
+                              f"does not hold: run it with `mergeguard merge --method {method.name} "
+                              f"--{method.data.replace('_', '-')} ...` (`mergeguard.datamerge`).")
     params = method.resolve(params or {})
     weights = _checked_weights(method, inputs, weights, reference)
     out_dtype = parse_dtype(dtype)

@@ -41,6 +41,8 @@ class MergeMethod:
     help: str
     prepare_impl: str | None = None
     needs_reference: bool = False
+    data: str | None = None  # a merge that needs a model in memory and images: the option naming them
+    # (`mergeguard.datamerge` runs it, not the streaming engine)
     param_map: dict[str, Declared] = field(init=False, repr=False, compare=False)
 
     @property
@@ -164,10 +166,43 @@ TSV_M = MergeMethod(
 )
 
 
+DEVICE = declare("device", str, "auto", "regmean and adamerging: auto (cuda when present), cpu, cuda, cuda:1 ...")
+
+REGMEAN = MergeMethod(
+    "regmean", "", (
+        declare("alpha", float, 0.95, "regmean: scale of the Gram matrices' off-diagonal entries (1: the exact "
+                                      "least-squares fit)", low=0.0, high=1.0),
+        declare("images", int, 256, "regmean: unlabeled images per task whose layer inputs make its Gram "
+                                    "matrices", low=1),
+        declare("batch_size", int, 16, "images per forward pass (regmean) or per task and step (adamerging)",
+                low=1),
+        DEVICE),
+    "RegMean: per linear map, the weight that best reproduces every fine-tune on its own task's inputs, "
+    "(Σ W_i G_i)(Σ G_i)⁻¹ from each layer's input Gram matrix; other tensors averaged; needs a model in memory "
+    "and --inputs-per-task (unlabeled images of each input's task, in order); a forward pass per image and "
+    "input (Jin et al.)",
+    data="inputs_per_task",
+)
+
+ADAMERGING = MergeMethod(
+    "adamerging", "", (
+        declare("steps", int, 500, "adamerging: optimiser steps", low=1),
+        declare("lr", float, 1e-3, "adamerging: Adam's learning rate of the coefficients", low=0.0, low_open=True),
+        declare("init_lam", float, 0.3, "adamerging: every coefficient's start", low=0.0, high=1.0),
+        declare("batch_size", int, 16, "images per forward pass (regmean) or per task and step (adamerging)",
+                low=1),
+        DEVICE),
+    "AdaMerging (layer-wise): θ0 + Σ λ τ with one λ per input and tensor, learned by minimising the entropy of "
+    "each task's predictions on its unlabeled images; needs a model in memory, --heads and --shadow-per-task; "
+    "STEPS forward and backward passes per task (Yang et al.)",
+    data="shadow_per_task",
+)
+
+
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (TASK_ARITHMETIC, AVERAGE, TIES, MAGNITUDE_PRUNE, DARE_LINEAR, DARE_TIES, BREADCRUMBS, LATA, ISO_C,
-              ISO_CTS, TSV_M)
+              ISO_CTS, TSV_M, REGMEAN, ADAMERGING)
 }
 
 
