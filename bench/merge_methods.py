@@ -1,5 +1,5 @@
-"""Every data-free merge method on the built-in zoo: average clean accuracy, the time and peak memory of the
-merge, and (with `--attack DIR`) whether a poisoned vector's backdoor survives it.
+"""Every merge method on the built-in zoo: average clean accuracy, the time and peak memory of the merge, and
+(with `--attack DIR`) whether a poisoned vector's backdoor survives it.
 
     python bench/merge_methods.py [--size tiny|small] [--seed 0] [--work DIR] [--methods M,...]
         [--attack DIR] [--lam M=VALUE ...]
@@ -11,7 +11,9 @@ declared: 0.3 for task arithmetic and TIES, 1 for the spectral methods, as their
 `--attack DIR` (an `attack` output folder whose task is in the zoo: e.g. `mergeguard demo`'s `attack/`), the
 attacked task's clean fine-tune is replaced by DIR's model and each merge is evaluated with DIR's trigger:
 ASR(T) on the attacked task, ASR(N) on the others. `--lam M=VALUE` changes one method's λ (a sensitivity
-row, never a default). Merges are kept in WORK and reused. Prints one markdown table.
+row, never a default). RegMean and AdaMerging get the unlabeled images they need from each task's training
+folder (`data/<task>/train`, labels unread; the test images stay held out for the evaluation), with their
+declared defaults. Merges are kept in WORK and reused. Prints one markdown table.
 """
 
 from __future__ import annotations
@@ -28,15 +30,27 @@ from pathlib import Path
 import harness
 
 DATA_FREE = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "iso_c", "iso_cts", "tsv_m")
+WITH_DATA = ("regmean", "adamerging")
 
 
-def timed_merge(z: Path, inputs: list[Path], out: Path, method: str, lam: float | None) -> dict:
+def data_flags(z: Path, method: str, tasks: list[str]) -> list[str]:
+    """What a merge that needs images is given: each task's training images, unlabeled (and the heads)."""
+    if method == "regmean":
+        return [a for t in tasks for a in ("--inputs-per-task", f"{t}={z / 'data' / t / 'train'}")] + ["--device",
+                                                                                                       "cpu"]
+    if method == "adamerging":
+        return ["--heads", str(z / "heads.safetensors"), "--device", "cpu",
+                *(a for t in tasks for a in ("--shadow-per-task", f"{t}={z / 'data' / t / 'train'}"))]
+    return []
+
+
+def timed_merge(z: Path, inputs: list[Path], out: Path, method: str, lam: float | None, extra: list[str]) -> dict:
     """One `mergeguard merge` in its own process: wall seconds and peak RSS (MiB); reused when OUT exists."""
     record = out.with_suffix(".time.json")
     if record.exists() and out.exists():
         return json.loads(record.read_text())
     argv = [sys.executable, "-m", "mergeguard", "merge", str(z / "base"), *map(str, inputs), "-o", str(out),
-            "--method", method, "--quiet", "--overwrite", *(["--lam", repr(lam)] if lam is not None else [])]
+            "--method", method, "--quiet", "--overwrite", *(["--lam", repr(lam)] if lam is not None else []), *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(argv)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -53,7 +67,7 @@ def main() -> None:
     ap.add_argument("--size", default="tiny", choices=("tiny", "small"))
     ap.add_argument("--seed", type=int, default=0, help="the zoo's seed (another seed: another zoo)")
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--methods", default=",".join(DATA_FREE))
+    ap.add_argument("--methods", default=",".join(DATA_FREE + WITH_DATA))
     ap.add_argument("--attack", type=Path, default=None, help="an attack output folder: the security columns")
     ap.add_argument("--lam", action="append", default=[], metavar="METHOD=VALUE",
                     help="a sensitivity row: METHOD merged with this λ as well")
@@ -85,10 +99,11 @@ def main() -> None:
     for method, lam in rows:
         name = method + ("" if lam is None else f"_lam{lam:g}")
         out = work / tag / name
-        cost = timed_merge(z, list(inputs.values()), out, method, lam)
+        cost = timed_merge(z, list(inputs.values()), out, method, lam, data_flags(z, method, list(inputs)))
         r = harness.measured(work / tag / f"{name}.eval.json", out, heads, test, trigger, target, keep=None)
         per_task = {t: e["ca"] for t, e in r["tasks"].items()}
-        label = method + (" (λ default)" if lam is None else f" (λ {lam:g})")
+        label = method + (" (defaults)" if lam is None and method in WITH_DATA else " (λ default)" if lam is None
+                          else f" (λ {lam:g})")
         cells = [f"{100 * per_task[t]:.1f}" for t in heads] + [f"{100 * r['ca_avg']:.1f}"]
         if trigger is not None:
             cells += [f"{100 * r['asr_t']:.1f}", "—" if r["asr_n"] is None else f"{100 * r['asr_n']:.1f}"]

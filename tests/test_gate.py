@@ -166,6 +166,19 @@ def test_the_defend_step_runs_lfpm_on_the_merge_and_its_output_is_released(proje
     assert any(not torch.equal(got[k], merged[k]) for k in got)
 
 
+def test_a_merge_that_needs_images_takes_them_from_the_policy(project):
+    policy = _policy(project, merge={"method": "adamerging", "steps": 3, "shadow_per_task": {"a": "test/a",
+                                                                                            "b": "test/b"}},
+                     scan_inputs=False, scan_result=False)
+    res = runner.invoke(app, ["gate", str(policy), "--json", str(project / "gate.json")])
+    assert res.exit_code == 0, res.output
+    command = json.loads((project / "gate.json").read_text())["steps"][0]["commands"][0]
+    assert "--method adamerging" in command and "--steps 3" in command and "--heads" in command
+    assert f"--shadow-per-task a={project / 'test' / 'a'}" in command
+    card = (project / ".mergeguard-gate" / "merge" / "model" / "README.md").read_text()
+    assert "What AdaMerging learned" in card
+
+
 def test_a_failed_gate_exits_1_and_writes_no_release(project):
     policy = _policy(project, eval={"tasks": {"a": "test/a", "b": "test/b"}, "min_ca": {"average": 0.0, "a": 1.0}})
     res = runner.invoke(app, ["gate", str(policy), "--json", str(project / "gate.json")])
@@ -219,6 +232,9 @@ BAD_POLICIES = {
     "wrong kind": ({"defend": {"epochs": "ten"}}, "defend.epochs must be a whole number (got 'ten')", ""),
     "wrong kind, nested": ({"defend": {"scan": {"lr": "fast"}}}, "defend.scan.lr must be a number (got 'fast')", ""),
     "missing lock": ({"lock": None}, "'lock' is missing", ""),
+    "images for another method": ({"merge": {"method": "ties", "shadow_per_task": {"a": "shadow"}}},
+                                  "merge.shadow_per_task is for adamerging, not ties", ""),
+    "regmean without images": ({"merge": {"method": "regmean"}}, "merge.inputs_per_task must name", ""),
     "not a lock": ({"lock": "heads.safetensors"}, "is not a mergeguard lock file", ""),
 }
 

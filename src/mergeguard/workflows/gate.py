@@ -201,11 +201,11 @@ def _scan_gate(value: Any, where: str, key: str, device: str) -> ScanGate | None
     return ScanGate(fail_on, to_argv(cfg))
 
 
-def _merge(value: Any, where: str) -> tuple[list[str], dict[str, Any]]:
+def _merge(value: Any, where: str, root: Path) -> tuple[list[str], dict[str, Any]]:
     from mergeguard.merge.registry import all_params, get_method
 
     section = _mapping(value, where, "merge")
-    keys = ("method", "weight", "seed", "dtype", *all_params())
+    keys = ("method", "weight", "seed", "dtype", "shadow_per_task", "inputs_per_task", *all_params())
     _known(section, list(keys), where, "merge.")
     method = section.get("method", "task_arithmetic")
     try:
@@ -228,6 +228,18 @@ def _merge(value: Any, where: str) -> tuple[list[str], dict[str, Any]]:
     for key in ("seed", "dtype"):
         if key in section:
             argv += [f"--{key}", str(section[key])]
+    for key in ("shadow_per_task", "inputs_per_task"):  # RegMean's and AdaMerging's images: {task: folder}
+        if key in section and chosen.data != key:
+            raise _fail(where, f"merge.{key} is for {'adamerging' if key == 'shadow_per_task' else 'regmean'}, "
+                               f"not {chosen.name}.")
+    if chosen.data:
+        folders = _mapping(section.get(chosen.data), where, f"merge.{chosen.data}")
+        if not folders:
+            raise _fail(where, f"merge.{chosen.data} must name each task's folder of unlabeled images "
+                               f"({chosen.name} needs them): {{TASK: FOLDER}}.")
+        for task, folder in folders.items():
+            argv += [f"--{chosen.data.replace('_', '-')}",
+                     f"{task}={_path(folder, root, where, f'merge.{chosen.data}.{task}', folder=True)}"]
     return argv, {"method": chosen.name, **params}
 
 
@@ -289,7 +301,7 @@ def load_policy(path: Path, release: Path | None = None) -> Policy:
     if not isinstance(device, str):
         raise _fail(where, f"device must be a name such as auto, cpu or cuda (got {device!r}).")
     lock_path = _path(raw["lock"], root, where, "lock", folder=False)
-    merge_argv, merge_settings = _merge(raw["merge"], where)
+    merge_argv, merge_settings = _merge(raw["merge"], where, root)
     defend = None
     if raw.get("defend") not in (None, False):
         section = _mapping(raw["defend"], where, "defend")
@@ -444,7 +456,8 @@ class GateRun:
 
     def merge(self) -> Path:
         out = self.folder("merge") / "model"
-        self.run("merge", [["merge", self.base, *self.inputs, "-o", str(out), *self.p.merge, "--json",
+        heads = ["--heads", str(self.p.heads)] if "--shadow-per-task" in self.p.merge else []  # adamerging's
+        self.run("merge", [["merge", self.base, *self.inputs, "-o", str(out), *self.p.merge, *heads, "--json",
                             str(self.folder("merge") / REPORT)]], "merge")
         return out
 
