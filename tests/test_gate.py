@@ -413,3 +413,20 @@ def test_listed_triggers_are_gated_and_recovered_ones_reported_unless_asked(proj
     assert again["failed_step"] == "eval" and all(s["reused"] for s in again["steps"])
     failed = [c for c in again["checks"] if not c["passed"]]
     assert failed and all("recovered from" in c["what"] and c["value"] > 0.0 for c in failed)
+
+
+def test_defend_lfpm_fail_on_exits_1_when_the_defended_model_still_scans_that_and_writes_its_outputs(project,
+                                                                                                    tmp_path):
+    r = project
+    common = ["defend", "lfpm", "--merged", str(r / "ft0"), "--base", str(r / "base"), "--shadow", str(r / "shadow"),
+              "--heads", str(r / "heads.safetensors"), "--epochs", "1", "--batch-size", "16", "--scan-steps", "20",
+              "--scan-images", "48", "--scan-batch-size", "8", "--device", "cpu", "-q",
+              "--scan-suspicious", "0", "--scan-backdoored", "50"]  # every scan reads suspicious, none backdoored
+    res = runner.invoke(app, [*common, "-o", str(tmp_path / "a"), "--fail-on", "suspicious"])
+    assert res.exit_code == 1, res.output
+    assert "still scans suspicious" in res.output and (tmp_path / "a" / "model.safetensors").exists()
+    res = runner.invoke(app, [*common, "-o", str(tmp_path / "b"), "--fail-on", "backdoored"])
+    assert res.exit_code == 0, res.output
+    no_heads = [a for a in common if a not in ("--heads", str(r / "heads.safetensors"))]
+    res = runner.invoke(app, [*no_heads, "-o", str(tmp_path / "c"), "--fail-on", "suspicious"])
+    assert res.exit_code == 2 and "give --heads" in res.output and not (tmp_path / "c").exists()

@@ -36,7 +36,7 @@ from mergeguard.cli._cli_utils import (
     require_empty,
     unfinished,
 )
-from mergeguard.cli._errors import add_command
+from mergeguard.cli._errors import EXIT_THRESHOLD, add_command
 from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
 from mergeguard.cli._settings import build, with_settings
 from mergeguard.defend.lfpm.settings import LFPMConfig
@@ -45,6 +45,7 @@ EXAMPLES = [
     "mergeguard defend lfpm --merged merged/ --base base/ --shadow imagenet_10k/ -o defended/",
     "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --heads heads.safetensors   # and verify it",
     "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --resume    # after a killed run",
+    "mergeguard defend lfpm --merged M --base B --shadow DIR -o OUT --heads H --fail-on suspicious || exit 1",
 ]
 IBVS_EXAMPLES = [
     "mergeguard defend ibvs --merged M --base B --data train=data/cars/train --heads H --task cars -o OUT/",
@@ -71,6 +72,9 @@ def lfpm_command(
         "--heads", help="Heads for the merged tasks: scan the merged model first (`mergeguard scan`), start "
                         "LFPM's prompts at the triggers the scan recovers, and scan the defended model after "
                         "(score before → after)."), Input()] = None,
+    fail_on: Annotated[str | None, typer.Option(
+        "--fail-on", help="With --heads: exit 1 when the defended model still scans this or worse (suspicious or "
+                          "backdoored); its outputs are written all the same, to look at.")] = None,
     overwrite: OverwriteOpt = False,
     arch: ArchOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -86,6 +90,15 @@ def lfpm_command(
     comes from the merge's own task vector; every other setting is for experiments (docs/lfpm.md says when to
     change one)."""
     cfg = build(LFPMConfig, settings)
+    if fail_on is not None:
+        from mergeguard.errors import MergeguardError, did_you_mean
+        from mergeguard.scan import VERDICTS
+
+        if fail_on not in VERDICTS[1:]:
+            raise MergeguardError(f"--fail-on must be suspicious or backdoored, not {fail_on!r}."
+                                  + did_you_mean(fail_on, VERDICTS[1:]))
+        if heads is None:
+            raise MergeguardError("--fail-on judges the scan of the defended model: give --heads.")
 
     from mergeguard import defend
     from mergeguard.checkpoint.provenance import command_line
@@ -135,6 +148,23 @@ def lfpm_command(
             table.add_row("scan before → after", f"{b['score']:.2f} {b['verdict']} → {a['score']:.2f} {a['verdict']}")
         table.add_row("time", f"{report['seconds']:.1f} s ({report['images_per_second']:.0f} images/s)")
         out_console.print(table)
+    _judge(report, fail_on)
+
+
+def _judge(report: dict[str, Any], fail_on: str | None) -> None:
+    """`--fail-on`: exit 1 when the defended model's scan reaches it (its verdict and score in one line)."""
+    from mergeguard.scan import VERDICTS
+
+    if fail_on is None:
+        return
+    after = report["scan"]["after"]
+    if VERDICTS.index(after["verdict"]) >= VERDICTS.index(fail_on):
+        from mergeguard.cli._output import err_console
+
+        err_console.print(f"[bold red]the defended model still scans {after['verdict']}[/] (score "
+                          f"{after['score']:.2f}, --fail-on {fail_on}); its outputs are in {report['out']}.",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_THRESHOLD)
 
 
 @with_settings(TrainSettings)
