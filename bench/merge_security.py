@@ -63,8 +63,11 @@ def negation_images(z: Path, work: Path) -> Path:
 
 
 def row(label: str, r: dict) -> list[str]:
+    """CA, ASR(T), the trigger's own effect (ASR(T) minus the same model's no-trigger rate), that no-trigger rate
+    (what the merge sends to the target with no trigger: the damage a defense may leave), ASR(N)."""
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    return [label, pct(r["ca_avg"]), pct(r["asr_t"]), pct(r["asr_t_no_trigger"]), pct(r["asr_n"])]
+    effect = None if r["asr_t"] is None else r["asr_t"] - r["asr_t_no_trigger"]
+    return [label, pct(r["ca_avg"]), pct(r["asr_t"]), pct(effect), pct(r["asr_t_no_trigger"]), pct(r["asr_n"])]
 
 
 def main() -> None:
@@ -88,8 +91,8 @@ def main() -> None:
     heads = load_heads(z / "heads.safetensors")
     px = json.loads((z / "zoo.json").read_text())["spec"]["image_size"]
     test = {t: labeled_folder(z / "data" / t / "test", heads[t].classnames, px) for t in heads}
-    lines = ["| attack | merge | avg CA | ASR(T) | no trigger (T) | ASR(N) | LFPM: avg CA | ASR(T) | no trigger (T) | "
-             "ASR(N) | LFPM trained |", "|---" * 11 + "|"]
+    lines = ["| attack | merge | avg CA | ASR(T) | trigger effect | no trigger (T) | ASR(N) | LFPM: avg CA | ASR(T) | "
+             "trigger effect | no trigger (T) | ASR(N) | LFPM trained |", "|---" * 13 + "|"]
     for kind in args.attacks.split(","):
         attack = work / "attacks" / kind
         if not (attack / "summary.json").exists():
