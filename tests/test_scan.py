@@ -239,3 +239,32 @@ def test_cli_bad_inputs_one_sentence_exit_2(on_disk, tmp_path):
         assert "Traceback" not in res.output and len(res.output.strip().splitlines()) <= 3, res.output
         assert words.lower() in res.output.lower(), (words, res.output)
         assert not (tmp_path / "never").exists()
+
+
+def _result(name: str, ratios: dict[str, float]):
+    from mergeguard.scan import ScanResult
+
+    targets = [{"target": t, "area": 0.1, "area_base": 0.1, "log_ratio": r} for t, r in ratios.items()]
+    return ScanResult(name, 0.0, "clean", {}, None, 0.1, 0.1, {}, targets, inverted=None)
+
+
+def test_each_input_is_judged_against_the_others_as_a_robust_z():
+    """`outliers`: per target, (ratio − median of the others) / max(1.4826 MAD of the others, floor), the largest
+    per input, checked against numpy; too few others give none."""
+    from mergeguard.scan.core import MAD_FLOOR, outliers
+
+    rng = np.random.default_rng(0)
+    names = ["a:0", "a:1", "b:0"]
+    table = rng.normal(0, 0.2, size=(5, 3))
+    table[3, 1] = 2.5  # one input far above the others on one target
+    results = [_result(f"in{i}", dict(zip(names, row))) for i, row in enumerate(table)]
+    got = outliers(results)
+    for i, entry in enumerate(got):
+        others = np.delete(table, i, axis=0)
+        med = np.median(others, axis=0)
+        mad = np.median(np.abs(others - med), axis=0)
+        z = (table[i] - med) / np.maximum(1.4826 * mad, MAD_FLOOR)
+        assert entry["z"] == pytest.approx(z.max()) and entry["target"] == names[int(z.argmax())]
+        assert entry["others"] == 4
+    assert max(range(5), key=lambda i: got[i]["z"]) == 3 and got[3]["target"] == "a:1"
+    assert outliers(results[:2]) == [None, None]  # one other input: no spread to judge against

@@ -139,16 +139,19 @@ def _write_triggers(out: Path, result: Any, scanned: list[dict[str, Any]], repor
 
 def _print_table(report: dict[str, Any], scanned: list[dict[str, Any]], cfg: ScanConfig, out: Path | None) -> None:
     table = Table(title="scan" + (f" → {out}" if out else ""))
-    for col in ("model", "score", "verdict", "suspected target", "share (θ0)", "mask area (θ0)", "where"):
+    against = any(r.get("outlier") for r in scanned)  # each input against the others (reported, no verdict yet)
+    for col in ("model", "score", "verdict", "suspected target", "share (θ0)", "mask area (θ0)", "where",
+                *(["z vs other inputs"] if against else [])):
         table.add_column(col)
     for r in scanned:
-        t, w = r["target"], r["where"]
+        t, w, z = r["target"], r["where"], r.get("outlier")
         colour = {"clean": "green", "suspicious": "yellow", "backdoored": "red"}[r["verdict"]]
         table.add_row(r["input"], f"{r['score']:.2f}", f"[{colour}]{r['verdict']}[/]",
                       f"{t['task']}:{t['class']} {t['name']}" if t else "—",
                       f"{t['share']:.0%} ({t['share_base']:.0%})" if t else "—",
                       f"{r['area']:.2%} ({r['area_base']:.2%})",
-                      f"rows {w['top']:.2f}–{w['bottom']:.2f}, cols {w['left']:.2f}–{w['right']:.2f}")
+                      f"rows {w['top']:.2f}–{w['bottom']:.2f}, cols {w['left']:.2f}–{w['right']:.2f}",
+                      *([f"{z['z']:.1f} ({z['target']})" if z else "—"] if against else []))
     out_console.print(table)
     if report["attribution"] and len(report["attribution"]) > 1 or report["merged"] and report["attribution"]:
         key = "share" if report["merged"] else "score"

@@ -123,9 +123,43 @@ class ModelsScan:
         return [self.merged] if self.merged is not None else self.inputs
 
     def to_json(self) -> dict[str, Any]:
-        return {"inputs": [r.to_json() for r in self.inputs], "merged": self.merged and self.merged.to_json(),
+        inputs = [r.to_json() for r in self.inputs]
+        for entry, outlier in zip(inputs, outliers(self.inputs)):
+            entry["outlier"] = outlier
+        return {"inputs": inputs, "merged": self.merged and self.merged.to_json(),
                 "attribution": self.attribution, "verdict": self.verdict, "config": self.config,
                 "seconds": self.seconds}
+
+
+MAD_FLOOR = 0.05  # nats: the spread below which the other inputs' log ratios are taken as equal (a 5% area ratio)
+OUTLIER_MIN_OTHERS = 2  # the other inputs a robust z needs (median and MAD of fewer say nothing)
+
+
+def outliers(results: list[ScanResult]) -> list[dict[str, Any] | None]:
+    """Each input judged against the others (issue #37's input-calibrated statistic; reported, it decides no
+    verdict yet): per target, how far the input's log area ratio stands above the same target's on the other
+    inputs, as a robust z (median and 1.4826 × MAD over the others, the MAD floored at `MAD_FLOOR`), and the input's
+    largest such z with its target. None for an input with fewer than `OUTLIER_MIN_OTHERS` others, or no heads."""
+    ratios = [{t["target"]: t["log_ratio"] for t in r.targets} for r in results]
+    out: list[dict[str, Any] | None] = []
+    for i, mine in enumerate(ratios):
+        others = [r for k, r in enumerate(ratios) if k != i]
+        if len(others) < OUTLIER_MIN_OTHERS or not mine or any(set(o) != set(mine) for o in others):
+            out.append(None)
+            continue
+        best: tuple[float, str] | None = None
+        for target, value in mine.items():
+            column = [o[target] for o in others]
+            med = statistics.median(column)
+            mad = statistics.median(abs(v - med) for v in column)
+            z = (value - med) / max(1.4826 * mad, MAD_FLOOR)
+            if best is None or z > best[0]:
+                best = (z, target)
+        assert best is not None
+        out.append({"z": best[0], "target": best[1], "others": len(others),
+                    "rule": "robust z of the input's log area ratio against the same target on the other inputs "
+                            f"(median, 1.4826 x MAD floored at {MAD_FLOOR:g}); reported, not yet a verdict"})
+    return out
 
 
 def targets_of(heads: dict[str, Head] | None) -> list[Target]:
