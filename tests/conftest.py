@@ -9,6 +9,33 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+ENCODER_ARCH = {"family": "open_clip", "name": "t", "embed_dim": 16, "quick_gelu": False, "mean": [0.5] * 3,
+                "std": [0.25] * 3, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                                  "head_width": 16}}
+ENCODER_CLASSES = {"a": ["w", "x", "y", "z"], "b": ["p", "q", "r"]}
+
+
+def encoder_family(root: Path, moved: float) -> Path:
+    """θ0 of a 16-px, one-layer open_clip encoder and two fine-tunes (θ0 moved by seeded noise of size `moved`), as
+    folders `base`, `ft0`, `ft1`, and heads for two tasks (`ENCODER_CLASSES`) in `heads.safetensors`."""
+    import torch.nn.functional as F
+
+    from mergeguard.models.encoder import ImageEncoder, save_encoder
+    from mergeguard.models.heads import Head, save_heads
+
+    torch.manual_seed(0)
+    base = ImageEncoder(ENCODER_ARCH).eval()
+    save_encoder(base, root / "base")
+    for i in range(2):
+        ft = ImageEncoder(ENCODER_ARCH)
+        g = torch.Generator().manual_seed(10 + i)
+        ft.load_state_dict({k: v + moved * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        save_encoder(ft, root / f"ft{i}")
+    w = F.normalize(torch.randn(7, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    save_heads({"a": Head("a", w[:4], ENCODER_CLASSES["a"], 50.0), "b": Head("b", w[4:], ENCODER_CLASSES["b"], 50.0)},
+               root / "heads.safetensors")
+    return root
+
 
 def tiny_state(seed: int = 0, layers: int = 2, width: int = 16) -> dict[str, torch.Tensor]:
     """A small transformer-like state dict: float weights per layer, a bias, an int buffer."""

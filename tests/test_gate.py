@@ -13,21 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
+from conftest import ENCODER_CLASSES, encoder_family
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mergeguard.cli import app
-from mergeguard.models.encoder import ImageEncoder, save_encoder
-from mergeguard.models.heads import Head, save_heads
 
 runner = CliRunner()
-ARCH = {"family": "open_clip", "name": "t", "embed_dim": 16, "quick_gelu": False, "mean": [0.5] * 3,
-        "std": [0.25] * 3, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
-                                          "head_width": 16}}
-CLASSES = {"a": ["w", "x", "y", "z"], "b": ["p", "q", "r"]}
+CLASSES = ENCODER_CLASSES
 FAST_SCAN = {"steps": 20, "batch_size": 8, "images": 48}
 
 
@@ -38,18 +33,7 @@ def _png(path: Path, x: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """θ0 and two fine-tunes of a 16-px encoder (as folders), heads for two tasks, shadow and test images."""
-    root = tmp_path_factory.mktemp("gate")
-    torch.manual_seed(0)
-    base = ImageEncoder(ARCH).eval()
-    save_encoder(base, root / "base")
-    for i in range(2):
-        ft = ImageEncoder(ARCH)
-        g = torch.Generator().manual_seed(10 + i)
-        ft.load_state_dict({k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
-        save_encoder(ft, root / f"ft{i}")
-    w = F.normalize(torch.randn(7, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
-    save_heads({"a": Head("a", w[:4], CLASSES["a"], 50.0), "b": Head("b", w[4:], CLASSES["b"], 50.0)},
-               root / "heads.safetensors")
+    root = encoder_family(tmp_path_factory.mktemp("gate"), moved=0.02)
     g = torch.Generator().manual_seed(2)
     (root / "shadow").mkdir()
     for i in range(48):
@@ -235,7 +219,7 @@ BAD_POLICIES = {
     "images for another method": ({"merge": {"method": "ties", "shadow_per_task": {"a": "shadow"}}},
                                   "merge.shadow_per_task is for adamerging, not ties", ""),
     "regmean without images": ({"merge": {"method": "regmean"}}, "merge.inputs_per_task must name", ""),
-    "not a lock": ({"lock": "heads.safetensors"}, "is not a mergeguard lock file", ""),
+    "not a lock": ({"lock": "heads.safetensors"}, "the lock file", "is not text"),
 }
 
 

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "mergeguard.progress": -1,
     "mergeguard.cache": -1,
     "mergeguard.settings": -1,
+    "mergeguard.yamlfile": -1,
     "mergeguard.lazy": -1,
     "mergeguard": -1,  # the package __init__ only (it holds __version__)
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import encoder_family
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -18,8 +18,7 @@ from typer.testing import CliRunner
 
 from mergeguard import datamerge
 from mergeguard.cli import app
-from mergeguard.models.encoder import ImageEncoder, load_encoder, save_encoder
-from mergeguard.models.heads import Head, save_heads
+from mergeguard.models.encoder import load_encoder
 
 runner = CliRunner()
 
@@ -87,25 +86,9 @@ def test_adamerging_objective_and_gradients_equal_a_hand_computation():
     torch.testing.assert_close(lam.grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
-ARCH = {"family": "open_clip", "name": "t", "embed_dim": 16, "quick_gelu": False, "mean": [0.5] * 3,
-        "std": [0.25] * 3, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
-                                          "head_width": 16}}
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("datamerge")
-    torch.manual_seed(0)
-    base = ImageEncoder(ARCH).eval()
-    save_encoder(base, root / "base")
-    for i in range(2):
-        ft = ImageEncoder(ARCH)
-        gen = torch.Generator().manual_seed(10 + i)
-        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in base.state_dict().items()})
-        save_encoder(ft, root / f"ft{i}")
-    w = F.normalize(torch.randn(7, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
-    save_heads({"a": Head("a", w[:4], ["w", "x", "y", "z"], 50.0), "b": Head("b", w[4:], ["p", "q", "r"], 50.0)},
-               root / "heads.safetensors")
+    root = encoder_family(tmp_path_factory.mktemp("datamerge"), moved=0.05)
     gen = torch.Generator().manual_seed(2)
     for task in ("a", "b"):
         (root / task).mkdir()

@@ -23,10 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mergeguard.errors import MergeguardError
 from mergeguard.merge.registry import all_params
+from mergeguard.yamlfile import read_yaml
 
 ENGINE_KEYS = {"method", "base", "inputs", "reference", "seed", "dtype", "shard_size", "out",
                "allow_missing", "allow_pickle", "weight", "overwrite", "add", "subtract"}
@@ -35,17 +34,7 @@ ENGINE_KEYS = {"method", "base", "inputs", "reference", "seed", "dtype", "shard_
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a merge YAML file into flag-named settings; `inputs` becomes paths plus `weight`."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise MergeguardError(f"cannot read the config {path}: {exc.strerror or exc}.") from exc
-    except UnicodeDecodeError as exc:
-        raise MergeguardError(f"the config {path} is not text (a YAML file is).") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise MergeguardError(f"the config {path} is not valid YAML{where}: {problem}.") from exc
+    raw = read_yaml(path, "the config")
     if not isinstance(raw, dict):
         raise MergeguardError(f"the config {path} must be a mapping of settings.")
     settings = {str(k).replace("-", "_"): v for k, v in raw.items()}

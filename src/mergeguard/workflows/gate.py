@@ -41,11 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mergeguard.errors import MergeguardError, SettingError, did_you_mean
 from mergeguard.settings import argv_text, declared, float_text, is_nested, to_argv
 from mergeguard.workflows.lock import Lock, Pin, read_lock, verify
+from mergeguard.yamlfile import read_yaml
 
 Runner = Callable[[list[str]], int]  # runs `mergeguard ARGV` in this process; its exit code (0, or 1: a gate)
 Say = Callable[[str], None]
@@ -279,16 +278,7 @@ def load_policy(path: Path, release: Path | None = None) -> Policy:
     from mergeguard.defend.lfpm.settings import LFPMConfig
 
     where = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise MergeguardError(f"cannot read the policy {path}: {exc.strerror or exc}.") from exc
-    except UnicodeDecodeError as exc:
-        raise MergeguardError(f"the policy {path} is not text (a YAML file is).") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise MergeguardError(f"the policy {path} is not valid YAML{line}.") from exc
+    raw = read_yaml(path, "the policy")
     if not isinstance(raw, dict):
         raise MergeguardError(f"the policy {path} must be a mapping (lock:, merge:, eval:, ...).")
     raw = {str(k).replace("-", "_"): v for k, v in raw.items()}

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from mergeguard.errors import MergeguardError
+from mergeguard.yamlfile import read_yaml
 
 LOCK_VERSION = 1
 
@@ -160,13 +161,7 @@ def _pin_from(entry: Any, where: str) -> Pin:
 
 def read_lock(path: Path) -> Lock:
     """A lock file, checked: one sentence for anything that is not one."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise MergeguardError(f"cannot read the lock file {path}: {exc.strerror or exc}.") from exc
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise MergeguardError(f"{path} is not a mergeguard lock file (not YAML text); write one with "
-                              "`mergeguard lock`.") from exc
+    data = read_yaml(path, "the lock file")
     if not isinstance(data, dict) or data.get("mergeguard_lock") != LOCK_VERSION:
         raise MergeguardError(f"{path} is not a mergeguard lock file (version {LOCK_VERSION}); write one with "
                               "`mergeguard lock`.")
