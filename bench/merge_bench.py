@@ -231,6 +231,7 @@ def run_tool(
     console.print(f"[bold]{tool} {method}[/bold]: [dim]{shlex.join(cmd)}[/dim]")
     for _ in range(args.repeat):
         shutil.rmtree(out_dir, ignore_errors=True)
+        warm([base, *fts])  # both tools read the inputs from the page cache: the first one no longer pays the disk
         wall, rss, rc = run_measured(cmd, log_path)
         result.walls.append(wall)
         result.peak_rss_kib = max(result.peak_rss_kib, rss)
@@ -242,6 +243,15 @@ def run_tool(
     result.wall_s = min(result.walls)
     console.print(f"  wall {result.wall_s:.2f}s  peak RSS {result.peak_rss_mib:.0f} MiB")
     return result
+
+
+def warm(paths: Sequence[Path]) -> None:
+    """Read each file once, so it is in the page cache when a tool is timed (a tool run first on files written
+    or read long ago paid for the disk: 13.5 s against 7.8 s warm, 2026-12-08)."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
 
 
 # --------------------------------------------------------------------------- outputs
