@@ -43,7 +43,8 @@ from mergeguard.cli._settings import build, with_settings
 from mergeguard.errors import MergeguardError
 
 DataOpt = Annotated[list[str], typer.Option(
-    "--data", help="train=DIR (class folders) to fine-tune on; test=DIR to report CA/ASR on. Repeat."), Spec()]
+    "--data", metavar="SPLIT=DIR", help="train=DIR (class folders) to fine-tune on; test=DIR to report CA/ASR on. "
+                                        "Repeat."), Spec()]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from OUTDIR/.partial.")]
 ModeOpt = Annotated[str, typer.Option(
     "--mode", help="on-task (the target class is the task's own) or off-task (a class of --target-task, through a "

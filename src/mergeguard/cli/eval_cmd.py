@@ -49,7 +49,8 @@ def parse_task(spec: str) -> tuple[str, str]:
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model checkpoint (file, folder, Hub id) or open_clip:NAME@TAG."),
                      Source()],
-    task: Annotated[list[str], typer.Option("--task", "-t", help="NAME=FOLDER of class folders; repeat per task."),
+    task: Annotated[list[str], typer.Option("--task", "-t", metavar="NAME=DIR",
+                                                 help="NAME=FOLDER of class folders; repeat per task."),
                     Spec()],
     heads: Annotated[str, typer.Option("--heads", help="Heads file (see `mergeguard heads`)."), Input()],
     arch: Annotated[str | None, typer.Option(

@@ -43,7 +43,8 @@ def heads_command(
     base: Annotated[str, typer.Option(
         "--base", help="open_clip:NAME@TAG, or a full open_clip checkpoint with its text tower."), Input()],
     task: Annotated[list[str], typer.Option(
-        "--task", "-t", help="NAME=SPEC: SPEC is a shipped task name, a folder of class folders, or a text file."),
+        "--task", "-t", metavar="NAME=SPEC",
+        help="NAME=SPEC: SPEC is a shipped task name, a folder of class folders, or a text file."),
         Spec()],
     out: Annotated[Path, typer.Option("--out", "-o", help="Heads file to write (.safetensors)."), Output()],
     arch: ArchOpt = None,

@@ -74,13 +74,16 @@ def merge_command(
     method: Annotated[str | None, typer.Option("--method", "-m", help="Merge method (default task_arithmetic).",
                                                show_default=False)] = None,
     weight: Annotated[list[float] | None, typer.Option(
-        "--weight", "-w", help="Per-input weight, repeated once per input in order (default 1 each).")] = None,
+        "--weight", "-w", metavar="W",
+        help="Per-input weight, repeated once per input in order (default 1 each).")] = None,
     add: Annotated[list[str] | None, typer.Option(
-        "--add", help="A task vector added with weight +1 (learning; an analogy's plus side). Repeatable."),
+        "--add", metavar="TV",
+        help="A task vector added with weight +1 (learning; an analogy's plus side). Repeatable."),
         Source()] = None,
     subtract: Annotated[list[str] | None, typer.Option(
-        "--subtract", help="A task vector subtracted, weight -1 (forgetting: θ0 − λτ; an analogy's minus side). "
-                           "Repeatable."), Source()] = None,
+        "--subtract", metavar="TV",
+        help="A task vector subtracted, weight -1 (forgetting: θ0 − λτ; an analogy's minus side). Repeatable."),
+        Source()] = None,
     reference: Annotated[str | None, typer.Option(
         "--reference", help="lata: reference vector (e.g. instruct model or its task vector)."), Source()] = None,
     config: Annotated[Path | None, typer.Option(
@@ -91,11 +94,13 @@ def merge_command(
         "--heads", help="adamerging: the tasks' heads (each task's predictions are made through its own)."),
         Input()] = None,
     shadow_per_task: Annotated[list[str] | None, typer.Option(
-        "--shadow-per-task", help="adamerging: NAME=DIR, unlabeled images of task NAME (a head in --heads); "
-                                  "repeat per task."), Spec()] = None,
+        "--shadow-per-task", metavar="NAME=DIR",
+        help="adamerging: NAME=DIR, unlabeled images of task NAME (a head in --heads); repeat per task."),
+        Spec()] = None,
     inputs_per_task: Annotated[list[str] | None, typer.Option(
-        "--inputs-per-task", help="regmean: NAME=DIR, unlabeled images of an input's task; one per input, in "
-                                  "the inputs' order."), Spec()] = None,
+        "--inputs-per-task", metavar="NAME=DIR",
+        help="regmean: NAME=DIR, unlabeled images of an input's task; one per input, in the inputs' order."),
+        Spec()] = None,
     shard_size: Annotated[str | None, typer.Option(
         "--shard-size", help="Shard the output past this many bytes, e.g. 5GB (default: 5GB).")] = None,
     dtype: DtypeOpt = "auto",
