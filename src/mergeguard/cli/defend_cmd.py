@@ -91,12 +91,10 @@ def lfpm_command(
     change one)."""
     cfg = build(LFPMConfig, settings)
     if fail_on is not None:
-        from mergeguard.errors import MergeguardError, did_you_mean
-        from mergeguard.scan import VERDICTS
+        from mergeguard.errors import MergeguardError
+        from mergeguard.scan import check_fail_on
 
-        if fail_on not in VERDICTS[1:]:
-            raise MergeguardError(f"--fail-on must be suspicious or backdoored, not {fail_on!r}."
-                                  + did_you_mean(fail_on, VERDICTS[1:]))
+        check_fail_on(fail_on)
         if heads is None:
             raise MergeguardError("--fail-on judges the scan of the defended model: give --heads.")
 
@@ -153,12 +151,12 @@ def lfpm_command(
 
 def _judge(report: dict[str, Any], fail_on: str | None) -> None:
     """`--fail-on`: exit 1 when the defended model's scan reaches it (its verdict and score in one line)."""
-    from mergeguard.scan import VERDICTS
+    from mergeguard.scan import reaches
 
     if fail_on is None:
         return
     after = report["scan"]["after"]
-    if VERDICTS.index(after["verdict"]) >= VERDICTS.index(fail_on):
+    if reaches(after["verdict"], fail_on):
         from mergeguard.cli._output import err_console
 
         err_console.print(f"[bold red]the defended model still scans {after['verdict']}[/] (score "

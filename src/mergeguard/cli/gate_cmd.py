@@ -7,6 +7,7 @@ file (`workflows/gate.py` says what the policy holds).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -119,7 +120,7 @@ def gate_command(
     passed = model is not None
     report = run.report(passed, p.release if passed else None)
     (work / SUMMARY).write_text(summary(report))
-    (work / REPORT).write_text(__import__("json").dumps(report, indent=2) + "\n")
+    (work / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if passed:
         write_release(p.release, model, report)
     write_json(json_out, report)

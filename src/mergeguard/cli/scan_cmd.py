@@ -30,8 +30,8 @@ from mergeguard.cli._cli_utils import (
 from mergeguard.cli._errors import EXIT_THRESHOLD, add_command
 from mergeguard.cli._output import RichProgress, out_console, show_table, write_json
 from mergeguard.cli._settings import build, with_settings
-from mergeguard.errors import MergeguardError, did_you_mean
-from mergeguard.scan import VERDICTS, ScanConfig
+from mergeguard.errors import MergeguardError
+from mergeguard.scan import ScanConfig, check_fail_on, reaches
 
 EXAMPLES = [
     "mergeguard scan --base base/ tv_cars.safetensors tv_dtd/ user/tv-eurosat --shadow shadow/ --heads H",
@@ -72,9 +72,7 @@ def scan_command(
     """Scan task vectors or a merged model for a backdoor, with no trigger and no labels: a score, a verdict and
     the recovered trigger per model; exit 1 when a verdict reaches --fail-on."""
     cfg = build(ScanConfig, settings)
-    if fail_on not in VERDICTS[1:]:
-        raise MergeguardError(f"--fail-on must be suspicious or backdoored, not {fail_on!r}."
-                              + did_you_mean(fail_on, ("suspicious", "backdoored")))
+    check_fail_on(fail_on)
     inputs = list(inputs or [])
     if not inputs and merged is None:
         raise MergeguardError("give the inputs to scan (task vectors, fine-tuned checkpoints) or --merged MODEL.")
@@ -92,7 +90,7 @@ def scan_command(
     write_json(json_out, report)
     if show_table(quiet, json_out):
         _print_table(report, scanned, cfg, out)
-    if VERDICTS.index(result.verdict) >= VERDICTS.index(fail_on):
+    if reaches(result.verdict, fail_on):
         raise typer.Exit(EXIT_THRESHOLD)
 
 

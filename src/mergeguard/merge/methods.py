@@ -61,12 +61,8 @@ def magnitude_threshold(delta: torch.Tensor, keep_fraction: float) -> float:
     return _kth_largest(delta.detach().abs().reshape(-1), k, scratch=True)
 
 
-def magnitude_trim(delta: torch.Tensor, keep_fraction: float, threshold: float | None = None) -> torch.Tensor:
-    """Keep the largest-magnitude entries (top `keep_fraction`, or those >= a given threshold), in place."""
-    if threshold is None:
-        if keep_fraction >= 1:
-            return delta
-        threshold = magnitude_threshold(delta, keep_fraction)
+def magnitude_trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep the entries whose magnitude is at least `threshold` (`magnitude_threshold`'s), in place."""
     return delta.masked_fill_(delta.abs() < threshold, 0)
 
 
@@ -211,9 +207,7 @@ def _ties_fused(deltas: list[torch.Tensor], weights: torch.Tensor, ctx: TensorCo
 
 
 def _trimmed(deltas: list[torch.Tensor], ctx: TensorContext, density_: float) -> list[torch.Tensor]:
-    if ctx.state and "thresholds" in ctx.state:
-        return [magnitude_trim(d, density_, ctx.state["thresholds"][i]) for d, i in zip(deltas, ctx.inputs)]
-    return [magnitude_trim(d, density_) for d in deltas]
+    return [magnitude_trim(d, t) for d, t in zip(deltas, _thresholds(deltas, ctx, density_))]
 
 
 # -- the methods -------------------------------------------------------------------

@@ -4,5 +4,5 @@ attribution; `config`: its settings and verdicts, which import no torch). Names 
 
 from mergeguard.lazy import lazy_exports
 
-__getattr__ = lazy_exports(__name__, dict.fromkeys(("VERDICTS", "ScanConfig", "check_config", "verdict_of"),
-                                                   "config"), default="core")
+_CONFIG = ("VERDICTS", "ScanConfig", "check_config", "check_fail_on", "reaches", "verdict_of")
+__getattr__ = lazy_exports(__name__, dict.fromkeys(_CONFIG, "config"), default="core")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mergeguard import settings
-from mergeguard.errors import SettingError
+from mergeguard.errors import MergeguardError, SettingError, did_you_mean
 from mergeguard.settings import setting
 
 VERDICTS = ("clean", "suspicious", "backdoored")
@@ -41,6 +41,19 @@ def check_config(cfg: ScanConfig) -> None:
     if cfg.backdoored < cfg.suspicious:
         raise SettingError("backdoored", f"{{name}} {cfg.backdoored:g} is below the suspicious threshold "
                                          f"{cfg.suspicious:g}.")
+
+
+def check_fail_on(value: str, name: str = "--fail-on") -> str:
+    """A `--fail-on` (a gate's `fail_on`): suspicious or backdoored, or one sentence naming `name`."""
+    if value not in VERDICTS[1:]:
+        raise MergeguardError(f"{name} must be suspicious or backdoored, not {value!r}."
+                              + did_you_mean(str(value), VERDICTS[1:]))
+    return value
+
+
+def reaches(verdict: str, fail_on: str) -> bool:
+    """Whether a verdict is `fail_on` or worse."""
+    return VERDICTS.index(verdict) >= VERDICTS.index(fail_on)
 
 
 def verdict_of(score: float, cfg: ScanConfig) -> str:

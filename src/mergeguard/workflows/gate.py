@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeguard.errors import MergeguardError, SettingError, did_you_mean
+from mergeguard.scan.config import reaches
 from mergeguard.settings import argv_text, declared, float_text, is_nested, to_argv
 from mergeguard.workflows.lock import Lock, Pin, read_lock, verify
 from mergeguard.yamlfile import read_yaml
@@ -52,7 +53,6 @@ Say = Callable[[str], None]
 TOP_KEYS = ("lock", "shadow", "heads", "arch", "device", "merge", "scan_inputs", "defend", "scan_result", "eval",
             "release", "allow_pickle")
 EVAL_KEYS = ("tasks", "triggers", "min_ca", "max_asr", "max_asr_recovered", "batch_size")
-VERDICTS = ("clean", "suspicious", "backdoored")
 STEP_RECORD = "step.json"
 REPORT = "report.json"
 SUMMARY = "report.md"
@@ -188,14 +188,16 @@ def _check(obj: Any) -> None:
 
 
 def _scan_gate(value: Any, where: str, key: str, device: str) -> ScanGate | None:
-    from mergeguard.scan.config import ScanConfig
+    from mergeguard.scan.config import ScanConfig, check_fail_on
 
     if value is False:
         return None
     section = _mapping(value, where, key)
     fail_on = section.pop("fail_on", "backdoored")
-    if fail_on not in VERDICTS[1:]:
-        raise _fail(where, f"{key}.fail_on must be suspicious or backdoored (got {fail_on!r}).")
+    try:
+        check_fail_on(fail_on, f"{key}.fail_on")
+    except MergeguardError as exc:
+        raise _fail(where, exc.sentence) from None
     cfg = _settings_object(ScanConfig, section, where, key, device=device)
     return ScanGate(fail_on, to_argv(cfg))
 
@@ -438,7 +440,7 @@ class GateRun:
         scanned = [result["merged"]] if result.get("merged") else result["inputs"]
         limit = f"{gate.fail_on} (from {scanned[0]['threshold'][gate.fail_on]:g})"
         for entry in scanned:
-            ok = VERDICTS.index(entry["verdict"]) < VERDICTS.index(gate.fail_on)
+            ok = not reaches(entry["verdict"], gate.fail_on)
             shown = self.names.get(entry["input"]) or ("the result" if result.get("merged") else entry["input"])
             self.checks.append(Check(name, f"{shown}: score {entry['score']:.2f}, {entry['verdict']}",
                                      round(float(entry["score"]), 4), limit, ok))
